@@ -1,0 +1,248 @@
+"""Per-head sparse attention patterns in tensor form: the one definition of what a head sees.
+
+Everything here is plain PyTorch and imports no model code. The runtime, the profiler, the
+reference attention and the Triton kernels all follow the semantics written down here.
+
+Coordinates are *logical* token positions: 0 is the first real (non-padding) token of a sequence.
+Padding slots carry position -1 and are never visible.
+
+A head table is an int32 tensor of shape (H, NCOLS), one row per KV head, columns below.
+
+Visibility of key position ``j`` from query position ``i`` (always ``0 <= j <= i``):
+
+- FULL:        every causal key.
+- STREAMING:   ``j < sink`` or ``i - j < W(i + 1)``, with the elastic window
+               ``W(n) = alpha + (beta_q * n) // BETA_SCALE`` (integer arithmetic, so every
+               implementation agrees token for token; ``beta = beta_q / BETA_SCALE``).
+- STRIDED:     STREAMING, or ``(j // block) % stride == offset`` (S2-Attention style shards).
+- BLOCKSPARSE: dynamic. Per query block ``qb = i // block``: key blocks ``{0, qb}`` plus the
+               ``topk`` blocks in ``1..qb-1`` whose mean-pooled keys score highest against the
+               mean-pooled queries of the block (query heads of the KV group pooled together).
+               ``j`` is visible if ``j // block`` is selected (and causal).
+- VSLASH:      dynamic (vertical-slash). From the last ``min(LAST_Q, L)`` queries the summed
+               attention probabilities pick ``vertical`` key columns (column 0 always) and
+               ``slash`` diagonal offsets ``i - j`` (offset 0 always). ``j`` visible if its column
+               or its diagonal is selected.
+- SKIP:        nothing; the head's output is zero.
+
+Dynamic patterns (BLOCKSPARSE, VSLASH) only apply to a prefill that starts from an empty cache;
+queries that attend to a cache (decode, later prefill chunks) see every causal key for them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FULL, STREAMING, STRIDED, BLOCKSPARSE, VSLASH, SKIP = range(6)
+KIND_NAMES = ("full", "streaming", "strided", "blocksparse", "vslash", "skip")
+
+# column layout of a head table
+C_KIND, C_SINK, C_ALPHA, C_BETA, C_STRIDE, C_OFFSET, C_TOPK, C_VERT, C_SLASH = range(9)
+NCOLS = 9
+
+BETA_SCALE = 4096
+LAST_Q = 64
+DEFAULT_BLOCK = 64
+
+
+def make_table(rows: list[dict], device=None) -> torch.Tensor:
+    """Build a head table from dicts with keys kind (name or int) and the pattern's parameters."""
+    t = torch.zeros(len(rows), NCOLS, dtype=torch.int32)
+    for h, r in enumerate(rows):
+        kind = r["kind"]
+        t[h, C_KIND] = KIND_NAMES.index(kind) if isinstance(kind, str) else int(kind)
+        t[h, C_SINK] = int(r.get("sink", 0))
+        t[h, C_ALPHA] = int(r.get("alpha", 0))
+        t[h, C_BETA] = int(round(float(r.get("beta", 0.0)) * BETA_SCALE))
+        t[h, C_STRIDE] = int(r.get("stride", 1))
+        t[h, C_OFFSET] = int(r.get("offset", 0))
+        t[h, C_TOPK] = int(r.get("topk", 0))
+        t[h, C_VERT] = int(r.get("vertical", 0))
+        t[h, C_SLASH] = int(r.get("slash", 0))
+    return t.to(device) if device is not None else t
+
+
+def window(alpha, beta_q, n):
+    """Elastic window size W(n) = alpha + floor(beta_q * n / BETA_SCALE); ints or int tensors."""
+    return alpha + (beta_q * n) // BETA_SCALE
+
+
+def is_dynamic(table: torch.Tensor) -> torch.Tensor:
+    kind = table[:, C_KIND]
+    return (kind == BLOCKSPARSE) | (kind == VSLASH)
+
+
+def static_visible(qpos: torch.Tensor, kpos: torch.Tensor, table: torch.Tensor, block: int = DEFAULT_BLOCK,
+                   dynamic_as_full: bool = True) -> torch.Tensor:
+    """Boolean visibility for the static part of every head's pattern.
+
+    qpos: (..., Lq, 1) or broadcastable, int64 logical positions (-1 = padding).
+    kpos: (..., 1, Lk) or (..., H, 1, Lk) likewise.
+    table: (H, NCOLS). Returns (..., H, Lq, Lk) (heads broadcast on dim -3).
+    Dynamic heads are returned as causal-full when ``dynamic_as_full``; otherwise causal only and
+    the caller intersects with the dynamic selection.
+    """
+    tb = table.to(torch.int64)
+    col = lambda c: tb[:, c].view(-1, 1, 1)  # noqa: E731  (H, 1, 1)
+    kind = col(C_KIND)
+    causal = (qpos >= 0) & (kpos >= 0) & (kpos <= qpos)
+    w = window(col(C_ALPHA), col(C_BETA), qpos + 1)
+    local = (kpos < col(C_SINK)) | ((qpos - kpos) < w)
+    stride = col(C_STRIDE).clamp(min=1)
+    shard = torch.remainder(torch.div(kpos, block, rounding_mode="floor"), stride) == col(C_OFFSET)
+    vis = torch.where(kind == STREAMING, local, torch.ones_like(local))
+    vis = torch.where(kind == STRIDED, local | shard, vis)
+    vis = torch.where(kind == SKIP, torch.zeros_like(vis), vis)
+    return causal & vis
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamic index building (one sequence, logical layout, no padding)
+# ---------------------------------------------------------------------------------------------
+
+def build_block_index(q: torch.Tensor, k: torch.Tensor, topk: int, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """Key blocks each query block visits, for one KV head.
+
+    q: (G, L, D) the query heads of one KV group; k: (L, D).
+    Returns int32 (nb, topk + 2): sorted ascending, padded with -1.
+    """
+    G, L, D = q.shape
+    nb = math.ceil(L / block)
+    pad = nb * block - L
+    qf = q.float()
+    kf = k.float()
+    if pad:
+        qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
+        kf = torch.nn.functional.pad(kf, (0, 0, 0, pad))
+    counts = torch.full((nb,), float(block), device=q.device)
+    counts[-1] = block - pad
+    qbar = qf.view(G, nb, block, D).sum(dim=(0, 2)) / (counts[:, None] * G)  # (nb, D)
+    kbar = kf.view(nb, block, D).sum(dim=1) / counts[:, None]  # (nb, D)
+    score = qbar @ kbar.T  # (nb, nb)
+    qb = torch.arange(nb, device=q.device)[:, None]
+    kb = torch.arange(nb, device=q.device)[None, :]
+    cand = (kb >= 1) & (kb < qb)
+    score = torch.where(cand, score, torch.full_like(score, -math.inf))
+    out = torch.full((nb, topk + 2), -1, dtype=torch.int64, device=q.device)
+    out[:, 0] = 0
+    out[:, 1] = torch.arange(nb, device=q.device)
+    if topk > 0 and nb > 2:
+        kk = min(topk, nb)
+        val, idx = torch.topk(score, kk, dim=1)
+        idx = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))
+        out[:, 2:2 + kk] = idx
+    out[0, 1] = -1  # block 0 is already listed for the first query block
+    out = torch.where(out < 0, torch.full_like(out, 1 << 30), out).sort(dim=1).values
+    out = torch.where(out == (1 << 30), torch.full_like(out, -1), out)
+    return out.to(torch.int32)
+
+
+def build_vslash_index(q: torch.Tensor, k: torch.Tensor, vertical: int, slash: int, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical columns and slash offsets for one KV head.
+
+    q: (G, L, D); k: (L, D). Returns (cols int32 (vertical,), offsets int32 (slash,)), each
+    sorted ascending and padded with -1 at the end when L is too short.
+    """
+    G, L, D = q.shape
+    m = min(LAST_Q, L)
+    ql = q[:, L - m:].float()
+    s = torch.einsum("gmd,ld->gml", ql, k.float()) * scale
+    i = torch.arange(L - m, L, device=q.device)[:, None]
+    j = torch.arange(L, device=q.device)[None, :]
+    s = s.masked_fill(j > i, -math.inf)
+    p = torch.softmax(s, dim=-1).sum(0)  # (m, L)
+    col = p.sum(0)
+    d = (i - j)  # (m, L)
+    diag = torch.zeros(L, device=q.device)
+    diag.index_add_(0, d.clamp(min=0).flatten(), torch.where(d >= 0, p, torch.zeros_like(p)).flatten())
+    col[0] = math.inf
+    diag[0] = math.inf
+
+    def pick(score, n):
+        out = torch.full((n,), -1, dtype=torch.int64, device=q.device)
+        kk = min(n, L)
+        if kk > 0:
+            out[:kk] = torch.topk(score, kk).indices.sort().values
+        return out.to(torch.int32)
+
+    return pick(col, vertical), pick(diag, slash)
+
+
+def dynamic_visible(qpos: torch.Tensor, kpos: torch.Tensor, kind: int, index, block: int = DEFAULT_BLOCK
+                    ) -> torch.Tensor:
+    """Visibility of one dynamic head for one sequence. qpos (Lq, 1), kpos (1, Lk) logical.
+
+    index: block index tensor (nb, K) for BLOCKSPARSE, (cols, offsets) for VSLASH.
+    """
+    causal = (qpos >= 0) & (kpos >= 0) & (kpos <= qpos)
+    qs = qpos.clamp(min=0)
+    ks = kpos.clamp(min=0)
+    if kind == BLOCKSPARSE:
+        nb = index.shape[0]
+        sel = torch.zeros(nb, nb + 1, dtype=torch.bool, device=index.device)
+        idx = index.long()
+        sel.scatter_(1, torch.where(idx < 0, torch.full_like(idx, nb), idx), True)
+        qb = torch.div(qs, block, rounding_mode="floor").clamp(max=nb - 1)
+        kb = torch.div(ks, block, rounding_mode="floor").clamp(max=nb)
+        return causal & sel[qb, kb]
+    if kind == VSLASH:
+        cols, offs = index
+        L = int(max(int(qs.max()) + 1, int(ks.max()) + 1))
+        cmask = torch.zeros(L + 1, dtype=torch.bool, device=cols.device)
+        cmask[torch.where(cols < 0, torch.full_like(cols, L), cols).long()] = True
+        omask = torch.zeros(L + 1, dtype=torch.bool, device=offs.device)
+        omask[torch.where(offs < 0, torch.full_like(offs, L), offs).long()] = True
+        cmask[L] = False
+        omask[L] = False
+        d = (qs - ks).clamp(min=0, max=L)
+        return causal & (cmask[ks.clamp(max=L)] | omask[d])
+    raise ValueError(f"kind {kind} is not dynamic")
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets: how many entries / KV slots a pattern needs at length n (used by search and eval)
+# ---------------------------------------------------------------------------------------------
+
+def visible_count(row: dict, n: int, block: int = DEFAULT_BLOCK) -> int:
+    """Number of (query, key) pairs the pattern visits for a sequence of n tokens (causal)."""
+    kind = row["kind"]
+    i = torch.arange(n, dtype=torch.int64)
+    if kind in ("full",):
+        return n * (n + 1) // 2
+    if kind == "skip":
+        return 0
+    if kind in ("streaming", "strided"):
+        t = make_table([row])
+        qpos = torch.arange(n)[:, None]
+        total = 0
+        for s in range(0, n, 1024):  # bounded memory
+            vis = static_visible(qpos[s:s + 1024], torch.arange(n)[None, :], t, block)
+            total += int(vis.sum())
+        return total
+    if kind == "blocksparse":
+        nb = math.ceil(n / block)
+        qb = torch.arange(nb)
+        blocks = torch.minimum(qb + 1, torch.full_like(qb, int(row.get("topk", 0)) + 2))
+        rows_in = torch.full_like(qb, block)
+        rows_in[-1] = n - (nb - 1) * block
+        # the diagonal block is half-visible on average
+        full_blocks = (blocks - 1).clamp(min=0)
+        return int((full_blocks * block * rows_in).sum() + (rows_in * (rows_in + 1) // 2).sum())
+    if kind == "vslash":
+        k = int(row.get("vertical", 0)) + int(row.get("slash", 0))
+        return int(torch.minimum(i + 1, torch.full_like(i, k)).sum())
+    raise ValueError(f"unknown pattern kind {kind!r}")
+
+
+def kv_count(row: dict, n: int) -> int:
+    """KV slots the head keeps after n tokens (what its decode cache must hold)."""
+    kind = row["kind"]
+    if kind == "skip":
+        return 0
+    if kind == "streaming":
+        return min(n, int(row.get("sink", 0)) + int(window(int(row.get("alpha", 0)),
+                                                             int(round(float(row.get("beta", 0.0)) * BETA_SCALE)), n)))
+    return n
