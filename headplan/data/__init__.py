@@ -1,0 +1,193 @@
+"""Calibration and evaluation samples: seeded, built offline from a haystack text.
+
+The default haystack is the Python stdlib's ``pydoc_data/topics.py`` (present on every Python);
+users add their own text files with ``--text FILE``. Task mixtures live as YAML in
+``calibration_data/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import HeadplanError
+
+TASKS = ("lm", "passkey", "kv_retrieval")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample: the prompt ids, and for retrieval tasks the expected answer."""
+
+    task: str
+    input_ids: tuple[int, ...]
+    answer: str = ""
+    answer_ids: tuple[int, ...] = ()
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# haystack text
+# ------------------------------------------------------------------------------------------------
+
+def pydoc_text() -> str:
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def load_texts(paths: list[str] | None) -> tuple[str, list[dict]]:
+    """The haystack text and a description of where it came from (for provenance)."""
+    if not paths:
+        text = pydoc_text()
+        return text, [{"source": "pydoc_data/topics.py", "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}]
+    parts, desc = [], []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise HeadplanError(f"text file not found: {p}")
+        try:
+            t = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise HeadplanError(f"cannot read text file {p}: {e}") from None
+        if not t.strip():
+            raise HeadplanError(f"text file is empty: {p}")
+        parts.append(t)
+        desc.append({"source": path.name, "sha256": hashlib.sha256(t.encode()).hexdigest()[:16]})
+    return "\n\n".join(parts), desc
+
+
+def load_task_file(name_or_path: str | None, default: str) -> dict:
+    """A task YAML from calibration_data/ (by name) or from a path."""
+    name = name_or_path or default
+    p = Path(name)
+    if p.is_file():
+        text = p.read_text()
+    else:
+        fname = name if name.endswith(".yaml") else name + ".yaml"
+        try:
+            text = importlib.resources.files("headplan.calibration_data").joinpath(fname).read_text()
+        except (FileNotFoundError, ModuleNotFoundError):
+            raise HeadplanError(f"data spec not found: {name} (a YAML path or a name in calibration_data/)") from None
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise HeadplanError(f"{name}: malformed YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise HeadplanError(f"{name}: expected a mapping")
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# samples
+# ------------------------------------------------------------------------------------------------
+
+class Haystack:
+    """Tokenised haystack plus the tokenizer, to cut seeded samples of exact token lengths."""
+
+    def __init__(self, tokenizer, text: str):
+        self.tok = tokenizer
+        self.ids = self.encode(text)
+        if len(self.ids) < 64:
+            raise HeadplanError(f"calibration text is too short ({len(self.ids)} tokens; need at least 64)")
+        self.chat = getattr(tokenizer, "chat_template", None) is not None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def filler(self, rng: random.Random, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            start = rng.randrange(0, max(1, len(self.ids) - 1))
+            out.extend(self.ids[start:start + n - len(out)])
+        return out[:n]
+
+    def wrap(self, instruction: str, question: str, answer_prefix: str) -> tuple[list[int], list[int]]:
+        """Token ids before the haystack and after it (chat format when the tokenizer has one)."""
+        if self.chat:
+            pre = self.tok.apply_chat_template([{"role": "user", "content": instruction + "\n\n@@HAY@@\n\n" + question}],
+                                               tokenize=False, add_generation_prompt=True)
+            head, tail = pre.split("@@HAY@@")
+            return self.encode(head), self.encode(tail + answer_prefix)
+        return self.encode(instruction + "\n\n"), self.encode("\n\n" + question + "\n" + answer_prefix)
+
+
+def _insert(filler: list[int], pieces: list[tuple[float, list[int]]]) -> list[int]:
+    out = list(filler)
+    for depth, ids in sorted(pieces, key=lambda x: -x[0]):
+        at = int(round(depth * len(out)))
+        out[at:at] = ids
+    return out
+
+
+def make_sample(hay: Haystack, task: str, length: int, rng: random.Random, opts: dict) -> Sample:
+    if task == "lm":
+        return Sample("lm", tuple(hay.filler(rng, length)), meta={"task": "lm"})
+    if task == "passkey":
+        digits = int(opts.get("digits", 5))
+        nkeys = int(opts.get("keys", 1))
+        depths = list(opts.get("depths", [0.5]))
+        names = ["red", "blue", "green", "gold", "silver", "black", "white", "amber"][:max(1, nkeys)]
+        keys = [str(rng.randrange(10 ** (digits - 1), 10 ** digits)) for _ in names]
+        target = rng.randrange(len(names))
+        pieces = []
+        for i, (nm, key) in enumerate(zip(names, keys)):
+            d = depths[(i + rng.randrange(len(depths))) % len(depths)] if i != target else rng.choice(depths)
+            sent = f" The {nm} pass key is {key}. Remember it. {key} is the {nm} pass key. "
+            pieces.append((d, hay.encode(sent)))
+        head, tail = hay.wrap("There are pass keys hidden in the text below. Find them and remember them.",
+                              f"What is the {names[target]} pass key?", f"The {names[target]} pass key is ")
+        fixed = len(head) + len(tail) + sum(len(p[1]) for p in pieces)
+        if fixed + 16 > length:
+            raise HeadplanError(f"length {length} is too short for a passkey sample (needs > {fixed + 16} tokens)")
+        ids = head + _insert(hay.filler(rng, length - fixed), pieces) + tail
+        ans = keys[target]
+        return Sample("passkey", tuple(ids), ans, tuple(hay.encode(ans)),
+                      meta={"task": "passkey", "depth": pieces[target][0], "key": ans})
+    if task == "kv_retrieval":
+        pairs = int(opts.get("pairs", 20))
+        hexs = "0123456789abcdef"
+        kv = [("".join(rng.choice(hexs) for _ in range(8)), "".join(rng.choice(hexs) for _ in range(8)))
+              for _ in range(pairs)]
+        target = rng.randrange(pairs)
+        lines = "\n".join(f"{k}: {v}" for k, v in kv)
+        head, tail = hay.wrap("Below is a list of key: value lines inside unrelated text.",
+                              f"What is the value for key {kv[target][0]}?", f"The value for key {kv[target][0]} is ")
+        table = hay.encode("\n" + lines + "\n")
+        fixed = len(head) + len(tail) + len(table)
+        if fixed + 16 > length:
+            raise HeadplanError(f"length {length} is too short for {pairs} key-value pairs (needs > {fixed + 16})")
+        ids = head + _insert(hay.filler(rng, length - fixed), [(rng.random(), table)]) + tail
+        ans = kv[target][1]
+        return Sample("kv_retrieval", tuple(ids), ans, tuple(hay.encode(ans)), meta={"task": "kv_retrieval"})
+    raise HeadplanError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
+def mixture_samples(hay: Haystack, spec: dict, length: int, n: int | None = None) -> list[Sample]:
+    """Seeded samples of exactly ``length`` tokens following a task mixture spec."""
+    tasks = spec.get("tasks") or []
+    if not tasks:
+        raise HeadplanError("data spec has no tasks")
+    n = int(n if n is not None else spec.get("samples_per_length", 4))
+    shares = [float(t.get("share", 1.0)) for t in tasks]
+    for t in tasks:
+        if t.get("task") not in TASKS:
+            raise HeadplanError(f"data spec: unknown task {t.get('task')!r} (known: {', '.join(TASKS)})")
+    # deterministic allocation of n samples to tasks by largest remainder
+    tot = sum(shares)
+    raw = [s / tot * n for s in shares]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))[: n - sum(counts)]:
+        counts[i] += 1
+    seed = int(spec.get("seed", 0))
+    out = []
+    for t, c in zip(tasks, counts):
+        for i in range(c):
+            rng = random.Random(f"{seed}:{length}:{t['task']}:{i}")
+            out.append(make_sample(hay, t["task"], length, rng, t))
+    return out

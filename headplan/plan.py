@@ -1,0 +1,353 @@
+"""The plan: which pattern and KV budget each KV head of each layer gets.
+
+Frozen dataclasses, YAML load/save, validation that names the offending field. This module imports
+no torch, so a plan can be read and checked anywhere (CI, notebooks, other tools).
+
+Window semantics: a streaming head's query at position i (0-based) sees the first ``sink`` tokens
+and the last ``W(i + 1)`` tokens, ``W(n) = alpha + floor(beta * n)``; beta is stored on a 1/4096
+grid so every implementation computes the same integer window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PlanError
+
+SCHEMA_VERSION = 1
+KINDS = ("full", "streaming", "strided", "blocksparse", "vslash", "skip")
+BETA_GRID = 4096
+
+
+@dataclass(frozen=True)
+class Window:
+    alpha: int
+    beta: float = 0.0
+
+    def size(self, n: int) -> int:
+        return self.alpha + (int(round(self.beta * BETA_GRID)) * n) // BETA_GRID
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One head's pattern. Only the fields of its kind are set (others None)."""
+
+    kind: str
+    sink: int | None = None
+    window: Window | None = None
+    stride: int | None = None
+    offset: int | None = None
+    topk: int | None = None
+    vertical: int | None = None
+    slash: int | None = None
+
+    def row(self) -> dict:
+        """Parameters as a flat dict (the form kernels.patterns.make_table takes)."""
+        r: dict[str, Any] = {"kind": self.kind}
+        if self.sink is not None:
+            r["sink"] = self.sink
+        if self.window is not None:
+            r["alpha"] = self.window.alpha
+            r["beta"] = self.window.beta
+        for k in ("stride", "offset", "topk", "vertical", "slash"):
+            v = getattr(self, k)
+            if v is not None:
+                r[k] = v
+        return r
+
+    def kv_rule(self) -> str | Window:
+        """KV the head keeps: 'all', 'none', or a Window (tokens = alpha + beta·N, sink included)."""
+        if self.kind == "skip":
+            return "none"
+        if self.kind == "streaming":
+            assert self.window is not None and self.sink is not None
+            return Window(self.sink + self.window.alpha, self.window.beta)
+        return "all"
+
+    def to_yaml(self) -> dict:
+        d: dict[str, Any] = {"pattern": self.kind}
+        if self.sink is not None:
+            d["sink"] = self.sink
+        if self.window is not None:
+            d["window"] = {"alpha": self.window.alpha, "beta": self.window.beta}
+        for k in ("stride", "offset", "topk", "vertical", "slash"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
+        kv = self.kv_rule()
+        d["kv"] = kv if isinstance(kv, str) else {"alpha": kv.alpha, "beta": kv.beta}
+        return d
+
+    @staticmethod
+    def from_row(r: dict) -> "Pattern":
+        kind = r["kind"]
+        w = Window(int(r["alpha"]), float(r.get("beta", 0.0))) if "alpha" in r else None
+        return Pattern(kind=kind, sink=r.get("sink"), window=w, stride=r.get("stride"), offset=r.get("offset"),
+                       topk=r.get("topk"), vertical=r.get("vertical"), slash=r.get("slash"))
+
+
+# which fields each kind requires
+_REQUIRED = {
+    "full": (),
+    "streaming": ("sink", "window"),
+    "strided": ("sink", "window", "stride", "offset"),
+    "blocksparse": ("topk",),
+    "vslash": ("vertical", "slash"),
+    "skip": (),
+}
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    kv_head: int
+    pattern: Pattern
+    candidate: str = ""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    architecture: str
+    num_layers: int
+    num_query_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Budget:
+    density: float | None
+    kv_budget: float | None
+    lengths: tuple[int, ...]
+    achieved_density: tuple[float, ...]
+    achieved_kv: tuple[float, ...]
+    expected_loss: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelIdentity
+    budget: Budget
+    layers: tuple[tuple[HeadEntry, ...], ...]
+    block_size: int = 64
+    granularity: str = "kv_head"
+    provenance: dict = field(default_factory=dict, compare=False, hash=False)
+    schema_version: int = SCHEMA_VERSION
+
+    def pattern(self, layer: int, kv_head: int) -> Pattern:
+        return self.layers[layer][kv_head].pattern
+
+    def counts(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for layer in self.layers:
+            for e in layer:
+                c[e.pattern.kind] = c.get(e.pattern.kind, 0) + 1
+        return dict(sorted(c.items()))
+
+    # -- YAML -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "model": dataclasses.asdict(self.model),
+            "granularity": self.granularity,
+            "block_size": self.block_size,
+            "budget": {
+                "density": self.budget.density,
+                "kv_budget": self.budget.kv_budget,
+                "lengths": list(self.budget.lengths),
+                "achieved_density": [round(x, 6) for x in self.budget.achieved_density],
+                "achieved_kv": [round(x, 6) for x in self.budget.achieved_kv],
+                "expected_loss": round(self.budget.expected_loss, 8),
+            },
+            "provenance": self.provenance,
+            "layers": [
+                {"layer": li, "heads": [dict(kv_head=e.kv_head, candidate=e.candidate, **e.pattern.to_yaml())
+                                        for e in heads]}
+                for li, heads in enumerate(self.layers)
+            ],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# loading and validation
+# ------------------------------------------------------------------------------------------------
+
+def _need(d: Any, key: str, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise PlanError(f"{where}: expected a mapping, got {type(d).__name__}")
+    if key not in d:
+        raise PlanError(f"{where}.{key}: missing field")
+    return d[key]
+
+
+def _int(v: Any, where: str, lo: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise PlanError(f"{where}: expected an integer, got {v!r}")
+    if lo is not None and v < lo:
+        raise PlanError(f"{where}: must be >= {lo}, got {v}")
+    return v
+
+
+def _float(v: Any, where: str, lo: float | None = None, hi: float | None = None, none_ok: bool = False):
+    if v is None and none_ok:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise PlanError(f"{where}: expected a number, got {v!r}")
+    v = float(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise PlanError(f"{where}: must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _pattern(d: dict, where: str) -> Pattern:
+    kind = _need(d, "pattern", where)
+    if kind not in KINDS:
+        raise PlanError(f"{where}.pattern: unknown pattern {kind!r} (known: {', '.join(KINDS)})")
+    allowed = set(_REQUIRED[kind]) | {"pattern", "kv", "kv_head", "candidate"}
+    for k in d:
+        if k not in allowed:
+            raise PlanError(f"{where}.{k}: not a parameter of pattern {kind!r}")
+    for k in _REQUIRED[kind]:
+        _need(d, k, where)
+    window = None
+    if "window" in d:
+        w = d["window"]
+        alpha = _int(_need(w, "alpha", f"{where}.window"), f"{where}.window.alpha", 1)
+        beta = _float(w.get("beta", 0.0), f"{where}.window.beta", 0.0, 1.0)
+        if abs(beta * BETA_GRID - round(beta * BETA_GRID)) > 1e-6:
+            raise PlanError(f"{where}.window.beta: must be a multiple of 1/{BETA_GRID}, got {beta}")
+        window = Window(alpha, beta)
+    p = Pattern(
+        kind=kind,
+        sink=_int(d["sink"], f"{where}.sink", 0) if "sink" in d else None,
+        window=window,
+        stride=_int(d["stride"], f"{where}.stride", 1) if "stride" in d else None,
+        offset=_int(d["offset"], f"{where}.offset", 0) if "offset" in d else None,
+        topk=_int(d["topk"], f"{where}.topk", 0) if "topk" in d else None,
+        vertical=_int(d["vertical"], f"{where}.vertical", 1) if "vertical" in d else None,
+        slash=_int(d["slash"], f"{where}.slash", 1) if "slash" in d else None,
+    )
+    if p.stride is not None and p.offset is not None and p.offset >= p.stride:
+        raise PlanError(f"{where}.offset: must be < stride ({p.stride}), got {p.offset}")
+    if "kv" in d:
+        want = p.to_yaml()["kv"]
+        if d["kv"] != want:
+            raise PlanError(f"{where}.kv: {d['kv']!r} does not match the pattern (expected {want!r})")
+    return p
+
+
+def plan_from_dict(d: Any, source: str = "plan") -> Plan:
+    if not isinstance(d, dict):
+        raise PlanError(f"{source}: expected a YAML mapping at top level")
+    sv = _int(_need(d, "schema_version", source), f"{source}.schema_version")
+    if sv != SCHEMA_VERSION:
+        raise PlanError(f"{source}.schema_version: unsupported version {sv} (this headplan reads {SCHEMA_VERSION})")
+    m = _need(d, "model", source)
+    w = f"{source}.model"
+    model = ModelIdentity(
+        architecture=str(_need(m, "architecture", w)),
+        num_layers=_int(_need(m, "num_layers", w), f"{w}.num_layers", 1),
+        num_query_heads=_int(_need(m, "num_query_heads", w), f"{w}.num_query_heads", 1),
+        num_kv_heads=_int(_need(m, "num_kv_heads", w), f"{w}.num_kv_heads", 1),
+        head_dim=_int(_need(m, "head_dim", w), f"{w}.head_dim", 1),
+        max_positions=_int(_need(m, "max_positions", w), f"{w}.max_positions", 1),
+        fingerprint=str(_need(m, "fingerprint", w)),
+    )
+    if model.num_query_heads % model.num_kv_heads:
+        raise PlanError(f"{w}.num_query_heads: {model.num_query_heads} is not a multiple of num_kv_heads "
+                        f"{model.num_kv_heads}")
+    gran = _need(d, "granularity", source)
+    if gran != "kv_head":
+        raise PlanError(f"{source}.granularity: only 'kv_head' is supported, got {gran!r}")
+    block = _int(d.get("block_size", 64), f"{source}.block_size", 16)
+    if block & (block - 1):
+        raise PlanError(f"{source}.block_size: must be a power of two, got {block}")
+    b = _need(d, "budget", source)
+    wb = f"{source}.budget"
+    lengths = _need(b, "lengths", wb)
+    if not isinstance(lengths, list) or not lengths:
+        raise PlanError(f"{wb}.lengths: expected a non-empty list of integers")
+    budget = Budget(
+        density=_float(b.get("density"), f"{wb}.density", 0.0, 1.0, none_ok=True),
+        kv_budget=_float(b.get("kv_budget"), f"{wb}.kv_budget", 0.0, 1.0, none_ok=True),
+        lengths=tuple(_int(x, f"{wb}.lengths[{i}]", 1) for i, x in enumerate(lengths)),
+        achieved_density=tuple(_float(x, f"{wb}.achieved_density[{i}]", 0.0, 1.0)
+                               for i, x in enumerate(b.get("achieved_density", []))),
+        achieved_kv=tuple(_float(x, f"{wb}.achieved_kv[{i}]", 0.0, 1.0) for i, x in enumerate(b.get("achieved_kv", []))),
+        expected_loss=_float(b.get("expected_loss", 0.0), f"{wb}.expected_loss"),
+    )
+    prov = d.get("provenance", {}) or {}
+    if not isinstance(prov, dict):
+        raise PlanError(f"{source}.provenance: expected a mapping")
+    layers_raw = _need(d, "layers", source)
+    if not isinstance(layers_raw, list):
+        raise PlanError(f"{source}.layers: expected a list")
+    if len(layers_raw) != model.num_layers:
+        raise PlanError(f"{source}.layers: has {len(layers_raw)} layers, model.num_layers says {model.num_layers}")
+    layers = []
+    for li, layer in enumerate(layers_raw):
+        wl = f"{source}.layers[{li}]"
+        if _int(_need(layer, "layer", wl), f"{wl}.layer") != li:
+            raise PlanError(f"{wl}.layer: expected {li}, got {layer['layer']}")
+        heads = _need(layer, "heads", wl)
+        if not isinstance(heads, list) or len(heads) != model.num_kv_heads:
+            raise PlanError(f"{wl}.heads: expected a list of {model.num_kv_heads} KV heads")
+        entries = []
+        for hi, h in enumerate(heads):
+            wh = f"{wl}.heads[{hi}]"
+            if _int(_need(h, "kv_head", wh), f"{wh}.kv_head") != hi:
+                raise PlanError(f"{wh}.kv_head: expected {hi}, got {h['kv_head']}")
+            entries.append(HeadEntry(hi, _pattern(h, wh), str(h.get("candidate", ""))))
+        layers.append(tuple(entries))
+    return Plan(model=model, budget=budget, layers=tuple(layers), block_size=block, granularity=gran,
+                provenance=prov, schema_version=sv)
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"plan file not found: {p}")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlanError(f"cannot read plan {p}: {e}") from None
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise PlanError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    return plan_from_dict(d, source=p.name)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename, so no half-written file is left."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_plan(plan: Plan, path: str | os.PathLike) -> None:
+    atomic_write(path, plan.to_yaml())

@@ -1,0 +1,165 @@
+"""Run a plan inside a transformers model: attention function, per-head KV cache, apply/save/load."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from ..errors import HeadplanError, PlanError
+from ..kernels import patterns as P
+from ..plan import Plan, load_plan, save_plan
+from .attention import NAME, LayerRuntime, headplan_attention
+from .cache import HeadplanCache, HeadplanLayer
+
+__all__ = ["apply", "dense", "compile_tables", "HeadplanCache", "HeadplanLayer", "save_patched", "load_patched",
+           "register", "new_cache", "kv_report"]
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register the "headplan" attention function and its mask function with transformers."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, headplan_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _REGISTERED = True
+
+
+def compile_tables(plan: Plan) -> list[torch.Tensor]:
+    """One int32 head table (Hkv, NCOLS) per layer."""
+    return [P.make_table([e.pattern.row() for e in heads]) for heads in plan.layers]
+
+
+def attention_modules(model) -> list:
+    mods = [m for m in model.modules()
+            if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention") and hasattr(m, "config")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def check_plan_fits(model, plan: Plan) -> None:
+    from ..models import identity_of
+
+    ident = identity_of(model.config)
+    if ident.fingerprint != plan.model.fingerprint:
+        raise PlanError(
+            f"plan is for another model: plan has {plan.model.architecture} ({plan.model.num_layers} layers, "
+            f"{plan.model.num_kv_heads} KV heads, fingerprint {plan.model.fingerprint}); this model is "
+            f"{ident.architecture} ({ident.num_layers} layers, {ident.num_kv_heads} KV heads, "
+            f"fingerprint {ident.fingerprint})")
+
+
+def new_cache(model, max_length: int | None = None) -> HeadplanCache:
+    plan: Plan = model._headplan_plan
+    if max_length is None:
+        max_length = plan.model.max_positions
+    return HeadplanCache(model._headplan_tables, int(max_length))
+
+
+def _generate(orig, model, *args, **kwargs):
+    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) \
+            and model.config._attn_implementation == NAME:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        n = ids.shape[1] if ids is not None else 0
+        new = kwargs.get("max_new_tokens")
+        if new is None:
+            gc = kwargs.get("generation_config") or model.generation_config
+            new = getattr(gc, "max_new_tokens", None) or max(0, (gc.max_length or 0) - n)
+        if kwargs.get("num_beams", 1) and int(kwargs.get("num_beams", 1)) > 1 and any(
+                any(layer.ring) for layer in new_cache(model, 1).layers):
+            raise HeadplanError("beam search is not supported with streaming heads (evicted tokens cannot be "
+                                "re-ordered back); use greedy or sampling")
+        kwargs["past_key_values"] = new_cache(model, n + int(new) + 1)
+    return orig(*args, **kwargs)
+
+
+def apply(model, plan: Plan | str | Path, check: bool = True):
+    """Patch ``model`` in place so its attention runs ``plan``; returns the model.
+
+    Dense attention is one call away: ``headplan.runtime.dense(model)`` (a context manager).
+    """
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    if check:
+        check_plan_fits(model, plan)
+    register()
+    tables = compile_tables(plan)
+    mods = attention_modules(model)
+    if len(mods) != len(tables):
+        raise PlanError(f"plan has {len(tables)} layers but the model has {len(mods)} attention modules")
+    for m, t in zip(mods, tables):
+        m._headplan = LayerRuntime(t, plan.block_size)
+    model._headplan_plan = plan
+    model._headplan_tables = tables
+    if not hasattr(model, "_headplan_orig_generate"):
+        model._headplan_orig_generate = model.generate
+        model.generate = functools.partial(_generate, model._headplan_orig_generate, model)
+    model.set_attn_implementation(NAME)
+    return model
+
+
+class dense:
+    """Context manager: run ``model`` with dense SDPA attention inside the block."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.prev = self.model.config._attn_implementation
+        self.model.set_attn_implementation("sdpa")
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.set_attn_implementation(self.prev)
+        return False
+
+
+def save_patched(model, plan: Plan, out_dir: str | Path, tokenizer=None) -> Path:
+    """Save weights, tokenizer and plan.yaml into a directory that load_patched() restores."""
+    import shutil
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with dense(model):
+        model.save_pretrained(tmp)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(tmp)
+    save_plan(plan, tmp / "plan.yaml")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def load_patched(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """Load a directory written by save_patched() and apply its plan; returns LoadedModel."""
+    from ..models import load_model
+
+    p = Path(path)
+    if not (p / "plan.yaml").is_file():
+        raise HeadplanError(f"{p}: no plan.yaml (not a directory written by `headplan apply --out`)")
+    lm = load_model(str(p), dtype=dtype, device=device)
+    apply(lm.model, load_plan(p / "plan.yaml"))
+    return lm
+
+
+def kv_report(plan: Plan, length: int, dtype_bytes: int = 2) -> dict:
+    """KV bytes per layer (dense vs plan) for one sequence of ``length`` tokens."""
+    from ..candidates import kv_share
+
+    per_tok = 2 * plan.model.head_dim * dtype_bytes  # K and V, one head
+    layers = []
+    for heads in plan.layers:
+        dense_b = len(heads) * length * per_tok
+        plan_b = sum(round(kv_share(e.pattern, length) * length) for e in heads) * per_tok
+        layers.append({"dense_bytes": dense_b, "plan_bytes": plan_b})
+    tot_d = sum(x["dense_bytes"] for x in layers)
+    tot_p = sum(x["plan_bytes"] for x in layers)
+    return {"length": length, "layers": layers, "dense_bytes": tot_d, "plan_bytes": tot_p,
+            "kv_share": tot_p / tot_d if tot_d else 0.0}

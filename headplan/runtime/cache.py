@@ -1,0 +1,204 @@
+"""A per-head KV cache: each KV head keeps only what its pattern needs.
+
+All KV heads of a layer live in one packed buffer ``k_buf/v_buf (B, S, D)``; KV head h owns slots
+``[off[h], off[h] + cap[h])`` and ``slot_pos (B, S)`` holds the logical position stored in each slot
+(-1 = empty). Full (and dynamic, strided) heads store position p in slot p of their region; streaming
+heads keep a sink region and a ring buffer of the window, slot ``sink + (p - sink) % ring``; skip
+heads hold nothing. The ring is sized for the largest window up to ``max_length`` and regrown
+(re-placing slots by position) if the sequence outgrows it.
+
+The layer is used through transformers' Cache API: ``update`` returns the new key/value states
+unchanged and registers the layer as pending for the attention function, which attends over the
+retained slots plus the new tokens and then calls ``commit`` to write them (evicting what no
+future query can see).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..kernels import patterns as P
+
+# id(key tensor returned by update) -> the cache layer; popped by the attention function
+PENDING: dict[int, "HeadplanLayer"] = {}
+
+
+class HeadplanLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, table: torch.Tensor, max_length: int):
+        super().__init__()
+        self.table = table.cpu()  # (Hkv, NCOLS) int32
+        self.max_length = int(max_length)
+        self.seen = 0  # slots processed (padding included): what transformers calls the cache length
+        self.n_logical: torch.Tensor | None = None  # (B,) real tokens seen per sequence
+        self.slot_pos: torch.Tensor | None = None
+        self.k_buf = self.v_buf = None
+        self._layout(self.max_length)
+
+    # -- layout --------------------------------------------------------------------------------
+    def _cap(self, h: int, max_len: int) -> tuple[int, int]:
+        """(capacity, ring) of KV head h for sequences up to max_len tokens."""
+        t = self.table[h].tolist()
+        kind = t[P.C_KIND]
+        if kind == P.SKIP:
+            return 0, 0
+        if kind == P.STREAMING:
+            sink = t[P.C_SINK]
+            ring = max(1, int(P.window(t[P.C_ALPHA], t[P.C_BETA], max_len + 1)))
+            if sink + ring >= max_len:
+                return max_len, 0  # the window covers everything: store like a full head
+            return sink + ring, ring
+        return max_len, 0
+
+    def _layout(self, max_len: int):
+        caps, rings = zip(*[self._cap(h, max_len) for h in range(self.table.shape[0])]) if len(self.table) else ((), ())
+        self.cap = list(caps)
+        self.ring = list(rings)
+        self.off = [0]
+        for c in self.cap[:-1]:
+            self.off.append(self.off[-1] + c)
+        self.total = sum(self.cap)
+        self.layout_len = max_len
+
+    def head_off(self, device) -> torch.Tensor:
+        return torch.tensor(self.off, dtype=torch.int32, device=device)
+
+    def head_cap(self, device) -> torch.Tensor:
+        return torch.tensor(self.cap, dtype=torch.int32, device=device)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, _, _, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.k_buf = torch.zeros(B, self.total, D, dtype=key_states.dtype, device=key_states.device)
+        self.v_buf = torch.zeros(B, self.total, value_states.shape[-1], dtype=value_states.dtype,
+                                 device=value_states.device)
+        self.slot_pos = torch.full((B, self.total), -1, dtype=torch.int32, device=key_states.device)
+        self.n_logical = torch.zeros(B, dtype=torch.int64, device=key_states.device)
+        self.is_initialized = True
+
+    def _grow(self, need: int):
+        new_len = max(need, 2 * self.layout_len)
+        old = (self.k_buf, self.v_buf, self.slot_pos, list(self.off), list(self.cap))
+        self._layout(new_len)
+        B = old[0].shape[0]
+        k_buf = old[0].new_zeros(B, self.total, old[0].shape[-1])
+        v_buf = old[1].new_zeros(B, self.total, old[1].shape[-1])
+        slot_pos = old[2].new_full((B, self.total), -1)
+        self.k_buf, self.v_buf, self.slot_pos = k_buf, v_buf, slot_pos
+        for h in range(len(self.cap)):
+            o, c = old[3][h], old[4][h]
+            if c == 0:
+                continue
+            pos = old[2][:, o:o + c].long()
+            self._scatter(h, pos, old[0][:, o:o + c], old[1][:, o:o + c], pos >= 0)
+
+    # -- writing -------------------------------------------------------------------------------
+    def _slots(self, h: int, pos: torch.Tensor) -> torch.Tensor:
+        sink = int(self.table[h, P.C_SINK])
+        if self.ring[h] == 0:
+            return pos
+        return torch.where(pos < sink, pos, sink + torch.remainder(pos - sink, self.ring[h]))
+
+    def _scatter(self, h, pos, k, v, valid):
+        """Write tokens (B, n) at logical positions pos into head h's region where valid."""
+        o = self.off[h]
+        if self.ring[h]:
+            # only the newest `ring` tokens of each row can survive: keep writes unique
+            pmax = torch.where(valid, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)
+            sink = int(self.table[h, P.C_SINK])
+            valid = valid & ((pos < sink) | (pos > pmax - self.ring[h]))
+        slots = self._slots(h, pos.clamp(min=0)) + o
+        b_idx, t_idx = valid.nonzero(as_tuple=True)
+        s = slots[b_idx, t_idx]
+        self.k_buf[b_idx, s] = k[b_idx, t_idx].to(self.k_buf.dtype)
+        self.v_buf[b_idx, s] = v[b_idx, t_idx].to(self.v_buf.dtype)
+        self.slot_pos[b_idx, s] = pos[b_idx, t_idx].to(torch.int32)
+
+    def commit(self, key_states: torch.Tensor, value_states: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store new tokens. key/value (B, Hkv, n, D); pos (B, n) logical positions, -1 = padding."""
+        valid = pos >= 0
+        need = int(pos.max()) + 1 if valid.any() else 0
+        if need > self.layout_len:
+            self._grow(need)
+        for h in range(len(self.cap)):
+            if self.cap[h]:
+                self._scatter(h, pos, key_states[:, h], value_states[:, h], valid)
+        self.n_logical = self.n_logical + valid.sum(dim=1)
+
+    # -- reading -------------------------------------------------------------------------------
+    def head_view(self, h: int):
+        o, c = self.off[h], self.cap[h]
+        return self.k_buf[:, o:o + c], self.v_buf[:, o:o + c], self.slot_pos[:, o:o + c]
+
+    # -- Cache API -----------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        PENDING[id(key_states)] = self
+        self.seen += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        # while update() has run but the attention has not, `seen` already counts the new tokens
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def kv_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.k_buf.numel() * self.k_buf.element_size() + self.v_buf.numel() * self.v_buf.element_size()
+
+    def reset(self) -> None:
+        self.seen = 0
+        self.k_buf = self.v_buf = self.slot_pos = self.n_logical = None
+        self.is_initialized = False
+        self._layout(self.max_length)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("HeadplanLayer.crop takes a negative number of tokens to remove")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if any(self.ring):
+            raise ValueError("cannot crop a headplan cache with streaming heads: evicted tokens are gone")
+        new_n = self.n_logical - n
+        self.slot_pos = torch.where(self.slot_pos.long() >= new_n[:, None], torch.full_like(self.slot_pos, -1),
+                                    self.slot_pos)
+        self.n_logical = new_n
+        self.seen -= n
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            for name in ("k_buf", "v_buf", "slot_pos", "n_logical"):
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            for name in ("k_buf", "v_buf", "slot_pos", "n_logical"):
+                setattr(self, name, getattr(self, name)[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            for name in ("k_buf", "v_buf", "slot_pos", "n_logical"):
+                t = getattr(self, name)
+                setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
+
+
+class HeadplanCache(Cache):
+    """One HeadplanLayer per decoder layer, built from the compiled plan's head tables."""
+
+    def __init__(self, tables: list[torch.Tensor], max_length: int):
+        super().__init__(layers=[HeadplanLayer(t, max_length) for t in tables])
+
+    def kv_bytes(self) -> int:
+        return sum(layer.kv_bytes() for layer in self.layers)
