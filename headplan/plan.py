@@ -49,7 +49,7 @@ class Pattern:
     vertical: int | None = None
     slash: int | None = None
 
-    def row(self) -> dict:
+    def row(self) -> dict:  # noqa: D401
         """Parameters as a flat dict (the form kernels.patterns.make_table takes)."""
         r: dict[str, Any] = {"kind": self.kind}
         if self.sink is not None:
@@ -88,6 +88,7 @@ class Pattern:
 
     @staticmethod
     def from_row(r: dict) -> "Pattern":
+        r = {k: v for k, v in r.items() if k != "name"}
         kind = r["kind"]
         w = Window(int(r["alpha"]), float(r.get("beta", 0.0))) if "alpha" in r else None
         return Pattern(kind=kind, sink=r.get("sink"), window=w, stride=r.get("stride"), offset=r.get("offset"),
@@ -177,7 +178,39 @@ class Plan:
         }
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+        return yaml.dump(_flowify(self.to_dict()), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                         width=120)
+
+
+class _FlowMap(dict):
+    pass
+
+
+class _FlowList(list):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_FlowMap, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(), flow_style=True))
+_Dumper.add_representer(_FlowList, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def _flowify(x):
+    """Block style for structure; flow style for small leaf maps ({alpha, beta}) and scalar lists."""
+    scalar = (int, float, str, bool, type(None))
+    if isinstance(x, dict):
+        if x and len(x) <= 3 and all(isinstance(v, scalar) for v in x.values()) and \
+                set(x) <= {"alpha", "beta", "sha256", "source", "path", "task", "share"}:
+            return _FlowMap(x)
+        return {k: _flowify(v) for k, v in x.items()}
+    if isinstance(x, list):
+        if all(isinstance(v, scalar) for v in x):
+            return _FlowList(x)
+        return [_flowify(v) for v in x]
+    return x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,3 +384,14 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:
     atomic_write(path, plan.to_yaml())
+
+
+def plan_from_rows(model: ModelIdentity, rows: list[list[dict]], block_size: int = 64,
+                   provenance: dict | None = None) -> Plan:
+    """A hand-written plan: ``rows[layer][kv_head]`` is a dict such as
+    ``{"kind": "streaming", "sink": 64, "alpha": 256, "beta": 0.0}``. Validated like a loaded plan."""
+    layers = tuple(tuple(HeadEntry(h, Pattern.from_row(r), r.get("name", r["kind"])) for h, r in enumerate(layer))
+                   for layer in rows)
+    plan = Plan(model=model, budget=Budget(None, None, (model.max_positions,), (), (), 0.0), layers=layers,
+                block_size=block_size, provenance=provenance or {"source": "hand-written"})
+    return plan_from_dict(yaml.safe_load(plan.to_yaml()), "plan")

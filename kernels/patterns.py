@@ -190,7 +190,7 @@ def dynamic_visible(qpos: torch.Tensor, kpos: torch.Tensor, kind: int, index, bl
         return causal & sel[qb, kb]
     if kind == VSLASH:
         cols, offs = index
-        L = int(max(int(qs.max()) + 1, int(ks.max()) + 1))
+        L = int(max(int(qs.max()), int(ks.max()), int(cols.max()), int(offs.max()))) + 1
         cmask = torch.zeros(L + 1, dtype=torch.bool, device=cols.device)
         cmask[torch.where(cols < 0, torch.full_like(cols, L), cols).long()] = True
         omask = torch.zeros(L + 1, dtype=torch.bool, device=offs.device)

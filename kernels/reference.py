@@ -116,7 +116,7 @@ def decode_ref(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale
         if c == 0:
             continue
         kp = slot_pos[:, o:o + c].long()  # (B, c)
-        vis = P.static_visible(qpos.long().view(B, 1, 1), kp[:, None, :], table[h:h + 1])[:, 0, 0]  # (B, c)
+        vis = P.static_visible(qpos.long().view(B, 1, 1, 1), kp[:, None, None, :], table[h:h + 1])[:, 0, 0]  # (B, c)
         sc = torch.einsum("bgd,bcd->bgc", q[:, h * G:(h + 1) * G].float(), k_buf[:, o:o + c].float()) * scale
         sc = sc.masked_fill(~vis[:, None, :], float("-inf"))
         mx = sc.amax(-1, keepdim=True)

@@ -1,0 +1,191 @@
+"""The Python API behind each CLI verb: profile, search, apply, evaluate, run, check.
+
+Every function takes plain values and paths, validates its inputs before writing anything, and
+writes outputs atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from pathlib import Path
+
+from .candidates import candidate_set
+from .errors import HeadplanError, PlanError
+from .plan import Plan, atomic_write, load_plan, save_plan
+from .report import Reporter
+
+DEFAULT_LENGTHS = (2048, 4096)
+DEFAULT_DENSITY = 0.25
+
+
+def parse_lengths(s: str | list | tuple) -> list[int]:
+    if isinstance(s, (list, tuple)):
+        vals = list(s)
+    else:
+        vals = [x for x in str(s).replace(" ", "").split(",") if x]
+    out = []
+    for v in vals:
+        try:
+            n = int(str(v).lower().replace("k", "000")) if str(v).lower().endswith("k") else int(v)
+        except ValueError:
+            raise HeadplanError(f"not a length: {v!r} (use e.g. 1024,2048 or 2k,4k)") from None
+        if n <= 0:
+            raise HeadplanError(f"lengths must be positive, got {n}")
+        out.append(n)
+    if not out:
+        raise HeadplanError("no lengths given")
+    return sorted(set(out))
+
+
+def _check_out(out: Path, suffixes: tuple[str, ...], what: str) -> Path:
+    out = Path(out)
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise HeadplanError(f"{what} output must end with {' or '.join(suffixes)}: {out}")
+    if out.exists() and out.is_dir():
+        raise HeadplanError(f"{what} output is a directory: {out}")
+    return out
+
+
+def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: int | None = None,
+               data: str | None = None, texts: list[str] | None = None, candidates: str = "default",
+               dtype: str = "float32", device: str = "cpu", block: int = 64, reporter: Reporter | None = None,
+               lm=None):
+    from .data import load_task_file
+    from .models import load_model
+    from .profile import profile, save_profile
+
+    rep = reporter or Reporter()
+    out = _check_out(Path(out), (".safetensors",), "profile")
+    spec = load_task_file(data, "profile")
+    cands = candidate_set(candidates)
+    lens = parse_lengths(lengths)
+    if lm is None:
+        lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    prof = profile(lm, lens, cands, spec, texts, samples, block, rep)
+    save_profile(prof, out)
+    return prof, out
+
+
+def do_search(profile_path: str | Path, out: str | Path, density: float | None = DEFAULT_DENSITY,
+              kv_budget: float | None = None, lengths=None) -> Plan:
+    from .profile import load_profile
+    from .search import SearchSettings, profile_ref, search
+
+    out = _check_out(Path(out), (".yaml", ".yml"), "plan")
+    if density is None and kv_budget is None:
+        raise HeadplanError("give a budget: --density and/or --kv-budget")
+    prof = load_profile(profile_path)
+    settings = SearchSettings(density=density, kv_budget=kv_budget,
+                              lengths=tuple(parse_lengths(lengths)) if lengths else None)
+    plan = search(prof, settings, profile_ref(profile_path, out, prof.sha256))
+    save_plan(plan, out)
+    return plan
+
+
+def do_eval(model: str, plan_path: str | Path, out: str | Path | None = None, data: str | None = None,
+            texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
+            reporter: Reporter | None = None, lm=None) -> dict:
+    from .data import load_task_file
+    from .eval import evaluate
+    from .models import load_model
+
+    rep = reporter or Reporter()
+    plan = load_plan(plan_path)
+    spec = load_task_file(data, "eval")
+    if lm is None:
+        lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    res = evaluate(lm, plan, spec, texts, rep)
+    res["plan"] = str(plan_path)
+    if out is not None:
+        atomic_write(Path(out) / "eval.json", json.dumps(res, indent=2, sort_keys=True))
+    return res
+
+
+def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budget: float | None) -> None:
+    """Fail before any work if no assignment of these candidates can meet the budget."""
+    from .candidates import density as dens
+    from .candidates import kv_share
+
+    for name, bound, fn in (("density", density, lambda p, n: dens(p, n)), ("kv_budget", kv_budget, kv_share)):
+        if bound is None:
+            continue
+        if not 0.0 < bound <= 1.0:
+            raise HeadplanError(f"--{name.replace('_', '-')} must be in (0, 1], got {bound}")
+        for n in lengths:
+            lo = min(fn(c.pattern, n) for c in cands)
+            if lo > bound + 1e-12:
+                raise HeadplanError(f"{name} {bound:g} is infeasible at length {n}: the cheapest candidates give "
+                                    f"{lo:.4f} (feasible range [{lo:.4f}, 1])")
+
+
+def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_budget: float | None = None,
+           lengths=DEFAULT_LENGTHS, samples: int | None = None, data: str | None = None,
+           eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
+           device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default") -> dict:
+    """The whole pipeline: profile, search, eval; writes profile, plan.yaml, eval.json, summary.json."""
+    from .data import load_task_file
+    from .models import load_model
+
+    rep = reporter or Reporter()
+    t0 = time.time()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HeadplanError(f"--out must be a directory: {out}")
+    load_task_file(data, "profile")
+    load_task_file(eval_data, "eval")
+    feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget)
+    lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    t_load = time.time() - t0
+    prof_path = out / "profile.safetensors"
+    plan_path = out / "plan.yaml"
+    prof, _ = do_profile(model, prof_path, lengths, samples, data, texts, candidates, dtype=dtype, device=device,
+                         reporter=rep, lm=lm)
+    t_prof = time.time() - t0 - t_load
+    plan = do_search(prof_path, plan_path, density, kv_budget)
+    res = do_eval(model, plan_path, out, eval_data, texts, reporter=rep, lm=lm)
+    summary = {
+        "model": model, "density_budget": density, "kv_budget": kv_budget,
+        "profiled_lengths": list(prof.lengths), "plan_counts": plan.counts(),
+        "achieved_density": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_density)),
+        "achieved_kv": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_kv)),
+        "eval": res, "seconds": {"load": t_load, "profile": t_prof, "total": time.time() - t0},
+        "files": {"profile": str(prof_path), "plan": str(plan_path), "eval": str(out / "eval.json"),
+                  "summary": str(out / "summary.json")},
+    }
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> tuple[bool, str]:
+    """Regenerate a plan from its recorded provenance; (True, "") if identical, else (False, diff)."""
+    from .profile import load_profile
+    from .search import SearchSettings, search
+
+    plan_path = Path(plan_path)
+    plan = load_plan(plan_path)
+    prov = plan.provenance or {}
+    pref = prov.get("profile") or {}
+    if profile_path is None:
+        if "path" not in pref:
+            raise PlanError(f"{plan_path.name}.provenance.profile.path: missing; pass --profile")
+        profile_path = plan_path.parent / pref["path"]
+    prof = load_profile(profile_path)
+    if pref.get("sha256") and pref["sha256"] != prof.sha256:
+        raise HeadplanError(f"profile {profile_path} is not the one the plan was made from "
+                            f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+    s = prov.get("search") or {}
+    try:
+        settings = SearchSettings(density=s.get("density"), kv_budget=s.get("kv_budget"),
+                                  lengths=tuple(s["lengths"]) if s.get("lengths") else None)
+    except (TypeError, ValueError):
+        raise PlanError(f"{plan_path.name}.provenance.search: malformed search settings") from None
+    new = search(prof, settings, pref or None)
+    old_text = plan_path.read_text()
+    new_text = new.to_yaml()
+    if old_text == new_text:
+        return True, ""
+    diff = "".join(difflib.unified_diff(old_text.splitlines(True), new_text.splitlines(True),
+                                        fromfile=f"{plan_path} (committed)", tofile=f"{plan_path} (regenerated)"))
+    return False, diff

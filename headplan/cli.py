@@ -1,0 +1,229 @@
+"""The `headplan` command: a thin Typer shell over headplan.api.
+
+Bad input prints one line on stderr and exits 2; `check` exits 1 when the plan drifted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import HeadplanError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Per-head sparse attention plans: profile -> search -> apply -> eval.")
+
+ModelArg = typer.Argument("smollm2-135m", help="smollm2-135m | HF directory | file.gguf | random:<family> | "
+                                               "random:<config.json>")
+TextOpt = typer.Option(None, "--text", help="Haystack text file (repeatable); default: pydoc_data/topics.py")
+DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N")
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(f"headplan: error: {msg}\n")
+
+
+def handles_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except HeadplanError as e:
+            _err(str(e))
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _reporter():
+    from .report import RichReporter
+
+    return RichReporter()
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(emoji=False)
+
+
+@app.command()
+@handles_errors
+def profile(model: str = ModelArg,
+            out: Path = typer.Option(Path("profile.safetensors"), "--out", "-o", help="Output .safetensors"),
+            lengths: str = typer.Option("2048,4096", help="Comma-separated lengths, e.g. 1024,2048 or 2k,4k"),
+            samples: Optional[int] = typer.Option(None, help="Samples per length (default: from the data spec)"),
+            data: Optional[str] = typer.Option(None, help="Calibration mixture YAML (path or name in calibration_data/)"),
+            text: Optional[list[str]] = TextOpt,
+            candidates: str = typer.Option("default", help="Candidate set: default | small"),
+            dtype: str = DtypeOpt, device: str = DeviceOpt):
+    """Measure what every KV head loses under each candidate pattern, at several lengths."""
+    from .api import do_profile
+
+    prof, path = do_profile(model, out, lengths, samples, data, text, candidates, dtype, device, reporter=_reporter())
+    _console().print(f"profile: {len(prof.candidates)} candidates x {prof.model.num_layers} layers x "
+                     f"{prof.model.num_kv_heads} KV heads at lengths {list(prof.lengths)} -> {path}")
+
+
+@app.command()
+@handles_errors
+def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Profile .safetensors"),
+           out: Path = typer.Option(Path("plan.yaml"), "--out", "-o", help="Output plan .yaml"),
+           density: Optional[float] = typer.Option(0.25, help="Max average attention density at every length"),
+           kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Max average KV share kept"),
+           lengths: Optional[str] = typer.Option(None, help="Subset of profiled lengths to constrain")):
+    """Assign each KV head a pattern: least profiled loss within the budget (exact)."""
+    from .api import do_search
+
+    plan = do_search(profile_path, out, density, kv_budget, lengths)
+    b = plan.budget
+    _console().print(f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
+                     f"and KV {', '.join(f'{x:.3f}' for x in b.achieved_kv)} at lengths {list(b.lengths)}")
+
+
+@app.command()
+@handles_errors
+def apply(model: str = ModelArg,
+          plan: Path = typer.Argument(..., help="Plan .yaml"),
+          prompt: Optional[str] = typer.Option(None, help="Generate from this prompt, dense and with the plan"),
+          max_new_tokens: int = typer.Option(32, help="Tokens to generate with --prompt"),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Save the patched model (dir)"),
+          dtype: str = DtypeOpt, device: str = DeviceOpt):
+    """Patch MODEL to run PLAN; optionally generate text and save the patched model."""
+    import torch
+
+    from .models import load_model
+    from .plan import load_plan
+    from .runtime import apply as apply_plan
+    from .runtime import check_plan_fits, dense, save_patched
+
+    p = load_plan(plan)
+    lm = load_model(model, dtype=dtype, device=device, progress=_reporter().log)
+    check_plan_fits(lm.model, p)
+    apply_plan(lm.model, p)
+    con = _console()
+    if prompt is not None:
+        tok = lm.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+        else:
+            text = prompt
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=lm.model.device)
+        eos = getattr(tok, "eos_token_id", None)
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
+                  pad_token_id=eos if eos is not None else 0)
+        with torch.no_grad():
+            with dense(lm.model):
+                gd = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
+            gp = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
+        con.print(f"[bold]dense:[/bold] {tok.decode(gd.tolist(), skip_special_tokens=True)}")
+        con.print(f"[bold]plan :[/bold] {tok.decode(gp.tolist(), skip_special_tokens=True)}")
+    if out is not None:
+        save_patched(lm.model, p, out, lm.tokenizer)
+        con.print(f"patched model -> {out} (load with headplan.load_patched('{out}'))")
+    if prompt is None and out is None:
+        con.print(f"plan {plan} fits {model}: {p.counts()} (use --prompt to generate, --out to save)")
+
+
+def _eval_table(res: dict):
+    from rich.table import Table
+
+    t = Table(title="dense vs plan")
+    for c in ("metric", "length", "dense", "plan"):
+        t.add_column(c, justify="right" if c != "metric" else "left")
+    for r in res["perplexity"]:
+        t.add_row("perplexity", str(r["length"]), f"{r['ppl_dense']:.3f}", f"{r['ppl_plan']:.3f}")
+        t.add_row("KL(dense||plan) / top-1 agree", str(r["length"]), "", f"{r['kl']:.4f} / {r['top1_agree']:.3f}")
+    for r in res["retrieval"]:
+        t.add_row(f"{r['task']} accuracy", str(r["length"]), f"{r['acc_dense']:.2f}", f"{r['acc_plan']:.2f}")
+    for r in res["budget"]:
+        t.add_row("density / KV kept", str(r["length"]), "1.000 / 1.000", f"{r['density']:.3f} / {r['kv_share']:.3f}")
+    return t
+
+
+@app.command("eval")
+@handles_errors
+def eval_cmd(model: str = ModelArg,
+             plan: Path = typer.Option(..., "--plan", help="Plan .yaml"),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for eval.json"),
+             data: Optional[str] = typer.Option(None, help="Eval spec YAML (path or name in calibration_data/)"),
+             text: Optional[list[str]] = TextOpt,
+             as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+             dtype: str = DtypeOpt, device: str = DeviceOpt):
+    """Dense vs plan on held-out samples: perplexity, KL, top-1, passkey accuracy."""
+    from .api import do_eval
+
+    res = do_eval(model, plan, out, data, text, dtype, device, reporter=_reporter())
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    else:
+        _console().print(_eval_table(res))
+
+
+@app.command()
+@handles_errors
+def run(model: str = ModelArg,
+        out: Path = typer.Option(Path("headplan-run"), "--out", "-o", help="Output directory"),
+        density: float = typer.Option(0.25, help="Attention density budget"),
+        kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="KV share budget"),
+        lengths: str = typer.Option("2048,4096", help="Profiled lengths"),
+        samples: Optional[int] = typer.Option(None, help="Calibration samples per length"),
+        data: Optional[str] = typer.Option(None, help="Calibration mixture YAML"),
+        eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Eval spec YAML"),
+        text: Optional[list[str]] = TextOpt,
+        candidates: str = typer.Option("default", help="Candidate set: default | small"),
+        dtype: str = DtypeOpt, device: str = DeviceOpt):
+    """The whole pipeline: profile, search, eval; writes everything into --out."""
+    from rich.table import Table
+
+    from .api import do_run
+
+    s = do_run(model, out, density, kv_budget, lengths, samples, data, eval_data, text, dtype, device,
+               reporter=_reporter(), candidates=candidates)
+    con = _console()
+    con.print(_eval_table(s["eval"]))
+    t = Table(title=f"headplan run: {model}")
+    t.add_column("item")
+    t.add_column("value")
+    t.add_row("plan", ", ".join(f"{k} {v}" for k, v in s["plan_counts"].items()))
+    t.add_row("density (budget)", f"{density:g}")
+    for n, d in s["achieved_density"].items():
+        t.add_row(f"density / KV kept @ {n}", f"{d:.3f} / {s['achieved_kv'][n]:.3f}")
+    t.add_row("wall time", f"{s['seconds']['total']:.0f} s (load {s['seconds']['load']:.0f} s, "
+                           f"profile {s['seconds']['profile']:.0f} s)")
+    for k, v in s["files"].items():
+        t.add_row(k, v)
+    con.print(t)
+
+
+@app.command()
+@handles_errors
+def check(plan: Path = typer.Argument(..., help="Plan .yaml to regenerate"),
+          profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile (default: from provenance)")):
+    """Regenerate PLAN from its recorded provenance; exit 1 with a diff if it drifted."""
+    from .api import do_check
+
+    ok, diff = do_check(plan, profile_path)
+    if ok:
+        _console().print(f"{plan}: up to date")
+        return
+    sys.stdout.write(diff)
+    sys.stderr.write(f"headplan: {plan} differs from the regenerated plan\n")
+    raise typer.Exit(1)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Shared test helpers: tiny models and hand-written plans."""
+import functools
+
+import torch
+
+from headplan.models import load_model
+from headplan.plan import plan_from_rows
+
+MIXED = [
+    {"kind": "streaming", "sink": 4, "alpha": 8, "beta": 0.125},
+    {"kind": "full"},
+    {"kind": "strided", "sink": 2, "alpha": 4, "stride": 3, "offset": 1},
+    {"kind": "streaming", "sink": 3, "alpha": 5},
+    {"kind": "skip"},
+]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(family: str):
+    return load_model(f"random:{family}")
+
+
+def plan_for(lm, rows_fn):
+    """rows_fn(layer, kv_head) -> dict."""
+    ident = lm.identity
+    rows = [[rows_fn(li, h) for h in range(ident.num_kv_heads)] for li in range(ident.num_layers)]
+    return plan_from_rows(ident, rows)
+
+
+def mixed_plan(lm, with_skip=False):
+    pool = MIXED if with_skip else MIXED[:4]
+    return plan_for(lm, lambda li, h: pool[(2 * li + h) % len(pool)])
+
+
+def ids(n, b=1, seed=0, vocab=500):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (b, n), generator=g)

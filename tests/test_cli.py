@@ -1,0 +1,120 @@
+"""The CLI: the whole pipeline on a tiny model, and the bad-input matrix (one line, exit 2)."""
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from headplan.cli import app
+
+runner = CliRunner()
+SMALL = ["--lengths", "384,512", "--samples", "2", "--candidates", "small", "--eval-data", "eval-small"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    r = invoke("run", "random:llama", "--out", out, "--density", "0.4", *SMALL)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_run_writes_everything(run_dir):
+    for f in ("profile.safetensors", "plan.yaml", "eval.json", "summary.json"):
+        assert (run_dir / f).is_file(), f
+
+
+def test_check_passes_then_detects_drift(run_dir, tmp_path):
+    r = invoke("check", run_dir / "plan.yaml")
+    assert r.exit_code == 0, r.output
+    text = (run_dir / "plan.yaml").read_text()
+    drifted = tmp_path / "plan.yaml"
+    import shutil
+    shutil.copy(run_dir / "profile.safetensors", tmp_path / "profile.safetensors")
+    lines = text.splitlines(True)
+    i = next(i for i, line in enumerate(lines) if "candidate:" in line)
+    lines[i] = lines[i].replace("candidate:", "candidate: x") 
+    drifted.write_text("".join(lines))
+    r = invoke("check", drifted)
+    assert r.exit_code == 1
+    assert "regenerated" in r.output
+
+
+def test_search_cli_and_apply_generate_and_save(run_dir, tmp_path):
+    plan = tmp_path / "p.yaml"
+    r = invoke("search", run_dir / "profile.safetensors", "--out", plan, "--density", "0.5")
+    assert r.exit_code == 0, r.output
+    r = invoke("apply", "random:llama", plan, "--prompt", "hello there", "--max-new-tokens", "5",
+               "--out", tmp_path / "patched")
+    assert r.exit_code == 0, r.output
+    assert "plan :" in r.output
+    import headplan
+    lm = headplan.load_patched(tmp_path / "patched")
+    assert lm.model.config._attn_implementation == "headplan"
+    r = invoke("eval", "random:llama", "--plan", plan, "--data", "eval-small", "--json")
+    assert r.exit_code == 0, r.output
+    assert '"ppl_plan"' in r.output
+
+
+def _bad_plan(run_dir, tmp_path, edit):
+    p = tmp_path / "bad.yaml"
+    p.write_text(edit((run_dir / "plan.yaml").read_text()))
+    return p
+
+
+@pytest.mark.parametrize("case", [
+    "missing_model", "missing_plan", "not_gguf", "malformed_yaml", "unknown_pattern", "missing_field",
+    "wrong_model", "infeasible_density", "length_beyond_positions", "empty_text", "missing_profile",
+    "bad_out_suffix", "bad_lengths",
+])
+def test_bad_input_matrix(case, run_dir, tmp_path):
+    plan = run_dir / "plan.yaml"
+    prof = run_dir / "profile.safetensors"
+    out_plan = tmp_path / "new.yaml"
+    if case == "missing_model":
+        args, msg = ["apply", tmp_path / "nope", plan], "model not found"
+    elif case == "missing_plan":
+        args, msg = ["apply", "random:llama", tmp_path / "nope.yaml"], "plan file not found"
+    elif case == "not_gguf":
+        f = tmp_path / "m.gguf"
+        f.write_bytes(b"NOTGGUF" * 10)
+        args, msg = ["eval", f, "--plan", plan], "not a GGUF file"
+    elif case == "malformed_yaml":
+        args, msg = ["apply", "random:llama", _bad_plan(run_dir, tmp_path, lambda t: t + "\n  - : [\n")], "malformed YAML"
+    elif case == "unknown_pattern":
+        args, msg = ["apply", "random:llama", _bad_plan(run_dir, tmp_path, lambda t: t.replace("pattern: streaming", "pattern: zigzag", 1))], "unknown pattern 'zigzag'"
+    elif case == "missing_field":
+        args, msg = ["apply", "random:llama", _bad_plan(run_dir, tmp_path, lambda t: t.replace("  num_kv_heads: 2\n", "", 1))], "model.num_kv_heads: missing"
+    elif case == "wrong_model":
+        args, msg = ["apply", "random:qwen2", plan], "plan is for another model"
+    elif case == "infeasible_density":
+        args, msg = ["search", prof, "--out", out_plan, "--density", "0.01"], "infeasible"
+    elif case == "length_beyond_positions":
+        args, msg = ["profile", "random:llama", "--out", tmp_path / "p.safetensors", "--lengths", "4096"], "exceeds the model's 2048 positions"
+    elif case == "empty_text":
+        t = tmp_path / "empty.txt"
+        t.write_text("   \n")
+        args, msg = ["profile", "random:llama", "--out", tmp_path / "p.safetensors", "--lengths", "512", "--text", t], "text file is empty"
+    elif case == "missing_profile":
+        args, msg = ["search", tmp_path / "none.safetensors", "--out", out_plan], "profile not found"
+    elif case == "bad_out_suffix":
+        args, msg = ["search", prof, "--out", tmp_path / "plan.json"], "must end with .yaml"
+    elif case == "bad_lengths":
+        args, msg = ["profile", "random:llama", "--lengths", "abc"], "not a length"
+    r = invoke(*args)
+    assert r.exit_code == 2, (case, r.output)
+    err = r.stderr
+    assert msg in err, (case, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not out_plan.exists() and not (tmp_path / "p.safetensors").exists()
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "headplan.cli", "search", str(tmp_path / "x.safetensors")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"headplan: error: profile not found: {tmp_path / 'x.safetensors'}"]

@@ -1,0 +1,153 @@
+"""The reference runtime: exactness against dense attention and explicit-mask references."""
+import pytest
+import torch
+
+from headplan import runtime as RT
+from headplan.kernels import patterns as P
+from headplan.kernels import reference as R
+from helpers import ids, mixed_plan, plan_for, tiny
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma3", "phi3"]  # GQA 2, GQA 3, MQA, gemma, MHA
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_full_plan_reproduces_dense(family):
+    lm = tiny(family)
+    x = ids(77, 2, seed=1)
+    with torch.no_grad():
+        RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "full"}))
+        with RT.dense(lm.model):
+            d = lm.model(x).logits
+        p = lm.model(x).logits
+    assert lm.model.config._attn_implementation == "headplan"
+    torch.testing.assert_close(p, d, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_then_decode_with_eviction_matches_masked_forward(family):
+    lm = tiny(family)
+    RT.apply(lm.model, mixed_plan(lm, with_skip=True))
+    x = ids(100, 1, seed=2)
+    with torch.no_grad():
+        ref = lm.model(x, use_cache=False).logits
+        cache = RT.new_cache(lm.model, 128)
+        outs = [lm.model(x[:, :60], past_key_values=cache).logits]
+        for t in range(60, 100):  # 40 decode steps
+            outs.append(lm.model(x[:, t:t + 1], past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=2e-5)
+    # streaming heads really evicted: their region is smaller than the sequence
+    layer = cache.layers[0]
+    caps = dict(zip(range(len(layer.cap)), layer.cap))
+    kinds = layer.table[:, P.C_KIND].tolist()
+    for h, kind in enumerate(kinds):
+        if kind == P.STREAMING:
+            assert caps[h] < 100
+            held = (layer.head_view(h)[2] >= 0).sum(dim=1)
+            assert int(held.max()) <= caps[h]
+        if kind == P.SKIP:
+            assert caps[h] == 0
+
+
+def test_ring_buffer_regrows_past_max_length():
+    lm = tiny("llama")
+    RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 2, "alpha": 4, "beta": 0.25}))
+    x = ids(90, 1, seed=3)
+    with torch.no_grad():
+        ref = lm.model(x, use_cache=False).logits
+        cache = RT.new_cache(lm.model, 20)  # too small on purpose
+        outs = [lm.model(x[:, :10], past_key_values=cache).logits]
+        for t in range(10, 90):
+            outs.append(lm.model(x[:, t:t + 1], past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=2e-5)
+
+
+def test_chunked_prefill_equals_unchunked():
+    lm = tiny("qwen2")
+    RT.apply(lm.model, mixed_plan(lm))
+    x = ids(97, 2, seed=4)
+    with torch.no_grad():
+        ref = lm.model(x, use_cache=False).logits
+        cache = RT.new_cache(lm.model, 128)
+        parts = [lm.model(x[:, a:b], past_key_values=cache).logits for a, b in ((0, 31), (31, 64), (64, 97))]
+    torch.testing.assert_close(torch.cat(parts, 1), ref, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_padded_batch_matches_unpadded_runs(family):
+    lm = tiny(family)
+    RT.apply(lm.model, mixed_plan(lm))
+    a, b = ids(70, seed=5), ids(45, seed=6)
+    batch = torch.zeros(2, 70, dtype=torch.long)
+    mask = torch.zeros(2, 70, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, 25:], mask[1, 25:] = b[0], 1
+    kw = dict(max_new_tokens=35, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        lp = lm.model(batch, attention_mask=mask).logits
+        la, lb = lm.model(a).logits, lm.model(b).logits
+        g = lm.model.generate(batch, attention_mask=mask, **kw)
+        ga, gb = lm.model.generate(a, **kw), lm.model.generate(b, **kw)
+    torch.testing.assert_close(lp[0], la[0], rtol=0, atol=2e-5)
+    torch.testing.assert_close(lp[1, 25:], lb[0], rtol=0, atol=2e-5)
+    assert torch.equal(g[0, 70:], ga[0, 70:])
+    assert torch.equal(g[1, 70:], gb[0, 45:])
+
+
+def test_generate_uses_per_head_cache_and_matches_masked_greedy():
+    """Greedy generate through the evicting cache equals greedy decoding by full masked forwards."""
+    lm = tiny("llama")
+    RT.apply(lm.model, mixed_plan(lm))
+    x = ids(50, seed=7)
+    with torch.no_grad():
+        g = lm.model.generate(x, max_new_tokens=32, do_sample=False, pad_token_id=0)
+        seq = x
+        for _ in range(32):
+            nxt = lm.model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(g, seq)
+
+
+def test_streaming_head_matches_explicit_mask():
+    """Reference attention for a streaming head equals SDPA with a hand-built band mask."""
+    torch.manual_seed(0)
+    B, H, L, D = 2, 3, 131, 32
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    sink, alpha, beta = 5, 17, 0.25
+    table = P.make_table([{"kind": "streaming", "sink": sink, "alpha": alpha, "beta": beta}] * H)
+    out = R.prefill_ref(q, k, v, table, D ** -0.5)
+    i = torch.arange(L)[:, None]
+    j = torch.arange(L)[None, :]
+    w = alpha + (i + 1) // 4  # beta = 1/4
+    mask = (j <= i) & ((j < sink) | (i - j < w))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # and it is really sparse: differs from causal attention
+    causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (out - causal).abs().max() > 1e-2
+
+
+def test_skip_head_outputs_zero():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    table = P.make_table([{"kind": "skip"}, {"kind": "full"}])
+    out = R.prefill_ref(q, k, v, table, 0.25)
+    assert out[:, :2].abs().max() == 0
+    assert out[:, 2:].abs().max() > 0.1
+
+
+def test_wrong_model_plan_is_refused():
+    from headplan.errors import PlanError
+
+    plan = mixed_plan(tiny("llama"))
+    with pytest.raises(PlanError, match="plan is for another model"):
+        RT.apply(tiny("qwen2").model, plan)
+
+
+def test_kv_bytes_follow_the_plan():
+    lm = tiny("llama")
+    RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 4, "alpha": 28}))
+    cache = RT.new_cache(lm.model, 1024)
+    with torch.no_grad():
+        lm.model(ids(300), past_key_values=cache)
+    dense_bytes = 2 * 2 * 2 * 1024 * 16 * 4  # layers * kv heads * (K,V) * max_len * head_dim * fp32
+    assert cache.kv_bytes() * 10 < dense_bytes
