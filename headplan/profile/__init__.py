@@ -182,15 +182,45 @@ class _Collector:
                     kept[self.stream_idx] += mass.double().sum(dim=(0, 2)).cpu()
                 for ci in self.full_idx:
                     kept[ci] += G * (r1 - r0)
-                for ci in self.mask_idx:
-                    row = self.table[ci]
-                    kind = int(row[P.C_KIND])
-                    if kind in (P.BLOCKSPARSE, P.VSLASH):
-                        vis = P.dynamic_visible(i, j, kind, dyn[ci], self.block)
-                    else:
-                        vis = P.static_visible(i, j, self.table[ci:ci + 1], self.block)[0]
-                    kept[ci] += (a * vis).double().sum().cpu()
+                if self.mask_idx:
+                    kept += self._masked(a, i, j, r0, r1, dyn)
             self.loss[layer_idx, h] += 1.0 - kept / (G * N)
+
+
+    def _masked(self, a, i, j, r0, r1, dyn):
+        """Kept mass of the dynamic (and strided) candidates for one query block."""
+        kept = torch.zeros(len(self.cands), dtype=torch.float64)
+        G, r, _ = a.shape
+        block = self.block
+        ab = None
+        rows = torch.arange(r0, r1, device=a.device)
+        for ci in self.mask_idx:
+            row = self.table[ci]
+            kind = int(row[P.C_KIND])
+            if kind == P.BLOCKSPARSE:
+                if ab is None:  # attention mass per key block (G, r, nbk)
+                    nbk = -(-r1 // block)
+                    ab = torch.nn.functional.pad(a, (0, nbk * block - r1)).view(G, r, nbk, block).sum(-1)
+                idx = dyn[ci][rows // block].long()  # (r, K) selected key blocks, -1 padded
+                valid = (idx >= 0) & (idx < ab.shape[-1])
+                g = ab.gather(-1, idx.clamp(min=0, max=ab.shape[-1] - 1).expand(G, r, idx.shape[1]))
+                kept[ci] += float((g * valid).sum())
+            elif kind == P.VSLASH:
+                cols, offs = dyn[ci]
+                cols = cols[(cols >= 0) & (cols < r1)].long()
+                offs = offs[offs >= 0].long()
+                colmass = a[:, :, cols].sum() if cols.numel() else a.new_zeros(())
+                jj = rows[:, None] - offs[None, :]  # (r, ns)
+                ok = jj >= 0
+                dg = a.gather(-1, jj.clamp(min=0).expand(G, r, offs.numel())) * ok
+                colset = torch.zeros(r1, dtype=torch.bool, device=a.device)
+                colset[cols] = True
+                overlap = dg * colset[jj.clamp(min=0)]
+                kept[ci] += float(colmass + dg.sum() - overlap.sum())
+            else:
+                vis = P.static_visible(i, j, self.table[ci:ci + 1], block)[0]
+                kept[ci] += float((a * vis).sum())
+        return kept
 
 
 _ACTIVE: list[_Collector] = []
