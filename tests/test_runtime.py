@@ -151,3 +151,21 @@ def test_kv_bytes_follow_the_plan():
         lm.model(ids(300), past_key_values=cache)
     dense_bytes = 2 * 2 * 2 * 1024 * 16 * 4  # layers * kv heads * (K,V) * max_len * head_dim * fp32
     assert cache.kv_bytes() * 10 < dense_bytes
+
+
+def test_random_model_from_config_json(tmp_path):
+    import json
+
+    from headplan.models import load_model
+
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+           "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 512}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    lm = load_model(f"random:{p}")
+    assert (lm.identity.num_layers, lm.identity.num_query_heads, lm.identity.num_kv_heads) == (3, 8, 2)
+    assert lm.identity.head_dim == 8 and lm.identity.max_positions == 512
+    RT.apply(lm.model, mixed_plan(lm))
+    x = ids(40, vocab=300)
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(x).logits).all()

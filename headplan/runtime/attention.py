@@ -86,7 +86,7 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
             layer.commit(key, value, qpos)
             out = backend.decode(query[:, :, 0], layer.k_buf, layer.v_buf, layer.slot_pos,
                                  layer.head_off(query.device), layer.head_cap(query.device), qpos[:, 0],
-                                 table, scale)[:, :, None]
+                                 table, scale, valid_len=layer.valid_len(), max_cap=max(layer.cap))[:, :, None]
         else:
             out = _chunk(layer, query, key, value, qpos, table, scale, rt.block)
             layer.commit(key, value, qpos)

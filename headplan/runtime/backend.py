@@ -42,12 +42,17 @@ def prefill(q, k, v, table, scale: float, pad=None, block: int = 64):
     return R.prefill_ref(q, k, v, table, scale, pad=pad, block=block)
 
 
-def decode(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale: float):
-    """One new token per sequence against the packed per-head cache."""
+def decode(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale: float, valid_len=None,
+           max_cap: int | None = None):
+    """One new token per sequence against the packed per-head cache.
+
+    valid_len (B, Hkv), optional: slots of a head at or past it are known empty (not read).
+    """
     if _use_triton(q):
         fn = _kernel("decode")
         if fn is not None:
-            return fn(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale)
+            return fn(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale, valid_len=valid_len,
+                      max_cap=max_cap)
     return R.decode_ref(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale)
 
 

@@ -65,10 +65,25 @@ class HeadplanLayer(CacheLayerMixin):
         self.layout_len = max_len
 
     def head_off(self, device) -> torch.Tensor:
-        return torch.tensor(self.off, dtype=torch.int32, device=device)
+        return self._dev_tensor("off", device)
 
     def head_cap(self, device) -> torch.Tensor:
-        return torch.tensor(self.cap, dtype=torch.int32, device=device)
+        return self._dev_tensor("cap", device)
+
+    def _dev_tensor(self, name: str, device) -> torch.Tensor:
+        key = (name, str(device), self.layout_len)
+        cache = self.__dict__.setdefault("_dev", {})
+        if key not in cache:
+            cache.clear() if len(cache) > 8 else None
+            cache[key] = torch.tensor(getattr(self, name), dtype=torch.int32, device=device)
+        return cache[key]
+
+    def valid_len(self) -> torch.Tensor:
+        """(B, Hkv) int32: slots in use per head region (full heads fill from slot 0; rings may be full)."""
+        cap = self.head_cap(self.n_logical.device).long()
+        ring = self._dev_tensor("ring", self.n_logical.device) > 0
+        used = torch.minimum(self.n_logical[:, None], cap[None, :])
+        return torch.where(ring[None, :], cap[None, :], used).to(torch.int32)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, _, _, D = key_states.shape
