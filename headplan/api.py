@@ -48,24 +48,74 @@ def _check_out(out: Path, suffixes: tuple[str, ...], what: str) -> Path:
     return out
 
 
+class ProfileResult(tuple):
+    """``(profile, path)`` as returned by do_profile, plus ``.heads`` (the most retrieval-like heads:
+    largest loss under the short-window candidate) and ``.plot`` (the PNG written, or None)."""
+
+    def __new__(cls, prof, path, heads, plot):
+        self = super().__new__(cls, (prof, path))
+        self.heads = heads
+        self.plot = plot
+        return self
+
+
 def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: int | None = None,
                data: str | None = None, texts: list[str] | None = None, candidates: str = "default",
                dtype: str = "float32", device: str = "cpu", block: int = 64, reporter: Reporter | None = None,
-               lm=None):
+               lm=None, method: str = "recall", resume: str | Path | None = None, plot: str | Path | bool | None = None,
+               device_map: str | None = None, checkpointing: bool | None = None, top_heads: int = 10):
+    """Profile MODEL; returns ProfileResult (unpacks as ``prof, path``).
+
+    method: recall | gradient | mse, or a combination ('gradient,recall', 'gradient=0.7,recall=0.3').
+    Calibration data defaults to calibration_data/gradient.yaml when the method includes gradient,
+    else profile.yaml. resume: directory of per-sample statistics (a killed run continues). plot:
+    True (PNG beside --out) or a .png path. device_map: 'auto' dispatches the model with accelerate.
+    Under torchrun (WORLD_SIZE > 1) samples are split over ranks; only rank 0 writes files.
+    """
+    import os
+
     from .data import load_task_file
     from .models import load_model
-    from .profile import profile, save_profile
+    from .profile import parse_method, plot_profile, profile, retrieval_heads, save_profile
 
     rep = reporter or Reporter()
     out = _check_out(Path(out), (".safetensors",), "profile")
-    spec = load_task_file(data, "profile")
+    weights = parse_method(method)
+    spec = load_task_file(data, "gradient" if "gradient" in weights else "profile")
     cands = candidate_set(candidates)
     lens = parse_lengths(lengths)
+    plot_path = None
+    if plot:
+        plot_path = out.with_suffix(".png") if plot is True else Path(plot)
+        if plot_path.suffix.lower() != ".png":
+            raise HeadplanError(f"--plot output must end with .png: {plot_path}")
+    if device_map is not None and device_map != "auto":
+        raise HeadplanError(f"--device-map: only 'auto' is supported, got {device_map!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if world > 1:
+        if device_map is not None:
+            raise HeadplanError("--device-map auto cannot be combined with torchrun data parallelism")
+        if str(device).startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
+        if rank != 0:
+            rep = Reporter()
     if lm is None:
-        lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
-    prof = profile(lm, lens, cands, spec, texts, samples, block, rep)
-    save_profile(prof, out)
-    return prof, out
+        lm = load_model(model, dtype=dtype, device="cpu" if device_map else device, progress=rep.log)
+        if device_map:
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            m = lm.model
+            dmap = infer_auto_device_map(m, no_split_module_classes=getattr(m, "_no_split_modules", None) or [])
+            lm.model = dispatch_model(m, device_map=dmap)
+    prof = profile(lm, lens, cands, spec, texts, samples, block, rep, method=weights, resume=resume,
+                   checkpointing=checkpointing)
+    heads = retrieval_heads(prof, top_heads) if any(c.pattern.kind == "streaming" for c in cands) else []
+    if rank == 0:
+        save_profile(prof, out)
+        if plot_path is not None:
+            plot_profile(prof, plot_path)
+    return ProfileResult(prof, out, heads, plot_path)
 
 
 def do_search(profile_path: str | Path, out: str | Path, density: float | None = DEFAULT_DENSITY,

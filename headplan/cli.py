@@ -61,16 +61,50 @@ def profile(model: str = ModelArg,
             out: Path = typer.Option(Path("profile.safetensors"), "--out", "-o", help="Output .safetensors"),
             lengths: str = typer.Option("2048,4096", help="Comma-separated lengths, e.g. 1024,2048 or 2k,4k"),
             samples: Optional[int] = typer.Option(None, help="Samples per length (default: from the data spec)"),
-            data: Optional[str] = typer.Option(None, help="Calibration mixture YAML (path or name in calibration_data/)"),
+            data: Optional[str] = typer.Option(None, help="Calibration mixture YAML (path or name in calibration_data/; "
+                                                          "default: gradient.yaml with --method gradient, else profile.yaml)"),
             text: Optional[list[str]] = TextOpt,
             candidates: str = typer.Option("default", help="Candidate set: default | small"),
+            method: str = typer.Option("recall", "--method", help="recall | gradient | mse, or a weighted combination: "
+                                                                   "gradient,recall or gradient=0.7,recall=0.3"),
+            resume: Optional[Path] = typer.Option(None, "--resume", help="Directory for per-sample statistics: a killed "
+                                                                         "run started with the same --resume continues"),
+            plot: bool = typer.Option(False, "--plot", help="Write a PNG heat map (layers x KV heads) beside --out and "
+                                                            "print the most retrieval-like heads"),
+            device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread the model over the "
+                                                                                 "available devices (accelerate)"),
+            checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
+                                                         help="Gradient checkpointing for --method gradient "
+                                                              "(default: on for CUDA)"),
             dtype: str = DtypeOpt, device: str = DeviceOpt):
-    """Measure what every KV head loses under each candidate pattern, at several lengths."""
+    """Measure what every KV head would cost under each candidate pattern, at several lengths.
+
+    Under torchrun (WORLD_SIZE > 1) the samples are split over the ranks; rank 0 writes the profile.
+    """
+    import os
+
     from .api import do_profile
 
-    prof, path = do_profile(model, out, lengths, samples, data, text, candidates, dtype, device, reporter=_reporter())
-    _console().print(f"profile: {len(prof.candidates)} candidates x {prof.model.num_layers} layers x "
-                     f"{prof.model.num_kv_heads} KV heads at lengths {list(prof.lengths)} -> {path}")
+    res = do_profile(model, out, lengths, samples, data, text, candidates, dtype, device, reporter=_reporter(),
+                     method=method, resume=resume, plot=plot or None, device_map=device_map,
+                     checkpointing=checkpointing)
+    prof, path = res
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
+    con = _console()
+    if plot and res.heads:
+        from rich.table import Table
+
+        t = Table(title=f"most retrieval-like KV heads (largest loss under {res.heads[0]['candidate']})")
+        cols = ["rank", "layer", "kv_head", "loss"] + [s for s in prof.parts if len(prof.parts) > 1]
+        for c in cols:
+            t.add_column(c, justify="right")
+        for h in res.heads:
+            t.add_row(*[f"{h[c]:.4g}" if isinstance(h[c], float) else str(h[c]) for c in cols])
+        con.print(t)
+        con.print(f"heat map -> {res.plot}")
+    con.print(f"profile ({prof.method}): {len(prof.candidates)} candidates x {prof.model.num_layers} layers x "
+              f"{prof.model.num_kv_heads} KV heads at lengths {list(prof.lengths)} -> {path}")
 
 
 @app.command()

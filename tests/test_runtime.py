@@ -32,7 +32,7 @@ def test_prefill_then_decode_with_eviction_matches_masked_forward(family):
         ref = lm.model(x, use_cache=False).logits
         cache = RT.new_cache(lm.model, 128)
         outs = [lm.model(x[:, :60], past_key_values=cache).logits]
-        for t in range(60, 100):  # 40 decode steps
+        for t in range(60, 100):  # 40 decode steps (the generate test below adds 32 more)
             outs.append(lm.model(x[:, t:t + 1], past_key_values=cache).logits)
     torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=2e-5)
     # streaming heads really evicted: their region is smaller than the sequence
@@ -169,3 +169,39 @@ def test_random_model_from_config_json(tmp_path):
     x = ids(40, vocab=300)
     with torch.no_grad():
         assert torch.isfinite(lm.model(x).logits).all()
+
+
+def test_generate_with_chunked_prefill_equals_unchunked():
+    lm = tiny("llama")
+    x = ids(90, 2, seed=8)
+    mask = torch.ones_like(x)
+    mask[1, :13] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        RT.apply(lm.model, mixed_plan(lm))
+        a = lm.model.generate(x, **kw)
+        RT.apply(lm.model, mixed_plan(lm), prefill_chunk=16)
+        b = lm.model.generate(x, **kw)
+        RT.apply(lm.model, mixed_plan(lm), prefill_chunk=None)
+    assert torch.equal(a, b)
+
+
+def test_cache_refuses_wrong_batch_dtype_and_overflow():
+    lm = tiny("llama")
+    RT.apply(lm.model, mixed_plan(lm))
+    cache = RT.new_cache(lm.model, 40, grow=False)
+    with torch.no_grad():
+        lm.model(ids(30, 2), past_key_values=cache)
+        with pytest.raises(ValueError, match="sized for batch 2"):
+            lm.model(ids(1, 3), past_key_values=cache)
+        with pytest.raises(ValueError, match="sized for 40 tokens"):
+            lm.model(ids(20, 2), past_key_values=cache)
+
+
+def test_beam_search_with_streaming_heads_is_refused():
+    from headplan.errors import HeadplanError
+
+    lm = tiny("llama")
+    RT.apply(lm.model, mixed_plan(lm))
+    with pytest.raises(HeadplanError, match="beam search"):
+        lm.model.generate(ids(20), max_new_tokens=3, num_beams=2, pad_token_id=0)

@@ -17,7 +17,15 @@ import yaml
 
 from ..errors import HeadplanError
 
-TASKS = ("lm", "passkey", "kv_retrieval")
+TASKS = ("lm", "passkey", "kv_retrieval", "needle")
+ANSWER_TASKS = ("passkey", "kv_retrieval", "needle")
+ANSWER_SOURCES = ("reference", "model")
+
+NEEDLE_PLACES = ("Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Dakar", "Cusco", "Bergen", "Hanoi",
+                 "Tucson", "Porto", "Krakow", "Accra", "Leeds", "Perth")
+NEEDLE_THINGS = ("eat a sandwich in the park", "ride the old tram", "swim at dawn", "read in the library",
+                 "watch the ships", "climb the clock tower", "buy blue pottery", "listen to the choir",
+                 "walk along the river", "visit the glass museum", "fly a red kite", "play chess by the fountain")
 
 
 @dataclass(frozen=True)
@@ -165,11 +173,30 @@ def make_sample(hay: Haystack, task: str, length: int, rng: random.Random, opts:
         ids = head + _insert(hay.filler(rng, length - fixed), [(rng.random(), table)]) + tail
         ans = kv[target][1]
         return Sample("kv_retrieval", tuple(ids), ans, tuple(hay.encode(ans)), meta={"task": "kv_retrieval"})
+    if task == "needle":
+        # a one-sentence fact hidden in the text, and a question about it (needle in a haystack)
+        place = rng.choice(NEEDLE_PLACES)
+        thing = rng.choice(NEEDLE_THINGS)
+        depth = rng.choice(list(opts.get("depths", [0.5])))
+        needle = hay.encode(f" The best thing to do in {place} is to {thing}. ")
+        head, tail = hay.wrap("A fact is hidden somewhere in the text below. Read it carefully.",
+                              f"What is the best thing to do in {place}?", f"The best thing to do in {place} is to ")
+        fixed = len(head) + len(tail) + len(needle)
+        if fixed + 16 > length:
+            raise HeadplanError(f"length {length} is too short for a needle sample (needs > {fixed + 16} tokens)")
+        ids = head + _insert(hay.filler(rng, length - fixed), [(depth, needle)]) + tail
+        return Sample("needle", tuple(ids), thing, tuple(hay.encode(thing)),
+                      meta={"task": "needle", "depth": depth, "place": place})
     raise HeadplanError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
 
-def mixture_samples(hay: Haystack, spec: dict, length: int, n: int | None = None) -> list[Sample]:
-    """Seeded samples of exactly ``length`` tokens following a task mixture spec."""
+def mixture_samples(hay: Haystack, spec: dict, length: int, n: int | None = None, reserve: int = 0) -> list[Sample]:
+    """Seeded samples of exactly ``length`` tokens following a task mixture spec.
+
+    With ``reserve`` > 0, samples of the answer tasks (passkey, kv_retrieval, needle) are cut
+    ``reserve`` tokens shorter, leaving room for an answer appended after the prompt (profiling with
+    a loss on answer tokens). Every sample's ``meta`` records how it was made (task, options, seed).
+    """
     tasks = spec.get("tasks") or []
     if not tasks:
         raise HeadplanError("data spec has no tasks")
@@ -188,6 +215,33 @@ def mixture_samples(hay: Haystack, spec: dict, length: int, n: int | None = None
     out = []
     for t, c in zip(tasks, counts):
         for i in range(c):
-            rng = random.Random(f"{seed}:{length}:{t['task']}:{i}")
-            out.append(make_sample(hay, t["task"], length, rng, t))
+            key = f"{seed}:{length}:{t['task']}:{i}"
+            rng = random.Random(key)
+            cut = reserve if t["task"] in ANSWER_TASKS else 0
+            s = make_sample(hay, t["task"], length - cut, rng, t)
+            s.meta.update({"rng": key, "length": length, "options": {k: v for k, v in t.items() if k != "share"}})
+            out.append(s)
     return out
+
+
+def answer_options(spec: dict) -> tuple[str, int, float]:
+    """(answers source, answer tokens reserved, lm loss tail share) from a mixture spec.
+
+    ``answers: model`` makes the dense model write the answers the loss is taken on (MoA);
+    ``answers: reference`` (default) uses the true answers. ``answer_tokens`` (default 8) is the
+    room left for an answer; ``lm_tail`` (default 0.125) the share of an lm sample's tokens, at its
+    end, that the loss is taken on.
+    """
+    src = str(spec.get("answers", "reference"))
+    if src not in ANSWER_SOURCES:
+        raise HeadplanError(f"data spec: answers must be one of {', '.join(ANSWER_SOURCES)}, got {src!r}")
+    try:
+        r = int(spec.get("answer_tokens", 8))
+        tail = float(spec.get("lm_tail", 0.125))
+    except (TypeError, ValueError):
+        raise HeadplanError("data spec: answer_tokens must be an integer and lm_tail a number") from None
+    if not 1 <= r <= 256:
+        raise HeadplanError(f"data spec: answer_tokens must be in [1, 256], got {r}")
+    if not 0.0 < tail <= 0.9:
+        raise HeadplanError(f"data spec: lm_tail must be in (0, 0.9], got {tail}")
+    return src, r, tail

@@ -14,7 +14,7 @@ from .attention import NAME, LayerRuntime, headplan_attention
 from .cache import HeadplanCache, HeadplanLayer
 
 __all__ = ["apply", "dense", "compile_tables", "HeadplanCache", "HeadplanLayer", "save_patched", "load_patched",
-           "register", "new_cache", "kv_report"]
+           "register", "new_cache", "kv_report", "prefill_chunked"]
 
 _REGISTERED = False
 
@@ -55,11 +55,14 @@ def check_plan_fits(model, plan: Plan) -> None:
             f"fingerprint {ident.fingerprint})")
 
 
-def new_cache(model, max_length: int | None = None) -> HeadplanCache:
+def new_cache(model, max_length: int | None = None, grow: bool = True) -> HeadplanCache:
+    """A per-head cache for ``model`` (after apply), preallocated for ``max_length`` tokens.
+
+    With ``grow=False`` a longer sequence raises a clear error instead of reallocating."""
     plan: Plan = model._headplan_plan
     if max_length is None:
         max_length = plan.model.max_positions
-    return HeadplanCache(model._headplan_tables, int(max_length))
+    return HeadplanCache(model._headplan_tables, int(max_length), grow)
 
 
 def _generate(orig, model, *args, **kwargs):
@@ -71,16 +74,39 @@ def _generate(orig, model, *args, **kwargs):
         if new is None:
             gc = kwargs.get("generation_config") or model.generation_config
             new = getattr(gc, "max_new_tokens", None) or max(0, (gc.max_length or 0) - n)
-        if kwargs.get("num_beams", 1) and int(kwargs.get("num_beams", 1)) > 1 and any(
-                any(layer.ring) for layer in new_cache(model, 1).layers):
+        if int(kwargs.get("num_beams", 1) or 1) > 1 and any(
+                bool((t[:, P.C_KIND] == P.STREAMING).any()) for t in model._headplan_tables):
             raise HeadplanError("beam search is not supported with streaming heads (evicted tokens cannot be "
                                 "re-ordered back); use greedy or sampling")
-        kwargs["past_key_values"] = new_cache(model, n + int(new) + 1)
+        cache = new_cache(model, n + int(new) + 1)
+        kwargs["past_key_values"] = cache
+        chunk = getattr(model, "_headplan_prefill_chunk", None)
+        if chunk and ids is not None and n > chunk:
+            prefill_chunked(model, ids, cache, chunk, kwargs.get("attention_mask"), upto=n - 1)
     return orig(*args, **kwargs)
 
 
-def apply(model, plan: Plan | str | Path, check: bool = True):
+@torch.no_grad()
+def prefill_chunked(model, ids: torch.Tensor, cache: HeadplanCache, chunk: int, attention_mask=None,
+                    upto: int | None = None):
+    """Run the prompt through the cache ``chunk`` tokens at a time (streaming heads never hold more
+    than their budget, so peak memory follows the plan). Returns the last chunk's logits.
+
+    ``upto`` stops early (generate() then processes the remaining tokens itself)."""
+    end = ids.shape[1] if upto is None else upto
+    out = None
+    for s in range(0, end, chunk):
+        e = min(end, s + chunk)
+        am = attention_mask[:, :e] if attention_mask is not None else None
+        out = model(ids[:, s:e], attention_mask=am, past_key_values=cache, use_cache=True).logits
+    return out
+
+
+def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int | None = None):
     """Patch ``model`` in place so its attention runs ``plan``; returns the model.
+
+    ``prefill_chunk``: generate() feeds prompts longer than this through the per-head cache in chunks
+    of this many tokens, so peak KV memory follows the plan rather than the prompt length.
 
     Dense attention is one call away: ``headplan.runtime.dense(model)`` (a context manager).
     """
@@ -97,6 +123,9 @@ def apply(model, plan: Plan | str | Path, check: bool = True):
         m._headplan = LayerRuntime(t, plan.block_size)
     model._headplan_plan = plan
     model._headplan_tables = tables
+    if prefill_chunk is not None and int(prefill_chunk) < 1:
+        raise HeadplanError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    model._headplan_prefill_chunk = int(prefill_chunk) if prefill_chunk else None
     if not hasattr(model, "_headplan_orig_generate"):
         model._headplan_orig_generate = model.generate
         model.generate = functools.partial(_generate, model._headplan_orig_generate, model)

@@ -14,8 +14,11 @@ class LayerRuntime:
     """What one attention module needs at run time: its head table (cached per device)."""
 
     def __init__(self, table: torch.Tensor, block: int):
+        from ..kernels import patterns as P
+
         self.table = table.cpu()
         self.block = block
+        self.all_full = bool((self.table[:, P.C_KIND] == P.FULL).all())
         self._on: dict = {}
 
     def table_on(self, device) -> torch.Tensor:
@@ -72,7 +75,11 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
         kpos = _positions(valid)
         qpos = kpos[:, Lk - Lq:]
         pad = _left_pad(valid) if Lq == Lk else None
-        if Lq == Lk and pad is not None:
+        if Lq == Lk and pad is not None and not bool(pad.any()) and rt.all_full:
+            # every head full and no padding: dense causal SDPA is the same computation, and faster
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                                                   enable_gqa=Hq != key.shape[1])
+        elif Lq == Lk and pad is not None:
             out = backend.prefill(query, key, value, table, scale, pad=pad if bool(pad.any()) else None,
                                   block=rt.block)
         else:

@@ -29,8 +29,9 @@ class HeadplanLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, table: torch.Tensor, max_length: int):
+    def __init__(self, table: torch.Tensor, max_length: int, grow: bool = True):
         super().__init__()
+        self.grow = grow
         self.table = table.cpu()  # (Hkv, NCOLS) int32
         self.max_length = int(max_length)
         self.seen = 0  # slots processed (padding included): what transformers calls the cache length
@@ -88,10 +89,11 @@ class HeadplanLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, _, _, D = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.k_buf = torch.zeros(B, self.total, D, dtype=key_states.dtype, device=key_states.device)
-        self.v_buf = torch.zeros(B, self.total, value_states.shape[-1], dtype=value_states.dtype,
+        # one extra "trash" slot at the end (never inside a head's region) takes writes of skip heads
+        self.k_buf = torch.zeros(B, self.total + 1, D, dtype=key_states.dtype, device=key_states.device)
+        self.v_buf = torch.zeros(B, self.total + 1, value_states.shape[-1], dtype=value_states.dtype,
                                  device=value_states.device)
-        self.slot_pos = torch.full((B, self.total), -1, dtype=torch.int32, device=key_states.device)
+        self.slot_pos = torch.full((B, self.total + 1), -1, dtype=torch.int32, device=key_states.device)
         self.n_logical = torch.zeros(B, dtype=torch.int64, device=key_states.device)
         self.is_initialized = True
 
@@ -100,9 +102,9 @@ class HeadplanLayer(CacheLayerMixin):
         old = (self.k_buf, self.v_buf, self.slot_pos, list(self.off), list(self.cap))
         self._layout(new_len)
         B = old[0].shape[0]
-        k_buf = old[0].new_zeros(B, self.total, old[0].shape[-1])
-        v_buf = old[1].new_zeros(B, self.total, old[1].shape[-1])
-        slot_pos = old[2].new_full((B, self.total), -1)
+        k_buf = old[0].new_zeros(B, self.total + 1, old[0].shape[-1])
+        v_buf = old[1].new_zeros(B, self.total + 1, old[1].shape[-1])
+        slot_pos = old[2].new_full((B, self.total + 1), -1)
         self.k_buf, self.v_buf, self.slot_pos = k_buf, v_buf, slot_pos
         for h in range(len(self.cap)):
             o, c = old[3][h], old[4][h]
@@ -135,14 +137,36 @@ class HeadplanLayer(CacheLayerMixin):
 
     def commit(self, key_states: torch.Tensor, value_states: torch.Tensor, pos: torch.Tensor) -> None:
         """Store new tokens. key/value (B, Hkv, n, D); pos (B, n) logical positions, -1 = padding."""
+        if pos.shape[1] == 1 and self.seen <= self.layout_len:
+            return self._commit_one(key_states, value_states, pos)
         valid = pos >= 0
         need = int(pos.max()) + 1 if valid.any() else 0
         if need > self.layout_len:
+            if not self.grow:
+                raise ValueError(f"headplan cache was sized for {self.layout_len} tokens, the sequence needs {need}; "
+                                 "make it with a larger max_length (or grow=True)")
             self._grow(need)
         for h in range(len(self.cap)):
             if self.cap[h]:
                 self._scatter(h, pos, key_states[:, h], value_states[:, h], valid)
         self.n_logical = self.n_logical + valid.sum(dim=1)
+
+    def _commit_one(self, key_states, value_states, pos):
+        """Decode step: one token per row, all heads in one vectorised write (no host sync)."""
+        dev = key_states.device
+        off = self.head_off(dev).long()[None, :]
+        cap = self.head_cap(dev).long()[None, :]
+        ring = self._dev_tensor("ring", dev).long()[None, :]
+        sink = self.table[:, P.C_SINK].to(dev).long()[None, :]
+        p = pos.long()  # (B, 1)
+        rel = torch.where((ring > 0) & (p >= sink), sink + torch.remainder(p - sink, ring.clamp(min=1)), p)
+        ok = (p >= 0) & (cap > 0) & (rel < cap)
+        slot = torch.where(ok, off + rel, torch.full_like(rel, self.total))  # (B, Hkv); trash slot otherwise
+        b = torch.arange(slot.shape[0], device=dev)[:, None].expand_as(slot)
+        self.k_buf[b, slot] = key_states[:, :, 0].to(self.k_buf.dtype)
+        self.v_buf[b, slot] = value_states[:, :, 0].to(self.v_buf.dtype)
+        self.slot_pos[b, slot] = torch.where(ok, p.expand_as(slot), torch.full_like(slot, -1)).to(torch.int32)
+        self.n_logical = self.n_logical + (pos[:, 0] >= 0)
 
     # -- reading -------------------------------------------------------------------------------
     def head_view(self, h: int):
@@ -153,6 +177,14 @@ class HeadplanLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.k_buf.shape[0]:
+            raise ValueError(f"headplan cache was sized for batch {self.k_buf.shape[0]}, got batch "
+                             f"{key_states.shape[0]}; make a new cache (headplan.new_cache) for this batch")
+        elif key_states.dtype != self.k_buf.dtype or key_states.device != self.k_buf.device:
+            raise ValueError(f"headplan cache holds {self.k_buf.dtype} on {self.k_buf.device}, got "
+                             f"{key_states.dtype} on {key_states.device}")
+        if key_states.shape[1] != len(self.cap):
+            raise ValueError(f"headplan cache layer has {len(self.cap)} KV heads, got {key_states.shape[1]}")
         PENDING[id(key_states)] = self
         self.seen += key_states.shape[-2]
         return key_states, value_states
@@ -212,8 +244,8 @@ class HeadplanLayer(CacheLayerMixin):
 class HeadplanCache(Cache):
     """One HeadplanLayer per decoder layer, built from the compiled plan's head tables."""
 
-    def __init__(self, tables: list[torch.Tensor], max_length: int):
-        super().__init__(layers=[HeadplanLayer(t, max_length) for t in tables])
+    def __init__(self, tables: list[torch.Tensor], max_length: int, grow: bool = True):
+        super().__init__(layers=[HeadplanLayer(t, max_length, grow) for t in tables])
 
     def kv_bytes(self) -> int:
         return sum(layer.kv_bytes() for layer in self.layers)
