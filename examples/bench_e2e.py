@@ -78,39 +78,72 @@ MIXED = [
 
 @torch.no_grad()
 def section_correct(res):
+    """Triton vs reference backends inside the model, for static / dynamic plans, with and without padding."""
     import headplan
 
-    m = _llama(4, 1024, 32, 8, 2048, 1000, 8192)
-    plan = _plan(m, lambda li, h: MIXED[(h + li) % 8])
-    headplan.apply(m, plan)
+    m = _llama(4, 4096, 32, 8, 4096, 1000, 8192)  # head_dim 128: the Triton paths run
+    static = [MIXED[i] for i in (0, 1, 2, 3, 6, 7)]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (2, 1000), generator=g).cuda()
-    mask = torch.ones_like(ids)
-    mask[1, :137] = 0
     out = {}
-    for backend in ("triton", "reference"):
-        os.environ["HEADPLAN_BACKEND"] = "auto" if backend == "triton" else "reference"
-        logits = m(ids, attention_mask=mask).logits.float()
-        gen = m.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
-                         output_logits=True, return_dict_in_generate=True)
-        out[backend] = (logits, torch.stack(gen.logits, 1).float(), gen.sequences)
-    os.environ["HEADPLAN_BACKEND"] = "auto"
-    lt, st, qt = out["triton"]
-    lr, sr, qr = out["reference"]
-    valid = mask.bool()
-    scale = lr[valid].abs().max().item()
-    first = (qt[:, 1000:] != qr[:, 1000:]).float().argmax(1)
-    same = (qt == qr).all(1)
-    r = {"prefill_max_abs_diff": (lt - lr)[valid].abs().max().item(), "logit_scale": scale,
-         "decode_step1_max_abs_diff": (st[:, 0] - sr[:, 0]).abs().max().item(),
-         "greedy_tokens_identical": same.tolist(),
-         "first_divergence": [None if s else int(f) for s, f in zip(same.tolist(), first.tolist())]}
-    # decode logits compared while the sequences agree
-    upto = min([40] + [int(f) for s, f in zip(same.tolist(), first.tolist()) if not s])
-    if upto > 0:
-        r["decode_max_abs_diff_while_identical"] = (st[:, :upto] - sr[:, :upto]).abs().max().item()
-    res["correct"] = r
-    print("correct:", json.dumps(r))
+    for pname, pool in (("static", static), ("mixed", MIXED), ("all_full", [{"kind": "full"}])):
+        headplan.apply(m, _plan(m, lambda li, h: pool[(h + li) % len(pool)]))
+        for padded in (False, True):
+            mask = torch.ones_like(ids)
+            if padded:
+                mask[1, :137] = 0
+            got = {}
+            for backend in ("auto", "reference"):
+                os.environ["HEADPLAN_BACKEND"] = backend
+                logits = m(ids, attention_mask=mask).logits.float()
+                gen = m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+                got[backend] = (logits, gen.logits[0].float(), gen.sequences)
+            os.environ["HEADPLAN_BACKEND"] = "auto"
+            valid = mask.bool()
+            lt, lr = got["auto"][0], got["reference"][0]
+            r = {"prefill_max_abs_diff": (lt - lr)[valid].abs().max().item(),
+                 "prefill_mean_abs_diff": (lt - lr)[valid].abs().mean().item(),
+                 "logit_absmax": lr[valid].abs().max().item(),
+                 "decode_step1_max_abs_diff": (got["auto"][1] - got["reference"][1]).abs().max().item(),
+                 "tokens_identical": bool(torch.equal(got["auto"][2], got["reference"][2]))}
+            out[f"{pname}{'_padded' if padded else ''}"] = r
+            print("correct:", pname, padded, json.dumps(r))
+    res["correct"] = out
+
+
+@torch.no_grad()
+def section_cpuprof(res, N=32768, B=8):
+    """cProfile of decode steps (Python time) for the all-full and kv25 plans."""
+    import cProfile
+    import io
+    import pstats
+
+    import headplan
+
+    m = _llama(32, 4096, 32, 8, 14336, 128256)
+    ids = torch.randint(0, 1000, (B, 1), device="cuda")
+    w = N // 7 - 128
+    for name, fn in (("all_full", lambda li, h: {"kind": "full"}),
+                     ("kv25", lambda li, h: {"kind": "full"} if h < 1 else {"kind": "streaming", "sink": 128,
+                                                                          "alpha": w})):
+        headplan.apply(m, _plan(m, fn))
+        cache = headplan.new_cache(m, N + 16)
+        _fill_headplan_cache(m, cache, B, N, torch.bfloat16)
+        m(ids, past_key_values=cache, logits_to_keep=1)
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(4):
+            m(ids, past_key_values=cache, logits_to_keep=1)
+        torch.cuda.synchronize()
+        pr.disable()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
+        print(f"== {name} ==")
+        print("\n".join(line[:150] for line in s.getvalue().splitlines()[:40]))
+        del cache
+    res["cpuprof"] = "printed"
 
 
 @torch.no_grad()
@@ -174,18 +207,24 @@ def _fill_dense_cache(m, B, N, dtype):
 
 @torch.no_grad()
 def section_decode(res, N=32768, B=8, steps=16):
+    import contextlib
+
     import headplan
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     m = _llama(32, 4096, 32, 8, 14336, 128256)
     rows = []
     w = N // 7 - 128
     plans = {
-        "dense_sdpa": None,
-        "kv50": lambda li, h: {"kind": "full"} if h < 2 else {"kind": "streaming", "sink": 128, "alpha": N // 3 - 128},
-        "kv25": lambda li, h: {"kind": "full"} if h < 1 else {"kind": "streaming", "sink": 128, "alpha": w},
+        "dense_sdpa_default": ("dense", None),
+        "dense_sdpa_flash": ("flash", None),
+        "all_full_headplan": ("plan", lambda li, h: {"kind": "full"}),
+        "kv50": ("plan", lambda li, h: {"kind": "full"} if h < 2 else {"kind": "streaming", "sink": 128,
+                                                                        "alpha": N // 3 - 128}),
+        "kv25": ("plan", lambda li, h: {"kind": "full"} if h < 1 else {"kind": "streaming", "sink": 128, "alpha": w}),
     }
     ids = torch.randint(0, 1000, (B, 1), device="cuda")
-    for name, fn in plans.items():
+    for name, (mode, fn) in plans.items():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         if fn is None:
@@ -193,14 +232,15 @@ def section_decode(res, N=32768, B=8, steps=16):
             cache = _fill_dense_cache(m, B, N, torch.bfloat16)
             kv_bytes = sum(layer.keys.numel() * 2 * 2 for layer in cache.layers)
         else:
-            plan = _plan(m, fn)
-            headplan.apply(m, plan)
+            headplan.apply(m, _plan(m, fn))
             cache = headplan.new_cache(m, N + steps + 8)
             _fill_headplan_cache(m, cache, B, N, torch.bfloat16)
             kv_bytes = cache.kv_bytes()
-        # time `steps` single-token forwards through the whole model
+        ctx = (lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)) if mode == "flash" else contextlib.nullcontext
+
         def step():
-            m(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            with ctx():
+                m(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
         step()
         torch.cuda.synchronize()
@@ -215,9 +255,10 @@ def section_decode(res, N=32768, B=8, steps=16):
         print("decode:", json.dumps(row))
         del cache
         m.set_attn_implementation("sdpa")
-    base = rows[0]["ms_per_step"]
-    for r in rows:
-        r["speedup_vs_dense"] = base / r["ms_per_step"]
+    for base_name in ("dense_sdpa_default", "dense_sdpa_flash"):
+        base = next(r["ms_per_step"] for r in rows if r["plan"] == base_name)
+        for r in rows:
+            r[f"speedup_vs_{base_name}"] = base / r["ms_per_step"]
     res["decode"] = rows
     del m
     torch.cuda.empty_cache()
@@ -253,6 +294,40 @@ def section_prefill(res, N=32768):
     res["prefill"] = rows
     del m
     torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def section_profile(res, N=32768, B=8):
+    """torch.profiler over decode steps (dense vs kv25) and one kv25 prefill: where the time goes."""
+    import headplan
+    from torch.profiler import ProfilerActivity, profile
+
+    m = _llama(32, 4096, 32, 8, 14336, 128256)
+    ids = torch.randint(0, 1000, (B, 1), device="cuda")
+    w = N // 7 - 128
+    out = {}
+    for name in ("dense_sdpa", "kv25"):
+        torch.cuda.empty_cache()
+        if name == "dense_sdpa":
+            m.set_attn_implementation("sdpa")
+            cache = _fill_dense_cache(m, B, N, torch.bfloat16)
+        else:
+            headplan.apply(m, _plan(m, lambda li, h: {"kind": "full"} if h < 1 else
+                                    {"kind": "streaming", "sink": 128, "alpha": w}))
+            cache = headplan.new_cache(m, N + 16)
+            _fill_headplan_cache(m, cache, B, N, torch.bfloat16)
+        m(ids, past_key_values=cache, logits_to_keep=1)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                m(ids, past_key_values=cache, logits_to_keep=1)
+            torch.cuda.synchronize()
+        tab = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+        tab2 = prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60)
+        print(f"== {name} decode, by CUDA time ==\n{tab}\n== by CPU time ==\n{tab2}")
+        out[name] = tab
+        del cache
+        m.set_attn_implementation("sdpa")
+    res["profile"] = {"note": "tables printed"}
 
 
 def main():

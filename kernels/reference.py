@@ -126,3 +126,29 @@ def decode_ref(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale
         oo = torch.einsum("bgc,bcd->bgd", p, v_buf[:, o:o + c].float()) / torch.where(den > 0, den, torch.ones_like(den))
         out[:, h * G:(h + 1) * G] = oo.to(q.dtype)
     return out
+
+
+def commit_decode_ref(k, v, k_buf, v_buf, slot_pos, n_logical, valid, head_off, head_cap, head_ring, head_sink):
+    """Write one new token per sequence into the packed per-head cache (the commit kernel's oracle).
+
+    k, v: (B, Hkv, D) new keys/values. n_logical: (B,) tokens already stored (= the new token's logical
+    position). valid: (B,) bool or None (None = all real). head_off/cap/ring/sink: (Hkv,) int tensors.
+    A streaming head (ring > 0) stores position p >= sink at slot sink + (p - sink) % ring of its region;
+    other heads at slot p; skip heads (cap 0) store nothing. Returns valid_len (B, Hkv) int32: slots in
+    use after the write (ring heads: their whole capacity). Buffers are updated in place.
+    """
+    B, H, D = k.shape
+    dev = k.device
+    p = n_logical.long().view(B, 1)
+    off, cap = head_off.long().view(1, H), head_cap.long().view(1, H)
+    ring, sink = head_ring.long().view(1, H), head_sink.long().view(1, H)
+    ok_row = torch.ones(B, 1, dtype=torch.bool, device=dev) if valid is None else valid.view(B, 1).bool()
+    rel = torch.where((ring > 0) & (p >= sink), sink + torch.remainder(p - sink, ring.clamp(min=1)), p)
+    ok = ok_row & (cap > 0) & (rel < cap)
+    b_idx, h_idx = ok.nonzero(as_tuple=True)
+    slot = (off + rel)[b_idx, h_idx]
+    k_buf[b_idx, slot] = k[b_idx, h_idx].to(k_buf.dtype)
+    v_buf[b_idx, slot] = v[b_idx, h_idx].to(v_buf.dtype)
+    slot_pos[b_idx, slot] = p.expand(B, H)[b_idx, h_idx].to(slot_pos.dtype)
+    n_after = p + ok_row.long()
+    return torch.where(ring > 0, cap, torch.minimum(n_after, cap)).to(torch.int32)

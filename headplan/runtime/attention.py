@@ -87,14 +87,16 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
         if layer is not None:
             layer.commit(key, value, kpos)
     else:
-        valid = _valid_keys(attention_mask, B, Lq, query.device)
-        qpos = _positions(valid, layer.n_logical)
         if Lq == 1:
-            layer.commit(key, value, qpos)
+            valid1 = None if attention_mask is None else _valid_keys(attention_mask, B, 1, query.device)[:, 0]
+            qpos1 = layer.n_logical  # the new token's position (commit_one replaces, not mutates, it)
+            vlen = layer.commit_one(key[:, :, 0], value[:, :, 0], valid1)
             out = backend.decode(query[:, :, 0], layer.k_buf, layer.v_buf, layer.slot_pos,
-                                 layer.head_off(query.device), layer.head_cap(query.device), qpos[:, 0],
-                                 table, scale, valid_len=layer.valid_len(), max_cap=max(layer.cap))[:, :, None]
+                                 layer.head_off(query.device), layer.head_cap(query.device), qpos1,
+                                 table, scale, valid_len=vlen, max_cap=max(layer.cap))[:, :, None]
         else:
+            valid = _valid_keys(attention_mask, B, Lq, query.device)
+            qpos = _positions(valid, layer.n_logical)
             out = _chunk(layer, query, key, value, qpos, table, scale, rt.block)
             layer.commit(key, value, qpos)
     return out.transpose(1, 2).contiguous(), None

@@ -56,6 +56,7 @@ class HeadplanLayer(CacheLayerMixin):
         return max_len, 0
 
     def _layout(self, max_len: int):
+        self.sink = [int(x) for x in self.table[:, P.C_SINK].tolist()]
         caps, rings = zip(*[self._cap(h, max_len) for h in range(self.table.shape[0])]) if len(self.table) else ((), ())
         self.cap = list(caps)
         self.ring = list(rings)
@@ -137,8 +138,6 @@ class HeadplanLayer(CacheLayerMixin):
 
     def commit(self, key_states: torch.Tensor, value_states: torch.Tensor, pos: torch.Tensor) -> None:
         """Store new tokens. key/value (B, Hkv, n, D); pos (B, n) logical positions, -1 = padding."""
-        if pos.shape[1] == 1 and self.seen <= self.layout_len:
-            return self._commit_one(key_states, value_states, pos)
         valid = pos >= 0
         need = int(pos.max()) + 1 if valid.any() else 0
         if need > self.layout_len:
@@ -151,22 +150,30 @@ class HeadplanLayer(CacheLayerMixin):
                 self._scatter(h, pos, key_states[:, h], value_states[:, h], valid)
         self.n_logical = self.n_logical + valid.sum(dim=1)
 
-    def _commit_one(self, key_states, value_states, pos):
-        """Decode step: one token per row, all heads in one vectorised write (no host sync)."""
-        dev = key_states.device
-        off = self.head_off(dev).long()[None, :]
-        cap = self.head_cap(dev).long()[None, :]
-        ring = self._dev_tensor("ring", dev).long()[None, :]
-        sink = self.table[:, P.C_SINK].to(dev).long()[None, :]
-        p = pos.long()  # (B, 1)
-        rel = torch.where((ring > 0) & (p >= sink), sink + torch.remainder(p - sink, ring.clamp(min=1)), p)
-        ok = (p >= 0) & (cap > 0) & (rel < cap)
-        slot = torch.where(ok, off + rel, torch.full_like(rel, self.total))  # (B, Hkv); trash slot otherwise
-        b = torch.arange(slot.shape[0], device=dev)[:, None].expand_as(slot)
-        self.k_buf[b, slot] = key_states[:, :, 0].to(self.k_buf.dtype)
-        self.v_buf[b, slot] = value_states[:, :, 0].to(self.v_buf.dtype)
-        self.slot_pos[b, slot] = torch.where(ok, p.expand_as(slot), torch.full_like(slot, -1)).to(torch.int32)
-        self.n_logical = self.n_logical + (pos[:, 0] >= 0)
+    def commit_one(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Decode step: store one token per row (k, v (B, Hkv, D)) at position n_logical, for every head
+        in one write (a Triton kernel on CUDA). ``valid`` (B,) marks real tokens (None = all).
+        Returns valid_len (B, Hkv): slots in use per head region."""
+        import os
+
+        from ..kernels import reference as R
+
+        if self.seen > self.layout_len:
+            if not self.grow:
+                raise ValueError(f"headplan cache was sized for {self.layout_len} tokens, the sequence needs "
+                                 f"{self.seen}; make it with a larger max_length (or grow=True)")
+            self._grow(self.seen)
+        dev = k.device
+        args = (self.k_buf, self.v_buf, self.slot_pos, self.n_logical, valid, self.head_off(dev),
+                self.head_cap(dev), self._dev_tensor("ring", dev), self._dev_tensor("sink", dev))
+        if k.is_cuda and os.environ.get("HEADPLAN_BACKEND", "auto") != "reference":
+            from ..kernels.cache_ops import commit_decode
+
+            vlen = commit_decode(k, v, *args)
+        else:
+            vlen = R.commit_decode_ref(k, v, *args)
+        self.n_logical = self.n_logical + (1 if valid is None else valid.long())
+        return vlen
 
     # -- reading -------------------------------------------------------------------------------
     def head_view(self, h: int):
