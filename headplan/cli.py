@@ -181,6 +181,10 @@ def _eval_table(res: dict):
         t.add_row(f"{r['task']} accuracy", str(r["length"]), f"{r['acc_dense']:.2f}", f"{r['acc_plan']:.2f}")
     for r in res["budget"]:
         t.add_row("density / KV kept", str(r["length"]), "1.000 / 1.000", f"{r['density']:.3f} / {r['kv_share']:.3f}")
+    for r in res.get("kv_cache_measured", []):
+        if r.get("kv_bytes_dense") and r.get("kv_bytes_plan") is not None:
+            t.add_row("KV cache held (MB, measured)", str(r["length"]), f"{r['kv_bytes_dense'] / 1e6:.1f}",
+                      f"{r['kv_bytes_plan'] / 1e6:.1f}")
     return t
 
 

@@ -31,9 +31,24 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, use_cache=False).logits[0].float()
 
 
-def _generate(model, ids: torch.Tensor, n_new: int, eos) -> list[int]:
+def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None) -> list[int]:
+    """Greedy continuation; records the KV bytes the cache really holds in ``mem`` (dense or plan)."""
+    from transformers import DynamicCache
+
+    from ..runtime import NAME, new_cache
+
+    plan_mode = model.config._attn_implementation == NAME
+    cache = new_cache(model, ids.shape[1] + n_new + 1) if plan_mode else DynamicCache()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
-                         pad_token_id=eos if eos is not None else 0)
+                         pad_token_id=eos if eos is not None else 0, past_key_values=cache)
+    if mem is not None:
+        if plan_mode:
+            b = cache.kv_bytes()
+        else:
+            b = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers
+                    if getattr(layer, "keys", None) is not None)
+        key = "plan" if plan_mode else "dense"
+        mem[key] = max(mem.get(key, 0), b)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -65,6 +80,7 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
     pk_depths = list(pk_spec.get("depths", [0.5]))
     jobs = len(ppl_spec.get("lengths", [])) * n_ppl + len(pk_spec.get("lengths", [])) * len(pk_depths) \
         + len(kvr_spec.get("lengths", [])) * int(kvr_spec.get("samples", 3))
+    memory: dict = {}
     with rep.task("evaluating", jobs) as advance:
         for n in ppl_spec.get("lengths", []):
             n = int(n)
@@ -103,9 +119,20 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                     s = make_sample(hay, task, n, random.Random(f"{seed}:{task}:{n}:{i}"), opts)
                     ids = torch.tensor([s.input_ids], device=dev)
                     k = len(s.answer_ids) + 2
+                    mem: dict = {}
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
                     with dense(model):
-                        gd = lm.tokenizer.decode(_generate(model, ids, k, eos), skip_special_tokens=True)
-                    gp = lm.tokenizer.decode(_generate(model, ids, k, eos), skip_special_tokens=True)
+                        gd = lm.tokenizer.decode(_generate(model, ids, k, eos, mem), skip_special_tokens=True)
+                    if dev.type == "cuda":
+                        mem["peak_dense"] = torch.cuda.max_memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                    gp = lm.tokenizer.decode(_generate(model, ids, k, eos, mem), skip_special_tokens=True)
+                    if dev.type == "cuda":
+                        mem["peak_plan"] = torch.cuda.max_memory_allocated()
+                    memory.setdefault(n, {})
+                    for key, val in mem.items():
+                        memory[n][key] = max(memory[n].get(key, 0), val)
                     ok_d += s.answer in gd
                     ok_p += s.answer in gp
                     cases.append({"depth": s.meta.get("depth"), "answer": s.answer, "dense": gd.strip(),
@@ -115,10 +142,15 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                                              "acc_dense": ok_d / len(variants), "acc_plan": ok_p / len(variants),
                                              "cases": cases})
 
+    results["kv_cache_measured"] = [
+        {"length": n, "kv_bytes_dense": m.get("dense"), "kv_bytes_plan": m.get("plan"),
+         **({"peak_bytes_dense": m["peak_dense"], "peak_bytes_plan": m["peak_plan"]} if "peak_plan" in m else {})}
+        for n, m in sorted(memory.items())]
     lengths = sorted({r["length"] for r in results["perplexity"] + results["retrieval"]})
     for n in lengths:
         d, k = _plan_budget(plan, n)
         kvr = kv_report(plan, n)
         results["budget"].append({"length": n, "density": d, "kv_share": k, "kv_bytes_dense_bf16": kvr["dense_bytes"],
-                                  "kv_bytes_plan_bf16": kvr["plan_bytes"]})
+                                  "kv_bytes_plan_bf16": kvr["plan_bytes"],
+                                  "kv_bytes_per_layer_bf16": [(x["dense_bytes"], x["plan_bytes"]) for x in kvr["layers"]]})
     return results

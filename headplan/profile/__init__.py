@@ -552,7 +552,10 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
                         hook = model.get_input_embeddings().register_forward_hook(
                             lambda m, i, o: o.requires_grad_(True))
                         if ckpt:
-                            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                            if hasattr(model, "activation_checkpointing_enable"):
+                                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                            else:
+                                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                             model.train()
                     nll = _run_one(model, seq, stats, grad, dev)
                     for s in signals:
@@ -571,7 +574,7 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
             for name, prm in model.named_parameters():
                 prm.requires_grad_(saved_grad.get(name, prm.requires_grad))
             if ckpt:
-                model.gradient_checkpointing_disable()
+                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             model.train(was_training)
         model.set_attn_implementation(prev)
 

@@ -102,9 +102,13 @@ def prefill_chunked(model, ids: torch.Tensor, cache: HeadplanCache, chunk: int, 
     return out
 
 
-def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int | None = None):
+def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int | None = None,
+          dense_below: int | None = None):
     """Patch ``model`` in place so its attention runs ``plan``; returns the model.
 
+    ``dense_below``: on CUDA, unpadded prompts shorter than this many tokens run dense SDPA instead of
+    the plan (measured on an H100: static plans beat dense cuDNN from ~4K tokens; plans with dynamic
+    heads pay ~4 ms of index building per layer call, see BENCHMARKS.md). Default: always the plan.
     ``prefill_chunk``: generate() feeds prompts longer than this through the per-head cache in chunks
     of this many tokens, so peak KV memory follows the plan rather than the prompt length.
 
@@ -121,6 +125,7 @@ def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int
         raise PlanError(f"plan has {len(tables)} layers but the model has {len(mods)} attention modules")
     for m, t in zip(mods, tables):
         m._headplan = LayerRuntime(t, plan.block_size)
+        m._headplan.dense_below = int(dense_below or 0)
     model._headplan_plan = plan
     model._headplan_tables = tables
     if prefill_chunk is not None and int(prefill_chunk) < 1:

@@ -19,6 +19,7 @@ class LayerRuntime:
         self.table = table.cpu()
         self.block = block
         self.all_full = bool((self.table[:, P.C_KIND] == P.FULL).all())
+        self.dense_below = 0  # CUDA prompts shorter than this run dense SDPA (opt-in; see README)
         self._on: dict = {}
 
     def table_on(self, device) -> torch.Tensor:
@@ -71,6 +72,15 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
 
     if layer is None or layer.seen == Lk:
         # keys are exactly the sequence so far (no cache, a DynamicCache, or a first prefill)
+        if attention_mask is None and Lq == Lk:  # no padding: no host synchronisation on this path
+            if rt.all_full or (query.is_cuda and Lk < rt.dense_below):
+                out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                                       scale=scale, enable_gqa=Hq != key.shape[1])
+            else:
+                out = backend.prefill(query, key, value, table, scale, pad=None, block=rt.block)
+            if layer is not None:
+                layer.commit_contiguous(key, value)
+            return out.transpose(1, 2).contiguous(), None
         valid = _valid_keys(attention_mask, B, Lk, query.device)
         kpos = _positions(valid)
         qpos = kpos[:, Lk - Lq:]

@@ -150,6 +150,34 @@ class HeadplanLayer(CacheLayerMixin):
                 self._scatter(h, pos, key_states[:, h], value_states[:, h], valid)
         self.n_logical = self.n_logical + valid.sum(dim=1)
 
+    def commit_contiguous(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """First prefill without padding: tokens 0..n-1 of every row. Slice copies, no host sync."""
+        n = key_states.shape[2]
+        if n > self.layout_len:
+            return self.commit(key_states, value_states,
+                               torch.arange(n, device=key_states.device).expand(key_states.shape[0], n))
+        dev = key_states.device
+        for h, (o, c, ring, sink) in enumerate(zip(self.off, self.cap, self.ring, self.sink)):
+            if c == 0:
+                continue
+            if ring == 0:
+                self.k_buf[:, o:o + n] = key_states[:, h]
+                self.v_buf[:, o:o + n] = value_states[:, h]
+                self.slot_pos[:, o:o + n] = torch.arange(n, device=dev, dtype=torch.int32)
+                continue
+            s = min(sink, n)
+            self.k_buf[:, o:o + s] = key_states[:, h, :s]
+            self.v_buf[:, o:o + s] = value_states[:, h, :s]
+            self.slot_pos[:, o:o + s] = torch.arange(s, device=dev, dtype=torch.int32)
+            lo = max(sink, n - ring)
+            if lo < n:
+                p = torch.arange(lo, n, device=dev)
+                slots = o + sink + torch.remainder(p - sink, ring)
+                self.k_buf.index_copy_(1, slots, key_states[:, h, lo:n])
+                self.v_buf.index_copy_(1, slots, value_states[:, h, lo:n])
+                self.slot_pos.index_copy_(1, slots, p.to(torch.int32).expand(self.slot_pos.shape[0], -1).contiguous())
+        self.n_logical = self.n_logical + n
+
     def commit_one(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Decode step: store one token per row (k, v (B, Hkv, D)) at position n_logical, for every head
         in one write (a Triton kernel on CUDA). ``valid`` (B,) marks real tokens (None = all).
