@@ -7,6 +7,7 @@ writes outputs atomically (temporary file + rename).
 from __future__ import annotations
 
 import difflib
+import os
 import json
 import time
 from pathlib import Path
@@ -118,36 +119,135 @@ def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: in
     return ProfileResult(prof, out, heads, plot_path)
 
 
+def load_cost(spec: str | None, head_dim: int, group: int):
+    """A cost table from a YAML path, or 'analytic' for nominal H100 rates (no GPU needed)."""
+    from .costmodel import analytic, load_cost_table
+
+    if spec is None:
+        return None
+    if spec == "analytic":
+        return analytic(head_dim, group)
+    return load_cost_table(spec)
+
+
 def do_search(profile_path: str | Path, out: str | Path, density: float | None = DEFAULT_DENSITY,
-              kv_budget: float | None = None, lengths=None) -> Plan:
+              kv_budget: float | None = None, lengths=None, latency_budget: str | None = None,
+              memory_budget: str | None = None, cost_table: str | None = None,
+              max_patterns_per_layer: int | None = None, validate_lengths=None, pareto_points: int = 0,
+              tune_trials: int = 0, study: str | None = None) -> Plan:
+    """Search a plan; with ``pareto_points`` also writes ``<out>.pareto.csv``/``.png`` beside the plan;
+    with ``tune_trials`` runs Optuna over the global knobs (``study``: sqlite file to resume)."""
     from .profile import load_profile
-    from .search import SearchSettings, profile_ref, search
+    from .search import (SearchSettings, parse_latency, parse_memory, pareto, profile_ref, search, tune,
+                         write_pareto)
 
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
-    if density is None and kv_budget is None:
-        raise HeadplanError("give a budget: --density and/or --kv-budget")
+    lat, mem = parse_latency(latency_budget), parse_memory(memory_budget)
+    if density is None and kv_budget is None and lat is None and mem is None:
+        raise HeadplanError("give a budget: --density, --kv-budget, --latency-budget and/or --memory-budget")
     prof = load_profile(profile_path)
+    m = prof.model
+    cost = load_cost(cost_table or ("analytic" if (lat or mem) else None), m.head_dim,
+                     m.num_query_heads // m.num_kv_heads)
     settings = SearchSettings(density=density, kv_budget=kv_budget,
-                              lengths=tuple(parse_lengths(lengths)) if lengths else None)
-    plan = search(prof, settings, profile_ref(profile_path, out, prof.sha256))
+                              lengths=tuple(parse_lengths(lengths)) if lengths else None,
+                              latency_budget=lat, memory_budget=mem, max_patterns_per_layer=max_patterns_per_layer,
+                              validate_lengths=tuple(parse_lengths(validate_lengths)) if validate_lengths else ())
+    ref = profile_ref(profile_path, out, prof.sha256)
+    if tune_trials:
+        plan, trials = tune(prof, settings, tune_trials, f"sqlite:///{Path(study).resolve()}" if study else None,
+                            cost=cost)
+        plan = search(prof, SearchSettings.from_dict(plan.provenance["search"]), ref, cost)
+        atomic_write(out.with_suffix(".tune.json"), json.dumps(trials, indent=2, sort_keys=True, default=str))
+    else:
+        plan = search(prof, settings, ref, cost)
+    if cost_table:
+        plan.provenance["search"]["cost_table"]["path"] = cost_table if cost_table == "analytic" else \
+            os.path.relpath(Path(cost_table).resolve(), out.resolve().parent)
     save_plan(plan, out)
+    if pareto_points:
+        rows = pareto(prof, SearchSettings.from_dict(plan.provenance["search"]), pareto_points, cost)
+        write_pareto(rows, out.with_suffix(".pareto.csv"), out.with_suffix(".pareto.png"))
     return plan
 
 
-def do_eval(model: str, plan_path: str | Path, out: str | Path | None = None, data: str | None = None,
+def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = None, data: str | None = None,
             texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
-            reporter: Reporter | None = None, lm=None) -> dict:
+            reporter: Reporter | None = None, lm=None, baselines: bool | str | list | None = None,
+            profile: str | Path | None = None, seed: int = 0) -> dict:
+    """Dense vs the plan (and its baselines at the same budget) on held-out samples.
+
+    plan_path: one plan, or a list (several budgets in one run: methods are named ``name@density``).
+    baselines: True (all of streaming, duo, moa, random), a comma-separated string or a list of names;
+    built from ``profile`` (default: the plan's provenance.profile.path, relative to the plan's folder)
+    and saved as ``OUT/baselines/<name>.yaml``. Writes ``OUT/eval.json``.
+    """
     from .data import load_task_file
     from .eval import evaluate
+    from .eval.baselines import BASELINES, build_baselines
     from .models import load_model
 
     rep = reporter or Reporter()
-    plan = load_plan(plan_path)
+    paths = [Path(p) for p in (plan_path if isinstance(plan_path, (list, tuple)) else [plan_path])]
+    if not paths:
+        raise HeadplanError("give a plan: --plan PLAN")
+    plans = [load_plan(p) for p in paths]
     spec = load_task_file(data, "eval")
+    if baselines is True:
+        names = list(BASELINES)
+    elif baselines:
+        names = [x.strip() for x in (baselines.split(",") if isinstance(baselines, str) else baselines) if x.strip()]
+        for x in names:
+            if x not in BASELINES:
+                raise HeadplanError(f"unknown baseline {x!r} (known: {', '.join(BASELINES)})")
+    else:
+        names = []
+    multi = len(plans) > 1
+
+    def label(name, plan):
+        b = plan.budget
+        tag = f"{b.density:g}" if b.density is not None else f"kv{b.kv_budget:g}"
+        return f"{name}@{tag}" if multi else name
+
+    methods, files = {}, {}
+    for path, plan in zip(paths, plans):
+        methods[label("headplan", plan)] = plan
+        files[label("headplan", plan)] = str(path.resolve())
+        if names:
+            from .profile import load_profile
+
+            pp = Path(profile) if profile is not None else None
+            if pp is None:
+                pref = (plan.provenance or {}).get("profile") or {}
+                if "path" not in pref:
+                    raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
+                pp = path.parent / pref["path"]
+            if not pp.is_file():
+                raise HeadplanError(f"profile not found: {pp} (pass --profile)")
+            prof = load_profile(pp)
+            pref = (plan.provenance or {}).get("profile") or {}
+            if pref.get("sha256") and pref["sha256"] != prof.sha256:
+                raise HeadplanError(f"profile {pp} is not the one the plan was made from "
+                                    f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+            for name, bp in build_baselines(prof, plan, names, seed).items():
+                methods[label(name, bp)] = bp
+    if out is not None:
+        for m, bp in methods.items():
+            if m not in files:
+                f = Path(out) / "baselines" / f"{m}.yaml"
+                save_plan(bp, f)
+                files[m] = str(f.resolve())
     if lm is None:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
-    res = evaluate(lm, plan, spec, texts, rep)
-    res["plan"] = str(plan_path)
+    first = next(iter(methods))
+    t0 = time.time()
+    res = evaluate(lm, methods[first], spec, texts, rep, {k: v for k, v in methods.items() if k != first}, first)
+    res["seconds"] = time.time() - t0
+    res["plan"] = str(paths[0])
+    res["eval_spec"] = spec
+    for info in res["methods"]:
+        info["plan_file"] = files.get(info["name"])
+        info["base"] = info["name"].split("@")[0]
     if out is not None:
         atomic_write(Path(out) / "eval.json", json.dumps(res, indent=2, sort_keys=True))
     return res
@@ -227,11 +327,18 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
                             f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
     s = prov.get("search") or {}
     try:
-        settings = SearchSettings(density=s.get("density"), kv_budget=s.get("kv_budget"),
-                                  lengths=tuple(s["lengths"]) if s.get("lengths") else None)
-    except (TypeError, ValueError):
+        settings = SearchSettings.from_dict(s)
+    except (TypeError, ValueError, KeyError):
         raise PlanError(f"{plan_path.name}.provenance.search: malformed search settings") from None
-    new = search(prof, settings, pref or None)
+    cost = None
+    if s.get("cost_table"):
+        ct = s["cost_table"].get("path") or "analytic"
+        m = prof.model
+        cost = load_cost(ct if ct == "analytic" else str(plan_path.parent / ct), m.head_dim,
+                         m.num_query_heads // m.num_kv_heads)
+    new = search(prof, settings, pref or None, cost)
+    if s.get("cost_table", {}).get("path"):
+        new.provenance["search"]["cost_table"]["path"] = s["cost_table"]["path"]
     old_text = plan_path.read_text()
     new_text = new.to_yaml()
     if old_text == new_text:

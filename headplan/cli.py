@@ -61,16 +61,17 @@ def profile(model: str = ModelArg,
             out: Path = typer.Option(Path("profile.safetensors"), "--out", "-o", help="Output .safetensors"),
             lengths: str = typer.Option("2048,4096", help="Comma-separated lengths, e.g. 1024,2048 or 2k,4k"),
             samples: Optional[int] = typer.Option(None, help="Samples per length (default: from the data spec)"),
-            data: Optional[str] = typer.Option(None, help="Calibration mixture YAML (path or name in calibration_data/; "
-                                                          "default: gradient.yaml with --method gradient, else profile.yaml)"),
+            data: Optional[str] = typer.Option(None, help="Calibration mixture YAML (path or name in "
+                                               "calibration_data/; default: gradient.yaml with --method gradient, "
+                                               "else profile.yaml)"),
             text: Optional[list[str]] = TextOpt,
             candidates: str = typer.Option("default", help="Candidate set: default | small"),
             method: str = typer.Option("recall", "--method", help="recall | gradient | mse, or a weighted combination: "
                                                                    "gradient,recall or gradient=0.7,recall=0.3"),
-            resume: Optional[Path] = typer.Option(None, "--resume", help="Directory for per-sample statistics: a killed "
-                                                                         "run started with the same --resume continues"),
-            plot: bool = typer.Option(False, "--plot", help="Write a PNG heat map (layers x KV heads) beside --out and "
-                                                            "print the most retrieval-like heads"),
+            resume: Optional[Path] = typer.Option(None, "--resume", help="Directory for per-sample statistics: a "
+                                                  "killed run started with the same --resume continues"),
+            plot: bool = typer.Option(False, "--plot", help="Write a PNG heat map (layers x KV heads) beside --out "
+                                      "and print the most retrieval-like heads"),
             device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread the model over the "
                                                                                  "available devices (accelerate)"),
             checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
@@ -113,14 +114,70 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
            out: Path = typer.Option(Path("plan.yaml"), "--out", "-o", help="Output plan .yaml"),
            density: Optional[float] = typer.Option(0.25, help="Max average attention density at every length"),
            kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Max average KV share kept"),
-           lengths: Optional[str] = typer.Option(None, help="Subset of profiled lengths to constrain")):
-    """Assign each KV head a pattern: least profiled loss within the budget (exact)."""
+           lengths: Optional[str] = typer.Option(None, help="Subset of profiled lengths to constrain"),
+           latency_budget: Optional[str] = typer.Option(None, "--latency-budget",
+                                                        help="Max predicted prefill MS@LENGTH, e.g. 300@32k"),
+           memory_budget: Optional[str] = typer.Option(None, "--memory-budget",
+                                                       help="Max KV cache GB@BATCHxLENGTH, e.g. 20@8x32k"),
+           cost_table: Optional[str] = typer.Option(None, "--cost-table",
+                                                    help="Cost table YAML (headplan costmodel measure) or 'analytic'"),
+           max_patterns: Optional[int] = typer.Option(None, "--max-patterns-per-layer",
+                                                      help="At most this many distinct patterns in a layer"),
+           validate_lengths: Optional[str] = typer.Option(None, "--validate-lengths",
+                                                          help="Profiled lengths held out for validation"),
+           pareto_points: int = typer.Option(0, "--pareto", help="Also write the Pareto front (N points) beside --out"),
+           tune_trials: int = typer.Option(0, "--tune", help="Optuna trials over global knobs (0 = off)"),
+           study: Optional[Path] = typer.Option(None, "--study", help="sqlite file: resumable Optuna study")):
+    """Assign each KV head a pattern: least profiled loss within the budgets (exact)."""
     from .api import do_search
 
-    plan = do_search(profile_path, out, density, kv_budget, lengths)
+    plan = do_search(profile_path, out, density, kv_budget, lengths, latency_budget, memory_budget, cost_table,
+                     max_patterns, validate_lengths, pareto_points, tune_trials, str(study) if study else None)
     b = plan.budget
-    _console().print(f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
-                     f"and KV {', '.join(f'{x:.3f}' for x in b.achieved_kv)} at lengths {list(b.lengths)}")
+    msg = (f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
+           f"and KV {', '.join(f'{x:.3f}' for x in b.achieved_kv)} at lengths {list(b.lengths)}")
+    pred = plan.provenance["search"].get("predicted_prefill_ms")
+    if pred is not None:
+        msg += f"; predicted prefill {pred:.2f} ms"
+    _console().print(msg)
+
+
+costmodel_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                            help="Measure and check the hardware cost model.")
+app.add_typer(costmodel_app, name="costmodel")
+
+
+@costmodel_app.command("measure")
+@handles_errors
+def costmodel_measure(out: Path = typer.Option(Path("cost.yaml"), "--out", "-o"),
+                      head_dim: int = typer.Option(128, "--head-dim"),
+                      group: int = typer.Option(4, "--group", help="Query heads per KV head"),
+                      lengths: str = typer.Option("4096,16384,32768")):
+    """Time the kernels on this GPU over a grid and fit the cost table."""
+    from .api import parse_lengths
+    from .costmodel import measure
+
+    t = measure(head_dim, group, parse_lengths(lengths), _reporter())
+    t.save(out)
+    _console().print(f"cost table for {t.device.get('name')} -> {out}")
+
+
+@costmodel_app.command("validate")
+@handles_errors
+def costmodel_validate(table: str = typer.Option(..., "--table", help="Cost table YAML or 'analytic'"),
+                       plans: int = typer.Option(20, "--plans"), head_dim: int = typer.Option(128, "--head-dim"),
+                       group: int = typer.Option(4, "--group"), as_json: bool = typer.Option(False, "--json")):
+    """Predicted vs measured prefill latency on random plans (needs the GPU)."""
+    from .api import load_cost
+    from .costmodel import summary, validate
+
+    t = load_cost(table, head_dim, group)
+    rows = validate(t, plans)
+    s = summary(rows)
+    if as_json:
+        sys.stdout.write(json.dumps({"rows": rows, "summary": s}, indent=2) + "\n")
+    else:
+        _console().print(s)
 
 
 @app.command()
@@ -171,40 +228,88 @@ def apply(model: str = ModelArg,
 def _eval_table(res: dict):
     from rich.table import Table
 
-    t = Table(title="dense vs plan")
-    for c in ("metric", "length", "dense", "plan"):
+    names = [m["name"] for m in res.get("methods", [])] or ["plan"]
+    if len(names) <= 1:
+        t = Table(title="dense vs plan")
+        for c in ("metric", "length", "dense", "plan"):
+            t.add_column(c, justify="right" if c != "metric" else "left")
+        for r in res["perplexity"]:
+            t.add_row("perplexity", str(r["length"]), f"{r['ppl_dense']:.3f}", f"{r['ppl_plan']:.3f}")
+            t.add_row("KL(dense||plan) / top-1 agree", str(r["length"]), "", f"{r['kl']:.4f} / {r['top1_agree']:.3f}")
+        for r in res["retrieval"]:
+            t.add_row(f"{r['task']} accuracy", str(r["length"]), f"{r['acc_dense']:.2f}", f"{r['acc_plan']:.2f}")
+        for r in res["budget"]:
+            t.add_row("density / KV kept", str(r["length"]), "1.000 / 1.000", f"{r['density']:.3f} / {r['kv_share']:.3f}")
+        for r in res.get("kv_cache_measured", []):
+            if r.get("kv_bytes_dense") and r.get("kv_bytes_plan") is not None:
+                t.add_row("KV cache held (MB, measured)", str(r["length"]), f"{r['kv_bytes_dense'] / 1e6:.1f}",
+                          f"{r['kv_bytes_plan'] / 1e6:.1f}")
+        return t
+    t = Table(title="dense vs plan vs baselines (same budget)")
+    for c in ("metric", "length", "dense", *names):
         t.add_column(c, justify="right" if c != "metric" else "left")
     for r in res["perplexity"]:
-        t.add_row("perplexity", str(r["length"]), f"{r['ppl_dense']:.3f}", f"{r['ppl_plan']:.3f}")
-        t.add_row("KL(dense||plan) / top-1 agree", str(r["length"]), "", f"{r['kl']:.4f} / {r['top1_agree']:.3f}")
+        by = r["methods"]
+        t.add_row("perplexity", str(r["length"]), f"{r['ppl_dense']:.3f}", *[f"{by[m]['ppl']:.3f}" for m in names])
+        t.add_row("KL(dense||method)", str(r["length"]), "0", *[f"{by[m]['kl']:.4f}" for m in names])
+        t.add_row("top-1 agreement", str(r["length"]), "1", *[f"{by[m]['top1_agree']:.3f}" for m in names])
     for r in res["retrieval"]:
-        t.add_row(f"{r['task']} accuracy", str(r["length"]), f"{r['acc_dense']:.2f}", f"{r['acc_plan']:.2f}")
-    for r in res["budget"]:
-        t.add_row("density / KV kept", str(r["length"]), "1.000 / 1.000", f"{r['density']:.3f} / {r['kv_share']:.3f}")
-    for r in res.get("kv_cache_measured", []):
-        if r.get("kv_bytes_dense") and r.get("kv_bytes_plan") is not None:
-            t.add_row("KV cache held (MB, measured)", str(r["length"]), f"{r['kv_bytes_dense'] / 1e6:.1f}",
-                      f"{r['kv_bytes_plan'] / 1e6:.1f}")
+        a = r["acc"]
+        t.add_row(f"{r['task']} accuracy (n={r['samples']})", str(r["length"]), f"{a['dense']:.2f}",
+                  *[f"{a[m]:.2f}" for m in names])
+    info = {m["name"]: m for m in res["methods"]}
+    for j, b in enumerate(res["budget"]):
+        t.add_row("density / KV kept", str(b["length"]), "1.000 / 1.000",
+                  *[f"{info[m]['budget'][j]['density']:.3f} / {info[m]['budget'][j]['kv_share']:.3f}" for m in names])
     return t
 
 
 @app.command("eval")
 @handles_errors
 def eval_cmd(model: str = ModelArg,
-             plan: Path = typer.Option(..., "--plan", help="Plan .yaml"),
-             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for eval.json"),
+             plan: list[Path] = typer.Option(..., "--plan", help="Plan .yaml (repeatable: several budgets in one "
+                                                                 "run, dense measured once)"),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for eval.json (and baselines/)"),
              data: Optional[str] = typer.Option(None, help="Eval spec YAML (path or name in calibration_data/)"),
              text: Optional[list[str]] = TextOpt,
+             baselines: bool = typer.Option(False, "--baselines", help="Also evaluate streaming, duo, moa and random "
+                                                                       "plans built from the same profile at the "
+                                                                       "same budget"),
+             baseline_names: Optional[str] = typer.Option(None, "--baseline-names",
+                                                          help="Comma-separated subset of streaming,duo,moa,random "
+                                                               "(implies --baselines)"),
+             profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile for --baselines (default: "
+                                                                                 "the plan's provenance.profile.path)"),
+             seed: int = typer.Option(0, "--seed", help="Seed of the random baseline"),
              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
              dtype: str = DtypeOpt, device: str = DeviceOpt):
-    """Dense vs plan on held-out samples: perplexity, KL, top-1, passkey accuracy."""
+    """Dense vs plan on held-out samples: perplexity, KL, top-1, retrieval grids; --baselines adds
+    streaming, duo, moa and random plans at the same budget, side by side."""
     from .api import do_eval
 
-    res = do_eval(model, plan, out, data, text, dtype, device, reporter=_reporter())
+    which = baseline_names if baseline_names else (True if baselines else None)
+    res = do_eval(model, plan if len(plan) > 1 else plan[0], out, data, text, dtype, device, reporter=_reporter(),
+                  baselines=which, profile=profile_path, seed=seed)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
     else:
         _console().print(_eval_table(res))
+        for c in res.get("continuations", [])[:2]:
+            _console().print(f"[bold]…{c['prompt_tail'][-80:]!r}[/bold]")
+            _console().print(f"  dense: {c['dense']!r}")
+            for m, v in c["methods"].items():
+                _console().print(f"  {m}: {v!r}")
+
+
+@app.command("report")
+@handles_errors
+def report_cmd(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run or eval directory (eval.json)"),
+               out: Path = typer.Option(..., "--out", "-o", help="Directory for report.md, report.html and PNGs")):
+    """Markdown + HTML report with PNGs: retrieval heat maps, quality vs density, head map, Pareto front."""
+    from .api import do_report
+
+    r = do_report(run_dir, out)
+    _console().print(f"report -> {r['markdown']} and {r['html']} ({len(r['images'])} images)")
 
 
 @app.command()
