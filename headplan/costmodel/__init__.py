@@ -75,9 +75,10 @@ class CostTable:
 
     # -- io ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d = {"schema_version": SCHEMA, **d}
-        return d
+        import json
+
+        d = {"schema_version": SCHEMA, **dataclasses.asdict(self)}
+        return json.loads(json.dumps(d, default=str))  # plain types only (torch versions are str subclasses)
 
     def save(self, path) -> None:
         atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
