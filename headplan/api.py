@@ -253,6 +253,14 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     return res
 
 
+def do_report(run_dir: str | Path, out: str | Path) -> dict:
+    """Markdown + HTML report with PNGs from the eval.json files in RUN_DIR (see headplan.report_md).
+    Returns {"markdown", "html", "images", "evals"}."""
+    from .report_md import write_report
+
+    return write_report(run_dir, out)
+
+
 def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budget: float | None) -> None:
     """Fail before any work if no assignment of these candidates can meet the budget."""
     from .candidates import density as dens

@@ -200,7 +200,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
                                     "nor a config.json file")
             cfg = _config_from_json(p)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=tdtype)
+        # initialise where it will run: an 8B random model takes minutes to initialise on the CPU
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=tdtype)
         model.config.architectures = [type(model).__name__]
         tok = ByteTokenizer(int(cfg.vocab_size))
     else:

@@ -215,13 +215,23 @@ def visible_count(row: dict, n: int, block: int = DEFAULT_BLOCK) -> int:
     if kind == "skip":
         return 0
     if kind in ("streaming", "strided"):
-        t = make_table([row])
-        qpos = torch.arange(n)[:, None]
-        total = 0
-        for s in range(0, n, 1024):  # bounded memory
-            vis = static_visible(qpos[s:s + 1024], torch.arange(n)[None, :], t, block)
-            total += int(vis.sum())
-        return total
+        # exact, O(n): per row, the sink [0, sink) and the window [i - W(i+1) + 1, i]; strided heads add
+        # the keys before the window (outside the sink) whose block b has b % stride == offset
+        sink = int(row.get("sink", 0))
+        w = window(int(row.get("alpha", 0)), int(round(float(row.get("beta", 0.0)) * BETA_SCALE)), i + 1)
+        lo = (i - w + 1).clamp(min=0)  # first key of the window
+        covered = lo <= sink
+        count = torch.where(covered, i + 1, sink + (i - lo + 1))
+        if kind == "strided":
+            stride, off = max(1, int(row.get("stride", 1))), int(row.get("offset", 0))
+
+            def shard_before(x):  # number of keys j < x with (j // block) % stride == off
+                period = block * stride
+                return (x // period) * block + (x % period - off * block).clamp(min=0, max=block)
+
+            extra = shard_before(lo) - shard_before(torch.full_like(lo, sink))
+            count = count + torch.where(covered, torch.zeros_like(extra), extra.clamp(min=0))
+        return int(count.sum())
     if kind == "blocksparse":
         nb = math.ceil(n / block)
         qb = torch.arange(nb)

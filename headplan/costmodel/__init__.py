@@ -45,6 +45,7 @@ class CostTable:
     decode_bytes_per_s: float
     samples: list = field(default_factory=list, compare=False)
     source: str = "measured"
+    dyn_fixed_us: dict = field(default_factory=dict)  # dynamic kind -> fixed us per layer call
 
     # -- predictions ----------------------------------------------------------------------------
     def head_prefill_ms(self, p: Pattern, n: int, block: int = 64) -> float:
@@ -56,9 +57,8 @@ class CostTable:
 
     def layer_prefill_ms(self, patterns: list[Pattern], n: int, block: int = 64) -> float:
         t = self.prefill_launch_us * 1e-3 + sum(self.head_prefill_ms(p, n, block) for p in patterns)
-        dyn = [p.kind for p in patterns if p.kind in DYNAMIC]
-        if dyn:
-            t += max(self.dyn_ns_per_token.get(k, 0.0) for k in dyn) * n * 1e-6
+        for k in {p.kind for p in patterns if p.kind in DYNAMIC}:  # index building, once per kind per layer
+            t += self.dyn_ns_per_token.get(k, 0.0) * n * 1e-6 + self.dyn_fixed_us.get(k, 0.0) * 1e-3
         return t
 
     def plan_prefill_ms(self, plan: Plan, n: int) -> float:
@@ -195,19 +195,7 @@ def measure(head_dim: int = 128, group: int = 4, lengths=(4096, 16384, 32768), r
             ms = _time_layer([{"kind": "skip"}] * hkv, n, head_dim, group, hkv)
             samples.append({"kind": "skip", "row": {"kind": "skip"}, "n": n, "pairs": 0.0, "ms": ms})
             adv()
-    launch_ms = float(np.median([s["ms"] for s in samples if s["kind"] == "skip"]))
-    per_pair, dyn = {"skip": 0.0}, {}
-    for kind in KINDS[:-1]:
-        ss = [s for s in samples if s["kind"] == kind]
-        y = np.array([s["ms"] - launch_ms for s in ss])
-        if kind in DYNAMIC:
-            X = np.array([[s["pairs"], s["n"]] for s in ss])
-            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-            per_pair[kind] = max(float(coef[0]) * 1e6, 1e-6)
-            dyn[kind] = max(float(coef[1]) * 1e6, 0.0)
-        else:
-            per_pair[kind] = max(float((y * np.array([s["pairs"] for s in ss])).sum()
-                                       / (np.array([s["pairs"] for s in ss]) ** 2).sum()) * 1e6, 1e-6)
+    launch_ms, per_pair, dyn, dyn_fixed = fit_prefill(samples)
     # decode: all-full caches at two sizes give bandwidth and launch cost
     from ..kernels import patterns as P
     from triton.testing import do_bench
@@ -230,8 +218,40 @@ def measure(head_dim: int = 128, group: int = 4, lengths=(4096, 16384, 32768), r
     bw = 1.0 / max(float(coef[1]) * 1e-3, 1e-15)
     return CostTable(device=_device_info(), head_dim=head_dim, group=group, dtype="bfloat16",
                      prefill_launch_us=launch_ms * 1e3, per_pair_ns=per_pair, dyn_ns_per_token=dyn,
+                     dyn_fixed_us=dyn_fixed,
                      decode_launch_us=max(float(coef[0]), 0.0) * 1e3, decode_bytes_per_s=bw,
                      samples=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.items()} for s in samples])
+
+
+def fit_prefill(samples: list[dict]):
+    """Least-squares rates from timing samples: launch (ms), per-pair ns per kind, and for dynamic
+    kinds the index-building cost as fixed us + ns per token."""
+    import numpy as np
+
+    launch_ms = float(np.median([s["ms"] for s in samples if s["kind"] == "skip"]))
+    per_pair, dyn, dyn_fixed = {"skip": 0.0}, {}, {}
+    for kind in KINDS[:-1]:
+        ss = [s for s in samples if s["kind"] == kind]
+        if not ss:
+            continue
+        y = np.array([s["ms"] - launch_ms for s in ss])
+        pairs = np.array([s["pairs"] for s in ss])
+        if kind in DYNAMIC:
+            X = np.array([[s["pairs"], s["n"], 1.0] for s in ss])
+            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+            per_pair[kind] = max(float(coef[0]) * 1e6, 1e-6)
+            dyn[kind] = max(float(coef[1]) * 1e6, 0.0)
+            dyn_fixed[kind] = max(float(coef[2]) * 1e3, 0.0)
+        else:
+            per_pair[kind] = max(float((y * pairs).sum() / (pairs ** 2).sum()) * 1e6, 1e-6)
+    return launch_ms, per_pair, dyn, dyn_fixed
+
+
+def refit(table: "CostTable") -> "CostTable":
+    """Re-fit a table's rates from its stored samples (after a change of the fitting rule)."""
+    launch_ms, per_pair, dyn, dyn_fixed = fit_prefill(table.samples)
+    return dataclasses.replace(table, prefill_launch_us=launch_ms * 1e3, per_pair_ns=per_pair,
+                               dyn_ns_per_token=dyn, dyn_fixed_us=dyn_fixed)
 
 
 def random_layer(rng: random.Random, hkv: int = 8) -> list[dict]:
@@ -253,14 +273,17 @@ def random_layer(rng: random.Random, hkv: int = 8) -> list[dict]:
     return rows
 
 
-def validate(table: CostTable, n_plans: int = 20, lengths=(8192, 16384, 32768), seed: int = 0) -> list[dict]:
-    """Predicted vs measured prefill latency of random one-layer plans (8 KV heads)."""
+def validate(table: CostTable, n_plans: int = 20, lengths=(8192, 16384, 32768), seed: int = 0,
+             measured: list[float] | None = None) -> list[dict]:
+    """Predicted vs measured prefill latency of random one-layer plans (8 KV heads).
+
+    ``measured``: timings from an earlier run of the same seeded plans (re-predicts without a GPU)."""
     rng = random.Random(seed)
     out = []
     for i in range(n_plans):
         rows = random_layer(rng)
         n = rng.choice(lengths)
-        ms = _time_layer(rows, n, table.head_dim, table.group)
+        ms = measured[i] if measured is not None else _time_layer(rows, n, table.head_dim, table.group)
         pred = table.layer_prefill_ms([Pattern.from_row(r) for r in rows], n)
         out.append({"plan": i, "n": n, "kinds": [r["kind"] for r in rows], "measured_ms": ms, "predicted_ms": pred,
                     "rel_error": (pred - ms) / ms})

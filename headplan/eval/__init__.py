@@ -2,8 +2,11 @@
 
 - perplexity (dense and plan) on the tail of held-out text, KL(dense || plan) and top-1 agreement of
   next-token distributions;
-- passkey (and optionally key->value) retrieval accuracy: greedy generation through the plan's
-  per-head KV cache, dense accuracy measured alongside;
+- retrieval accuracy over a length x depth grid — passkey, multi-key passkey (``multikey``: four keys,
+  one asked), needle-in-a-haystack, key->value lines: greedy generation through each plan's per-head
+  KV cache, dense accuracy measured alongside on the same samples;
+- a few greedy continuations side by side;
+- several plans in one run (the plan and its baselines at the same budget, see ``baselines``);
 - the plan's attention density and KV share at each evaluated length, and KV bytes.
 """
 
@@ -27,12 +30,18 @@ def _plan_budget(plan: Plan, n: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids, use_cache=False).logits[0].float()
+def _logits(model, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all when 0), float32."""
+    try:
+        out = model(ids, use_cache=False, logits_to_keep=keep)
+    except TypeError:  # a model without logits_to_keep
+        out = model(ids, use_cache=False)
+    lg = out.logits[0]
+    return (lg[-keep:] if keep else lg).float()
 
 
-def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None) -> list[int]:
-    """Greedy continuation; records the KV bytes the cache really holds in ``mem`` (dense or plan)."""
+def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None, key: str | None = None) -> list[int]:
+    """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan)."""
     from transformers import DynamicCache
 
     from ..runtime import NAME, new_cache
@@ -47,106 +56,192 @@ def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None
         else:
             b = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers
                     if getattr(layer, "keys", None) is not None)
-        key = "plan" if plan_mode else "dense"
+        key = key or ("plan" if plan_mode else "dense")
         mem[key] = max(mem.get(key, 0), b)
     return out[0, ids.shape[1]:].tolist()
 
 
-def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporter: Reporter | None = None) -> dict:
-    """Dense vs plan on the samples the eval spec describes. Returns a JSON-ready dict."""
+# retrieval tasks of the grid: spec key -> (sample task in headplan.data, fixed options)
+GRID_TASKS = {"passkey": ("passkey", {}), "multikey": ("passkey", {"keys": 4}), "needle": ("needle", {}),
+              "kv_retrieval": ("kv_retrieval", {})}
+
+
+def method_info(name: str, plan: Plan, lengths: list[int], base: str | None = None) -> dict:
+    return {"name": name, "base": base or name.split("@")[0], "density_budget": plan.budget.density,
+            "kv_budget": plan.budget.kv_budget, "counts": plan.counts(),
+            "expected_loss": plan.budget.expected_loss,
+            "budget": [{"length": n, "density": d, "kv_share": k}
+                       for n in lengths for d, k in [_plan_budget(plan, n)]]}
+
+
+def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporter: Reporter | None = None,
+             others: dict[str, Plan] | None = None, primary: str = "headplan") -> dict:
+    """Dense vs ``plan`` (named ``primary``) and every plan in ``others`` (name -> Plan, e.g. the
+    baselines at the same budget), on the samples the eval spec describes; dense is run once per
+    sample and every method is scored against it. Returns a JSON-ready dict.
+
+    Spec keys (all optional): ``perplexity {lengths, samples, tail}``; retrieval grids
+    ``passkey | multikey | needle {lengths, depths, samples}`` (samples per length × depth cell) and
+    ``kv_retrieval {lengths, samples, pairs}``; ``continuations {length, samples, tokens}``.
+    """
     from ..data import Haystack, load_texts, make_sample
     from ..runtime import apply, check_plan_fits, dense, kv_report
 
     rep = reporter or Reporter()
-    check_plan_fits(lm.model, plan)
+    methods: dict[str, Plan] = {primary: plan, **(others or {})}
     model = lm.model
-    apply(model, plan)
+    for p in methods.values():
+        check_plan_fits(model, p)
     text, text_desc = load_texts(texts)
     hay = Haystack(lm.tokenizer, text)
     seed = int(spec.get("seed", 1000))
     dev = next(model.parameters()).device
     ppl_spec = spec.get("perplexity") or {}
-    pk_spec = spec.get("passkey") or {}
-    kvr_spec = spec.get("kv_retrieval") or {}
-    for n in list(ppl_spec.get("lengths", [])) + list(pk_spec.get("lengths", [])) + list(kvr_spec.get("lengths", [])):
+    cont_spec = spec.get("continuations") or {}
+    grids = {t: spec[t] for t in GRID_TASKS if spec.get(t) and spec[t].get("lengths")}
+    for k in spec:
+        if k not in (*GRID_TASKS, "perplexity", "continuations", "name", "seed", "description"):
+            raise HeadplanError(f"eval spec: unknown key {k!r} (known: perplexity, {', '.join(GRID_TASKS)}, "
+                                "continuations, name, seed)")
+    all_lengths = list(ppl_spec.get("lengths", [])) + [n for g in grids.values() for n in g["lengths"]]
+    if cont_spec:
+        all_lengths.append(int(cont_spec.get("length", 512)) + int(cont_spec.get("tokens", 32)))
+    for n in all_lengths:
         if int(n) > plan.model.max_positions:
             raise HeadplanError(f"eval length {n} exceeds the model's {plan.model.max_positions} positions")
-    results: dict = {"model": lm.spec, "plan_counts": plan.counts(), "texts": text_desc, "perplexity": [],
-                     "retrieval": [], "budget": []}
+    names = list(methods)
+    results: dict = {"model": lm.spec, "plan_counts": plan.counts(), "texts": text_desc, "primary": primary,
+                     "methods": [], "perplexity": [], "retrieval": [], "grid": [], "continuations": [],
+                     "budget": []}
 
-    # ---- perplexity, KL, top-1 ---------------------------------------------------------------
+    def cells(task, g):
+        if task == "kv_retrieval":
+            return [{} for _ in range(int(g.get("samples", 3)))]
+        return [{"depths": [float(d)]} for d in g.get("depths", [0.5]) for _ in range(int(g.get("samples", 1)))]
+
     n_ppl = int(ppl_spec.get("samples", 2))
     tail = float(ppl_spec.get("tail", 0.5))
-    pk_depths = list(pk_spec.get("depths", [0.5]))
-    jobs = len(ppl_spec.get("lengths", [])) * n_ppl + len(pk_spec.get("lengths", [])) * len(pk_depths) \
-        + len(kvr_spec.get("lengths", [])) * int(kvr_spec.get("samples", 3))
+    per = len(names) + 1
+    jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl
+                  + sum(len(g["lengths"]) * len(cells(t, g)) for t, g in grids.items())
+                  + (int(cont_spec.get("samples", 2)) if cont_spec else 0))
     memory: dict = {}
-    with rep.task("evaluating", jobs) as advance:
+    with rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) as advance:
+        # ---- perplexity, KL, top-1 ---------------------------------------------------------------
         for n in ppl_spec.get("lengths", []):
             n = int(n)
-            nll_d = nll_p = kl = agree = 0.0
+            acc = {m: [0.0, 0.0, 0.0] for m in names}  # nll, kl, agree
+            nll_d = 0.0
             count = 0
             for i in range(n_ppl):
                 s = make_sample(hay, "lm", n, random.Random(f"{seed}:ppl:{n}:{i}"), {})
                 ids = torch.tensor([s.input_ids], device=dev)
-                with dense(model):
-                    ld = _logits(model, ids)
-                lp = _logits(model, ids)
                 start = int(n * (1 - tail))
+                keep = n - start
                 tgt = ids[0, start + 1:]
-                ld_, lp_ = ld[start:-1].log_softmax(-1), lp[start:-1].log_softmax(-1)
-                nll_d += float(-ld_.gather(1, tgt[:, None]).sum())
-                nll_p += float(-lp_.gather(1, tgt[:, None]).sum())
-                kl += float((ld_.exp() * (ld_ - lp_)).sum())
-                agree += float((ld_.argmax(-1) == lp_.argmax(-1)).sum())
-                count += tgt.numel()
+                with dense(model):
+                    ld_ = _logits(model, ids, keep)[:-1].log_softmax(-1)
                 advance()
+                nll_d += float(-ld_.gather(1, tgt[:, None]).sum())
+                top_d = ld_.argmax(-1)
+                for m in names:
+                    apply(model, methods[m], check=False)
+                    lp_ = _logits(model, ids, keep)[:-1].log_softmax(-1)
+                    a = acc[m]
+                    a[0] += float(-lp_.gather(1, tgt[:, None]).sum())
+                    a[1] += float((ld_.exp() * (ld_ - lp_)).sum())
+                    a[2] += float((top_d == lp_.argmax(-1)).sum())
+                    del lp_
+                    advance()
+                count += tgt.numel()
+                del ld_
+            by = {m: {"ppl": math.exp(a[0] / count), "kl": a[1] / count, "top1_agree": a[2] / count}
+                  for m, a in acc.items()}
             results["perplexity"].append({
-                "length": n, "samples": n_ppl, "tokens_scored": count,
-                "ppl_dense": math.exp(nll_d / count), "ppl_plan": math.exp(nll_p / count),
-                "kl": kl / count, "top1_agree": agree / count})
+                "length": n, "samples": n_ppl, "tokens_scored": count, "ppl_dense": math.exp(nll_d / count),
+                "ppl_plan": by[primary]["ppl"], "kl": by[primary]["kl"], "top1_agree": by[primary]["top1_agree"],
+                "methods": by})
 
-        # ---- retrieval -------------------------------------------------------------------------
+        # ---- retrieval grids -------------------------------------------------------------------
         eos = getattr(lm.tokenizer, "eos_token_id", None)
-        for task, tspec, variants in (("passkey", pk_spec, [{"depths": [d]} for d in pk_depths]),
-                                      ("kv_retrieval", kvr_spec, [{} for _ in range(int(kvr_spec.get("samples", 3)))])):
-            for n in tspec.get("lengths", []):
+        for task, g in grids.items():
+            stask, fixed = GRID_TASKS[task]
+            variants = cells(task, g)
+            for n in g["lengths"]:
                 n = int(n)
-                ok_d = ok_p = 0
+                ok = {m: 0 for m in ["dense", *names]}
+                cell_ok: dict = {}
                 cases = []
                 for i, var in enumerate(variants):
-                    opts = {**tspec, **var}
-                    s = make_sample(hay, task, n, random.Random(f"{seed}:{task}:{n}:{i}"), opts)
+                    opts = {**{k: v for k, v in g.items() if k not in ("lengths", "samples")}, **fixed, **var}
+                    s = make_sample(hay, stask, n, random.Random(f"{seed}:{task}:{n}:{i}"), opts)
                     ids = torch.tensor([s.input_ids], device=dev)
                     k = len(s.answer_ids) + 2
                     mem: dict = {}
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     with dense(model):
-                        gd = lm.tokenizer.decode(_generate(model, ids, k, eos, mem), skip_special_tokens=True)
+                        outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos, mem, "dense"),
+                                                             skip_special_tokens=True)}
+                    advance()
                     if dev.type == "cuda":
                         mem["peak_dense"] = torch.cuda.max_memory_allocated()
-                        torch.cuda.reset_peak_memory_stats()
-                    gp = lm.tokenizer.decode(_generate(model, ids, k, eos, mem), skip_special_tokens=True)
-                    if dev.type == "cuda":
-                        mem["peak_plan"] = torch.cuda.max_memory_allocated()
+                    for m in names:
+                        apply(model, methods[m], check=False)
+                        if dev.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos, mem, m), skip_special_tokens=True)
+                        if dev.type == "cuda":
+                            mem[f"peak_{m}"] = torch.cuda.max_memory_allocated()
+                        advance()
                     memory.setdefault(n, {})
                     for key, val in mem.items():
                         memory[n][key] = max(memory[n].get(key, 0), val)
-                    ok_d += s.answer in gd
-                    ok_p += s.answer in gp
-                    cases.append({"depth": s.meta.get("depth"), "answer": s.answer, "dense": gd.strip(),
-                                  "plan": gp.strip()})
-                    advance()
-                results["retrieval"].append({"task": task, "length": n, "samples": len(variants),
-                                             "acc_dense": ok_d / len(variants), "acc_plan": ok_p / len(variants),
-                                             "cases": cases})
+                    depth = s.meta.get("depth") if task != "kv_retrieval" else None
+                    c = cell_ok.setdefault(depth, {"n": 0, **{m: 0 for m in ok}})
+                    c["n"] += 1
+                    for m in ok:
+                        hit = s.answer in outs[m]
+                        ok[m] += hit
+                        c[m] += hit
+                    cases.append({"depth": depth, "answer": s.answer, "dense": outs["dense"].strip(),
+                                  "plan": outs[primary].strip(),
+                                  "methods": {m: outs[m].strip() for m in names}})
+                tot = len(variants)
+                results["retrieval"].append({"task": task, "length": n, "samples": tot, "acc_dense": ok["dense"] / tot,
+                                             "acc_plan": ok[primary] / tot,
+                                             "acc": {m: v / tot for m, v in ok.items()}, "cases": cases})
+                for depth, c in sorted(cell_ok.items(), key=lambda x: (x[0] is None, x[0] or 0)):
+                    results["grid"].append({"task": task, "length": n, "depth": depth, "samples": c["n"],
+                                            "acc": {m: c[m] / c["n"] for m in ok}})
 
-    results["kv_cache_measured"] = [
-        {"length": n, "kv_bytes_dense": m.get("dense"), "kv_bytes_plan": m.get("plan"),
-         **({"peak_bytes_dense": m["peak_dense"], "peak_bytes_plan": m["peak_plan"]} if "peak_plan" in m else {})}
-        for n, m in sorted(memory.items())]
+        # ---- continuations side by side --------------------------------------------------------
+        if cont_spec:
+            n = int(cont_spec.get("length", 512))
+            k = int(cont_spec.get("tokens", 32))
+            for i in range(int(cont_spec.get("samples", 2))):
+                s = make_sample(hay, "lm", n, random.Random(f"{seed}:cont:{n}:{i}"), {})
+                ids = torch.tensor([s.input_ids], device=dev)
+                with dense(model):
+                    outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos), skip_special_tokens=True)}
+                advance()
+                for m in names:
+                    apply(model, methods[m], check=False)
+                    outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos), skip_special_tokens=True)
+                    advance()
+                prompt = lm.tokenizer.decode(list(s.input_ids[-48:]), skip_special_tokens=True)
+                results["continuations"].append({"length": n, "prompt_tail": prompt, "dense": outs["dense"],
+                                                 "methods": {m: outs[m] for m in names}})
+    apply(model, plan, check=False)
+
     lengths = sorted({r["length"] for r in results["perplexity"] + results["retrieval"]})
+    results["methods"] = [method_info(m, p, lengths) for m, p in methods.items()]
+    results["kv_cache_measured"] = [
+        {"length": n, "kv_bytes_dense": m.get("dense"), "kv_bytes_plan": m.get(primary),
+         "kv_bytes": {k: v for k, v in m.items() if not k.startswith("peak_")},
+         **({"peak_bytes_dense": m["peak_dense"], "peak_bytes_plan": m[f"peak_{primary}"]}
+            if f"peak_{primary}" in m else {})}
+        for n, m in sorted(memory.items())]
     for n in lengths:
         d, k = _plan_budget(plan, n)
         kvr = kv_report(plan, n)

@@ -33,6 +33,7 @@ per-sample statistics are all-reduced (NCCL on CUDA, gloo on CPU) before the sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -340,8 +341,8 @@ def _sequence(lm, smp, length: int, answers: str, reserve: int, lm_tail: float, 
             ans, src = gen, "model"
         text = lm.tokenizer.decode(gen, skip_special_tokens=True)
         meta.update({"model_answer": text, "model_correct": smp.answer.strip() in text})
-    meta.update({"loss": f"{src} answer", "answer_source": src, "reference": smp.answer, "tokens": len(ids) + len(ans),
-                 "answer_tokens": len(ans)})
+    meta.update({"loss": f"{src} answer", "answer_source": src, "reference": smp.answer,
+                 "tokens": len(ids) + len(ans), "answer_tokens": len(ans)})
     return _Seq(ids + ans, len(ids), meta)
 
 
@@ -368,7 +369,8 @@ class _StateDir:
                                     "method, candidates or lengths); use an empty directory")
         elif rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run, json.dumps({"key": key, "state_version": STATE_VERSION, **desc}, indent=1, sort_keys=True))
+            atomic_write(run, json.dumps({"key": key, "state_version": STATE_VERSION, **desc}, indent=1,
+                                         sort_keys=True))
 
     def _file(self, n: int, i: int) -> Path:
         return self.dir / f"n{n}-s{i}.safetensors"
@@ -404,28 +406,58 @@ class _StateDir:
         atomic_write(self._file(n, i), data)
 
 
-import contextlib
-
-
 @contextlib.contextmanager
 def _nullctx():
     yield lambda n=1: None
 
 
-def _dist_info() -> tuple[int, int]:
+def _dist_info(dev: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
+    if dev.type == "cuda":  # one GPU per rank: NCCL collectives use the current device
+        torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
 # ------------------------------------------------------------------------------------------------
 # the profiler
 # ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _grad_mode(model, on: bool, ckpt: bool):
+    """For the gradient pass: no parameter gradients, a graph from the embeddings on, and optionally
+    activation (gradient) checkpointing; everything restored afterwards."""
+    if not on:
+        yield
+        return
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    kw = {"use_reentrant": False}
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    try:
+        if ckpt:
+            if new_api:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            model.train()  # transformers checkpoints only in training mode (attention dropout is 0)
+        yield
+    finally:
+        hook.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved.get(name, p.requires_grad))
+        if ckpt:
+            (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+        model.train(was_training)
+
 
 def _run_one(model, seq: _Seq, stats: Stats, grad: bool, dev) -> float:
     ids = torch.tensor([seq.ids], device=dev)
@@ -485,7 +517,8 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
     # the exact-length samples of the first profiler
     sets = {n: mixture_samples(hay, data_spec, n, n_samp, reserve=reserve if grad else 0) for n in lengths}
     jobs = [(li, n, i) for li, n in enumerate(lengths) for i in range(len(sets[n]))]
-    rank, world = _dist_info()
+    dev = lm.model.get_input_embeddings().weight.device
+    rank, world = _dist_info(dev)
     mine = [jb for t, jb in enumerate(jobs) if t % world == rank]
     data = {"spec": data_spec, "texts": text_desc, "samples_per_length": n_samp}
     if grad:
@@ -501,7 +534,6 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
         dist.barrier()
 
     model = lm.model
-    dev = model.get_input_embeddings().weight.device
     L, H, C = ident.num_layers, ident.num_kv_heads, len(candidates)
     per = {s: torch.zeros(len(jobs), L, H, C, dtype=torch.float64) for s in signals}
     metas: list[dict | None] = [None] * len(jobs)
@@ -520,9 +552,6 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
 
     _register()
     prev = model.config._attn_implementation
-    saved_grad = {}
-    hook = None
-    was_training = model.training
     ckpt = (dev.type == "cuda") if checkpointing is None else bool(checkpointing)
     # the sequences; model answers are written by the dense (SDPA) model before profiling starts
     seqs: dict[int, _Seq] = {}
@@ -540,42 +569,23 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
     try:
         model.set_attn_implementation(_ATTN_NAME)
         stats = Stats(candidates, L, H, block, signals)
-        if todo:
-            with rep.task(f"profiling ({method_name(weights)})", len(todo)) as advance:
-                for t in todo:
-                    li, n, i = jobs[t]
-                    seq = seqs[t]
-                    if grad and hook is None:
-                        for name, prm in model.named_parameters():
-                            saved_grad[name] = prm.requires_grad
-                            prm.requires_grad_(False)
-                        hook = model.get_input_embeddings().register_forward_hook(
-                            lambda m, i, o: o.requires_grad_(True))
-                        if ckpt:
-                            if hasattr(model, "activation_checkpointing_enable"):
-                                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-                            else:
-                                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                            model.train()
-                    nll = _run_one(model, seq, stats, grad, dev)
-                    for s in signals:
-                        per[s][t] = stats.acc[s]
-                    if grad:
-                        seq.meta["nll"] = nll
-                    metas[t] = seq.meta
-                    if state is not None:
-                        state.save(n, i, {s: per[s][t].clone() for s in signals}, seq.meta)
-                    advance()
+        with _grad_mode(model, grad and bool(todo), ckpt), \
+                rep.task(f"profiling ({method_name(weights)})", len(todo)) as advance:
+            for t in todo:
+                li, n, i = jobs[t]
+                seq = seqs[t]
+                nll = _run_one(model, seq, stats, grad, dev)
+                for s in signals:
+                    per[s][t] = stats.acc[s]
+                if grad:
+                    seq.meta["nll"] = nll
+                metas[t] = seq.meta
+                if state is not None:
+                    state.save(n, i, {s: per[s][t].clone() for s in signals}, seq.meta)
+                advance()
     finally:
         _STATE.stats = None
         _STATE.grad = False
-        if hook is not None:
-            hook.remove()
-            for name, prm in model.named_parameters():
-                prm.requires_grad_(saved_grad.get(name, prm.requires_grad))
-            if ckpt:
-                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-            model.train(was_training)
         model.set_attn_implementation(prev)
 
     if world > 1:  # each sample's statistics come from exactly one rank: the sum is exact

@@ -204,16 +204,22 @@ def search(prof: Profile, settings: SearchSettings, profile_ref: dict | None = N
         if ms > dense + 1e-9:
             raise HeadplanError(f"latency budget {ms:g} ms at {n} tokens is above the dense plan's predicted "
                                 f"{dense:.3f} ms: nothing to save (feasible range [{lo:.3f}, {dense:.3f}] ms)")
-        y0 = prob.add_vars(m.num_layers)
         idx = [i for c in range(C) for i in xs(c)]
         coef = [per_head[i % C] for i in idx]
-        dyn_c = [c for c in range(C) if dyn_ms[c] > 0]
-        for layer in range(m.num_layers):
-            for h in range(layer * m.num_kv_heads, (layer + 1) * m.num_kv_heads):
-                for c in dyn_c:
-                    prob.le([h * C + c, y0 + layer], [1.0, -1.0], 0.0)
-        ycost = float(max(dyn_ms.max(), 0.0))
-        prob.le(idx + list(range(y0, y0 + m.num_layers)), coef + [ycost] * m.num_layers, ms - fixed + 1e-9)
+        # one binary per (layer, dynamic kind): its index building is paid once if any head uses it
+        dyn_kinds = sorted({prof.candidates[c].pattern.kind for c in range(C) if dyn_ms[c] > 0})
+        extra_idx, extra_coef = [], []
+        for kind in dyn_kinds:
+            y0 = prob.add_vars(m.num_layers)
+            cs = [c for c in range(C) if prof.candidates[c].pattern.kind == kind]
+            kcost = float(max(dyn_ms[c] for c in cs))
+            for layer in range(m.num_layers):
+                for h in range(layer * m.num_kv_heads, (layer + 1) * m.num_kv_heads):
+                    for c in cs:
+                        prob.le([h * C + c, y0 + layer], [1.0, -1.0], 0.0)
+            extra_idx += list(range(y0, y0 + m.num_layers))
+            extra_coef += [kcost] * m.num_layers
+        prob.le(idx + extra_idx, coef + extra_coef, ms - fixed + 1e-9)
     if settings.memory_budget is not None:
         gb, b, n = settings.memory_budget
         per = np.array([cost.head_kv_bytes(c.pattern, n) * b for c in prof.candidates]) / 1e9

@@ -1,0 +1,203 @@
+"""Baselines at the same budget as a plan, built from the same profile.
+
+Every baseline is a real :class:`~headplan.plan.Plan` meeting the plan's density and/or KV budget at
+the plan's lengths (the budget the search was given):
+
+- ``streaming``: StreamingLLM — one sink + window on every KV head; the window is the largest that
+  meets the budget at every length.
+- ``duo``: DuoAttention-style — the KV heads that lose most under the profile's short window are
+  full, the others sink + a fixed window (the profile's fixed window nearest to 1/8 of the shortest
+  length, DuoAttention's recent 256 at 2K, or the nearest smaller one that fits the budget); as many
+  full heads as the budget allows.
+- ``moa``: MoA-style — the same exact search, restricted to the profile's streaming candidates (fixed
+  and elastic ``alpha + beta·N`` windows).
+- ``random``: a seeded random assignment of the profile's candidates that meets the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random as _random
+
+import numpy as np
+
+from ..candidates import Candidate, density, kv_share, streaming
+from ..errors import HeadplanError
+from ..plan import Budget, HeadEntry, Plan
+
+BASELINES = ("streaming", "duo", "moa", "random")
+
+
+def _budget(plan: Plan) -> tuple[float | None, float | None, tuple[int, ...]]:
+    b = plan.budget
+    if b.density is None and b.kv_budget is None:
+        raise HeadplanError("the plan records no budget (density or kv_budget); baselines need one")
+    return b.density, b.kv_budget, tuple(b.lengths)
+
+
+def _fits(d: list[float], k: list[float], dens: float | None, kvb: float | None) -> bool:
+    ok = True
+    if dens is not None:
+        ok &= all(x <= dens + 1e-9 for x in d)
+    if kvb is not None:
+        ok &= all(x <= kvb + 1e-9 for x in k)
+    return ok
+
+
+def _make(prof, plan: Plan, name: str, choice: list[Candidate], losses: list[float], extra: dict) -> Plan:
+    m = prof.model
+    dens, kvb, lengths = _budget(plan)
+    H = m.num_kv_heads
+    layers = tuple(tuple(HeadEntry(h, choice[layer * H + h].pattern, choice[layer * H + h].name)
+                         for h in range(H)) for layer in range(m.num_layers))
+    pats = [c.pattern for c in choice]
+    ach_d = tuple(float(np.mean([density(p, n, prof.block_size) for p in pats])) for n in lengths)
+    ach_k = tuple(float(np.mean([kv_share(p, n) for p in pats])) for n in lengths)
+    prov = {"baseline": name, "of_plan_budget": {"density": dens, "kv_budget": kvb, "lengths": list(lengths)},
+            "profile": (plan.provenance or {}).get("profile") or {"sha256": prof.sha256},
+            "model_spec": prof.model_spec, **extra}
+    budget = Budget(density=dens, kv_budget=kvb, lengths=lengths, achieved_density=ach_d, achieved_kv=ach_k,
+                    expected_loss=float(np.mean(losses)))
+    return Plan(model=m, budget=budget, layers=layers, block_size=prof.block_size, provenance=prov)
+
+
+def _tables(prof, lengths):
+    for n in lengths:
+        if n not in prof.lengths:
+            raise HeadplanError(f"profile has no length {n} (profiled: {', '.join(map(str, prof.lengths))}); "
+                                "baselines need the plan's lengths in the profile")
+    li = [prof.lengths.index(n) for n in lengths]
+    m = prof.model
+    loss = prof.loss.double().numpy()[..., li].mean(-1).reshape(m.num_layers * m.num_kv_heads, -1)  # (H, C)
+    return loss, prof.density.numpy()[:, li], prof.kv.numpy()[:, li]
+
+
+def _streaming_cands(prof) -> list[int]:
+    return [i for i, c in enumerate(prof.candidates) if c.pattern.kind == "streaming"]
+
+
+def _fixed_windows(prof) -> list[int]:
+    return [i for i in _streaming_cands(prof) if prof.candidates[i].pattern.window.beta == 0.0]
+
+
+def _sink(prof) -> int:
+    fw = _fixed_windows(prof)
+    if not fw:
+        raise HeadplanError("the profile has no fixed sink + window candidate (needed by the baselines)")
+    return int(prof.candidates[fw[0]].pattern.sink)
+
+
+def streaming_baseline(prof, plan: Plan) -> Plan:
+    dens, kvb, lengths = _budget(plan)
+    sink = _sink(prof)
+
+    def ok(alpha):
+        p = streaming(sink, alpha).pattern
+        return _fits([density(p, n, prof.block_size) for n in lengths], [kv_share(p, n) for n in lengths], dens, kvb)
+
+    if not ok(1):
+        raise HeadplanError(f"streaming baseline: even sink {sink} + window 1 exceeds the budget")
+    lo, hi = 1, max(lengths)
+    while lo < hi:  # largest alpha that fits (density and KV share grow with alpha)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    cand = streaming(sink, lo)
+    # expected loss: that of the largest profiled fixed window <= alpha (an upper bound)
+    loss, _, _ = _tables(prof, lengths)
+    fw = [i for i in _fixed_windows(prof) if prof.candidates[i].pattern.window.alpha <= lo
+          and prof.candidates[i].pattern.sink == sink]
+    H = loss.shape[0]
+    losses = list(loss[:, max(fw, key=lambda i: prof.candidates[i].pattern.window.alpha)]) if fw else [1.0] * H
+    return _make(prof, plan, "streaming", [cand] * H, losses, {"sink": sink, "window": lo})
+
+
+def duo_baseline(prof, plan: Plan) -> Plan:
+    from ..profile import short_window
+
+    dens, kvb, lengths = _budget(plan)
+    loss, dt, kt = _tables(prof, lengths)
+    H = loss.shape[0]
+    fw = _fixed_windows(prof)
+    full = [i for i, c in enumerate(prof.candidates) if c.pattern.kind == "full"]
+    if not fw or not full:
+        raise HeadplanError("duo baseline: the profile needs a full and a fixed sink + window candidate")
+    target = min(lengths) / 8
+    # the fixed window nearest below target (DuoAttention: 256 at 2K) that fits the budget on its own
+    prefs = sorted(fw, key=lambda i: (prof.candidates[i].pattern.window.alpha > target,
+                                      abs(prof.candidates[i].pattern.window.alpha - target)))
+    fi = full[0]
+    score = loss[:, short_window(prof)]
+    order = sorted(range(H), key=lambda h: (-score[h], h))
+    best, si = -1, None
+    for si in prefs:
+        for k in range(H + 1):
+            d = [(k * dt[fi, j] + (H - k) * dt[si, j]) / H for j in range(len(lengths))]
+            kk = [(k * kt[fi, j] + (H - k) * kt[si, j]) / H for j in range(len(lengths))]
+            if _fits(d, kk, dens, kvb):
+                best = k
+        if best >= 0:
+            break
+    if best < 0:
+        raise HeadplanError("duo baseline: no fixed sink + window on every head fits the budget")
+    fullset = set(order[:best])
+    choice = [prof.candidates[fi] if h in fullset else prof.candidates[si] for h in range(H)]
+    losses = [loss[h, fi if h in fullset else si] for h in range(H)]
+    return _make(prof, plan, "duo", choice, losses, {"full_heads": best, "rest": prof.candidates[si].name,
+                                                     "ranked_by": prof.candidates[short_window(prof)].name})
+
+
+def moa_baseline(prof, plan: Plan) -> Plan:
+    import torch
+
+    from ..search import SearchSettings, search
+
+    dens, kvb, lengths = _budget(plan)
+    idx = _streaming_cands(prof)
+    if not idx:
+        raise HeadplanError("moa baseline: the profile has no streaming candidates")
+    t = torch.tensor(idx)
+    sub = dataclasses.replace(prof, candidates=tuple(prof.candidates[i] for i in idx), loss=prof.loss[:, :, t],
+                              density=prof.density[t], kv=prof.kv[t],
+                              parts={k: v[:, :, t] for k, v in prof.parts.items()})
+    p = search(sub, SearchSettings(density=dens, kv_budget=kvb, lengths=lengths),
+               (plan.provenance or {}).get("profile"))
+    prov = dict(p.provenance)
+    prov = {"baseline": "moa", "restricted_to": "streaming candidates (fixed and elastic windows)", **prov}
+    return dataclasses.replace(p, provenance=prov)
+
+
+def random_baseline(prof, plan: Plan, seed: int = 0) -> Plan:
+    dens, kvb, lengths = _budget(plan)
+    loss, dt, kt = _tables(prof, lengths)
+    H, C = loss.shape
+    rng = _random.Random(f"headplan-random-baseline:{seed}")
+    # cost of a candidate = its worst share of each budget; start every head at the cheapest one
+    rows = [t for t, b in ((dt, dens), (kt, kvb)) if b is not None]
+    bounds = [b for b in (dens, kvb) if b is not None]
+    cheapest = min(range(C), key=lambda c: max(float(t[c].max()) for t in rows))
+    choice = [cheapest] * H
+    tot = [t[cheapest] * H for t in rows]  # per budget row: (lengths,) sums over heads
+    if any((s > b * H + 1e-9).any() for s, b in zip(tot, bounds)):
+        raise HeadplanError("random baseline: the cheapest candidate on every head exceeds the budget")
+    for h in rng.sample(range(H), H):  # heads in random order, each a uniform pick among what still fits
+        fits = [c for c in range(C)
+                if all(((s - t[cheapest] + t[c]) <= b * H + 1e-9).all() for s, t, b in zip(tot, rows, bounds))]
+        c = rng.choice(fits)
+        tot = [s - t[cheapest] + t[c] for s, t in zip(tot, rows)]
+        choice[h] = c
+    cands = [prof.candidates[c] for c in choice]
+    return _make(prof, plan, "random", cands, [loss[h, c] for h, c in enumerate(choice)], {"seed": seed})
+
+
+def build_baselines(prof, plan: Plan, names=BASELINES, seed: int = 0) -> dict[str, Plan]:
+    """The named baselines for ``plan`` from ``prof`` (the profile the plan was searched on)."""
+    if prof.model.fingerprint != plan.model.fingerprint:
+        raise HeadplanError("the profile is for another model than the plan (fingerprints differ)")
+    makers = {"streaming": streaming_baseline, "duo": duo_baseline, "moa": moa_baseline,
+              "random": lambda p, pl: random_baseline(p, pl, seed)}
+    out = {}
+    for n in names:
+        if n not in makers:
+            raise HeadplanError(f"unknown baseline {n!r} (known: {', '.join(BASELINES)})")
+        out[n] = makers[n](prof, plan)
+    return out

@@ -1,0 +1,152 @@
+"""Eval grids, baselines at the same budget, and the written report, on tiny random models."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from headplan.candidates import density, kv_share
+from headplan.cli import app
+from headplan.eval.baselines import BASELINES, build_baselines
+from headplan.plan import load_plan, save_plan
+from headplan.profile import load_profile
+
+runner = CliRunner()
+SMALL = ["--lengths", "384,512", "--samples", "2", "--candidates", "small", "--eval-data", "eval-small"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evrun") / "out"
+    r = invoke("run", "random:llama", "--out", out, "--density", "0.4", *SMALL)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _budget_ok(plan, dens, kvb):
+    heads = [e.pattern for layer in plan.layers for e in layer]
+    for n in plan.budget.lengths:
+        d = sum(density(p, n, plan.block_size) for p in heads) / len(heads)
+        k = sum(kv_share(p, n) for p in heads) / len(heads)
+        if dens is not None:
+            assert d <= dens + 1e-9, (n, d, dens)
+        if kvb is not None:
+            assert k <= kvb + 1e-9, (n, k, kvb)
+
+
+@pytest.mark.parametrize("dens,kvb", [(0.4, None), (0.5, 0.3)])
+def test_baselines_meet_the_plans_budget_and_are_valid_plans(run_dir, tmp_path, dens, kvb):
+    from headplan.api import do_search
+
+    plan = do_search(run_dir / "profile.safetensors", tmp_path / "p.yaml", dens, kvb)
+    prof = load_profile(run_dir / "profile.safetensors")
+    bl = build_baselines(prof, plan)
+    assert list(bl) == list(BASELINES)
+    for name, b in bl.items():
+        f = tmp_path / f"{name}.yaml"
+        save_plan(b, f)
+        back = load_plan(f)  # validates every field
+        assert back.model == plan.model
+        assert back.budget.lengths == plan.budget.lengths
+        assert back.budget.density == dens and back.budget.kv_budget == kvb
+        _budget_ok(back, dens, kvb)
+    assert set(bl["streaming"].counts()) == {"streaming"}
+    assert set(bl["moa"].counts()) == {"streaming"}
+    assert set(bl["duo"].counts()) <= {"full", "streaming"}
+    # deterministic: the same seed gives the same random plan
+    assert build_baselines(prof, plan, ["random"])["random"].to_yaml() == bl["random"].to_yaml()
+
+
+GRID = """name: t
+seed: 1000
+perplexity: {lengths: [256], samples: 1, tail: 0.5}
+passkey: {lengths: [256], depths: [0.2, 0.8]}
+needle: {lengths: [256], depths: [0.5]}
+continuations: {length: 64, samples: 1, tokens: 2}
+"""
+
+
+def test_eval_baselines_side_by_side_then_report(run_dir, tmp_path):
+    out = tmp_path / "ev"
+    (tmp_path / "grid.yaml").write_text(GRID)
+    r = invoke("eval", "random:llama", "--plan", run_dir / "plan.yaml", "--baselines", "--data", tmp_path / "grid.yaml",
+               "--out", out)
+    assert r.exit_code == 0, r.output
+    for name in BASELINES:
+        assert name in r.output, name
+        assert (out / "baselines" / f"{name}.yaml").is_file()
+    res = json.loads((out / "eval.json").read_text())
+    assert [m["name"] for m in res["methods"]] == ["headplan", *BASELINES]
+    assert {(c["task"], c["depth"]) for c in res["grid"]} == {("passkey", 0.2), ("passkey", 0.8), ("needle", 0.5)}
+    for c in res["grid"]:
+        assert set(c["acc"]) == {"dense", "headplan", *BASELINES}
+    assert set(res["perplexity"][0]["methods"]) == {"headplan", *BASELINES}
+    assert res["continuations"] and set(res["continuations"][0]["methods"]) == {"headplan", *BASELINES}
+    # report over the run dir and the eval dir side by side (two evaluations -> curves)
+    (tmp_path / "both").mkdir()
+    import shutil
+    shutil.copytree(run_dir, tmp_path / "both" / "run")
+    shutil.copytree(out, tmp_path / "both" / "ev")
+    (tmp_path / "both" / "pareto.csv").write_text("density,expected_loss\n0.2,0.3\n0.4,0.1\n0.6,0.05\n")
+    rep = tmp_path / "rep"
+    r = invoke("report", tmp_path / "both", "--out", rep)
+    assert r.exit_code == 0, r.output
+    md = (rep / "report.md").read_text()
+    assert (rep / "report.html").read_text().startswith("<!doctype html>")
+    pngs = sorted(p.name for p in rep.glob("*.png"))
+    assert "quality_vs_density.png" in pngs and "pareto_0.png" in pngs
+    assert any(p.startswith("heatmap_") for p in pngs) and any(p.startswith("headmap_") for p in pngs)
+    for p in pngs:
+        assert (rep / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({p})" in md
+    for name in BASELINES:
+        assert name in md
+
+
+def test_multikey_and_kv_retrieval_grid(run_dir):
+    import headplan
+    from headplan.eval import evaluate
+
+    lm = headplan.load_model("random:llama")
+    spec = {"seed": 1, "multikey": {"lengths": [512], "depths": [0.5]},
+            "kv_retrieval": {"lengths": [256], "samples": 1, "pairs": 3}}
+    res = evaluate(lm, load_plan(run_dir / "plan.yaml"), spec)
+    assert [(r["task"], r["samples"]) for r in res["retrieval"]] == [("multikey", 1), ("kv_retrieval", 1)]
+    assert [c["depth"] for c in res["grid"]] == [0.5, None]
+    assert set(res["grid"][0]["acc"]) == {"dense", "headplan"}
+
+
+def test_report_from_a_plain_run_dir(run_dir, tmp_path):
+    r = invoke("report", run_dir, "--out", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "report.html").is_file()
+    assert list((tmp_path / "rep").glob("heatmap_*_passkey.png"))
+    assert (tmp_path / "rep" / "headmap_0.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty", "badjson"])
+def test_report_bad_run_dir_is_one_line_exit_2(tmp_path, kind):
+    d = tmp_path / "d"
+    if kind == "file":
+        d.write_text("x")
+    elif kind == "empty":
+        d.mkdir()
+    elif kind == "badjson":
+        d.mkdir()
+        (d / "eval.json").write_text("{not json")
+    r = invoke("report", d, "--out", tmp_path / "rep")
+    assert r.exit_code == 2
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("headplan: error:"), r.output
+
+
+def test_eval_baselines_bad_input(run_dir, tmp_path):
+    r = invoke("eval", "random:llama", "--plan", run_dir / "plan.yaml", "--baseline-names", "nope",
+               "--data", "eval-small")
+    assert r.exit_code == 2 and "unknown baseline" in r.output
+    r = invoke("eval", "random:llama", "--plan", run_dir / "plan.yaml", "--baselines", "--profile",
+               tmp_path / "none.safetensors", "--data", "eval-small")
+    assert r.exit_code == 2 and "profile not found" in r.output
