@@ -106,3 +106,15 @@ def test_search_speed_and_determinism_at_llama8b_scale():
     b = search(p, SearchSettings(density=0.3))
     assert a.to_yaml() == b.to_yaml()
     assert dt < 30, dt
+
+
+def test_latency_budget_counts_fixed_index_building_cost(prof):
+    import dataclasses
+
+    base = analytic(head_dim=16, group=2)
+    cost = dataclasses.replace(base, dyn_ns_per_token={"blocksparse": 0.0, "vslash": 0.0},
+                               dyn_fixed_us={"blocksparse": 5.0, "vslash": 5.0})
+    static = search(prof, SearchSettings(density=0.6, exclude_kinds=("blocksparse", "vslash")))
+    budget = cost.plan_prefill_ms(static, 256)
+    plan = search(prof, SearchSettings(latency_budget=(budget, 256)), cost=cost)
+    assert cost.plan_prefill_ms(plan, 256) <= budget + 1e-9

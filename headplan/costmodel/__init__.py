@@ -230,18 +230,26 @@ def fit_prefill(samples: list[dict]):
 
     launch_ms = float(np.median([s["ms"] for s in samples if s["kind"] == "skip"]))
     per_pair, dyn, dyn_fixed = {"skip": 0.0}, {}, {}
-    for kind in KINDS[:-1]:
+    for kind in [k for k in KINDS[:-1] if k not in DYNAMIC] + list(DYNAMIC):
         ss = [s for s in samples if s["kind"] == kind]
         if not ss:
             continue
         y = np.array([s["ms"] - launch_ms for s in ss])
         pairs = np.array([s["pairs"] for s in ss])
         if kind in DYNAMIC:
-            X = np.array([[s["pairs"], s["n"], 1.0] for s in ss])
-            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-            per_pair[kind] = max(float(coef[0]) * 1e6, 1e-6)
-            dyn[kind] = max(float(coef[1]) * 1e6, 0.0)
-            dyn_fixed[kind] = max(float(coef[2]) * 1e3, 0.0)
+            # visible pairs run the same flash loop as full heads; the rest is index building and
+            # masked tiles, fitted as a + b·N (non-negative) on what the pairs do not explain
+            per_pair[kind] = per_pair.get("full", 1e-6)
+            r = y - pairs * per_pair[kind] * 1e-6
+            X = np.array([[s["n"], 1.0] for s in ss])
+            coef, *_ = np.linalg.lstsq(X, r, rcond=None)
+            b, a = float(coef[0]), float(coef[1])
+            if a < 0:
+                b, a = max(float((r * X[:, 0]).sum() / (X[:, 0] ** 2).sum()), 0.0), 0.0
+            elif b < 0:
+                b, a = 0.0, max(float(r.mean()), 0.0)
+            dyn[kind] = b * 1e6
+            dyn_fixed[kind] = a * 1e3
         else:
             per_pair[kind] = max(float((y * pairs).sum() / (pairs ** 2).sum()) * 1e6, 1e-6)
     return launch_ms, per_pair, dyn, dyn_fixed

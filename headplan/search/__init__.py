@@ -144,7 +144,8 @@ class _Problem:
 def _cost_coefs(prof: Profile, cost, n: int):
     pats = [c.pattern for c in prof.candidates]
     per_head = np.array([cost.head_prefill_ms(p, n, prof.block_size) for p in pats])
-    dyn_ms = np.array([cost.dyn_ns_per_token.get(p.kind, 0.0) * n * 1e-6 for p in pats])
+    dyn_ms = np.array([cost.dyn_ns_per_token.get(p.kind, 0.0) * n * 1e-6 + cost.dyn_fixed_us.get(p.kind, 0.0) * 1e-3
+                       if p.kind in ("blocksparse", "vslash") else 0.0 for p in pats])
     return per_head, dyn_ms
 
 
