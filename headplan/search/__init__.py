@@ -220,7 +220,8 @@ def search(prof: Profile, settings: SearchSettings, profile_ref: dict | None = N
                         prob.le([h * C + c, y0 + layer], [1.0, -1.0], 0.0)
             extra_idx += list(range(y0, y0 + m.num_layers))
             extra_coef += [kcost] * m.num_layers
-        prob.le(idx + extra_idx, coef + extra_coef, ms - fixed + 1e-9)
+        # in microseconds, minus a margin, so the solver's feasibility tolerance cannot overshoot the budget
+        prob.le(idx + extra_idx, [c * 1e3 for c in coef + extra_coef], (ms - fixed) * 1e3 - 1e-5)
     if settings.memory_budget is not None:
         gb, b, n = settings.memory_budget
         per = np.array([cost.head_kv_bytes(c.pattern, n) * b for c in prof.candidates]) / 1e9
@@ -229,7 +230,7 @@ def search(prof: Profile, settings: SearchSettings, profile_ref: dict | None = N
             raise HeadplanError(f"memory budget {gb:g} GB at batch {b} x {n} is infeasible: the smallest KV cache "
                                 f"is {lo:.3f} GB (feasible range [{lo:.3f}, {H * per.max():.3f}] GB)")
         idx = [i for c in range(C) for i in xs(c)]
-        prob.le(idx, [per[i % C] for i in idx], gb + 1e-12)
+        prob.le(idx, [per[i % C] * 1e6 for i in idx], gb * 1e6 - 1e-5)  # in KB
     if settings.max_patterns_per_layer is not None:
         kmax = int(settings.max_patterns_per_layer)
         if kmax < 1:
