@@ -35,3 +35,23 @@ def mixed_plan(lm, with_skip=False):
 def ids(n, b=1, seed=0, vocab=500):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, vocab, (b, n), generator=g)
+
+
+# -- CLI helpers shared by the CLI and eval/report tests ------------------------------------------
+SMALL_RUN = ["--lengths", "384,512", "--samples", "2", "--candidates", "small", "--eval-data", "eval-small"]
+
+
+def invoke(*args):
+    """Run the headplan CLI in-process; returns typer's Result (exit_code, output, stderr)."""
+    from typer.testing import CliRunner
+
+    from headplan.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def tiny_run(out):
+    """`headplan run` on random:llama with small settings into ``out``; asserts success."""
+    r = invoke("run", "random:llama", "--out", out, "--density", "0.4", *SMALL_RUN)
+    assert r.exit_code == 0, r.output
+    return out

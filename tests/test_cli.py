@@ -3,24 +3,15 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from headplan.cli import app
+from helpers import SMALL_RUN, invoke, tiny_run
 
-runner = CliRunner()
-SMALL = ["--lengths", "384,512", "--samples", "2", "--candidates", "small", "--eval-data", "eval-small"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+SMALL = SMALL_RUN
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    r = invoke("run", "random:llama", "--out", out, "--density", "0.4", *SMALL)
-    assert r.exit_code == 0, r.output
-    return out
+    return tiny_run(tmp_path_factory.mktemp("run") / "out")
 
 
 def test_run_writes_everything(run_dir):

@@ -2,28 +2,19 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from headplan.candidates import density, kv_share
-from headplan.cli import app
+from helpers import SMALL_RUN, invoke, tiny_run
 from headplan.eval.baselines import BASELINES, build_baselines
 from headplan.plan import load_plan, save_plan
 from headplan.profile import load_profile
 
-runner = CliRunner()
-SMALL = ["--lengths", "384,512", "--samples", "2", "--candidates", "small", "--eval-data", "eval-small"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+SMALL = SMALL_RUN
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("evrun") / "out"
-    r = invoke("run", "random:llama", "--out", out, "--density", "0.4", *SMALL)
-    assert r.exit_code == 0, r.output
-    return out
+    return tiny_run(tmp_path_factory.mktemp("evrun") / "out")
 
 
 def _budget_ok(plan, dens, kvb):
