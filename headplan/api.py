@@ -116,6 +116,12 @@ def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: in
         save_profile(prof, out)
         if plot_path is not None:
             plot_profile(prof, plot_path)
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # every rank waits for rank 0's file, then the group is torn down
+            dist.barrier()
+            dist.destroy_process_group()
     return ProfileResult(prof, out, heads, plot_path)
 
 

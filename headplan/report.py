@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 
 class Reporter:
@@ -37,4 +38,6 @@ class RichReporter(Reporter):
                       TextColumn("eta"), TimeRemainingColumn(), console=self.console,
                       disable=not sys.stderr.isatty() and False) as prog:
             tid = prog.add_task(description, total=total)
+            t0 = time.perf_counter()
             yield lambda n=1: prog.advance(tid, n)
+        self.log(f"{description}: {total} done in {time.perf_counter() - t0:.1f} s")

@@ -340,7 +340,7 @@ def _sequence(lm, smp, length: int, answers: str, reserve: int, lm_tail: float, 
         if gen:
             ans, src = gen, "model"
         text = lm.tokenizer.decode(gen, skip_special_tokens=True)
-        meta.update({"model_answer": text, "model_correct": smp.answer.strip() in text})
+        meta.update({"model_answer": text, "model_answer_ids": list(gen), "model_correct": smp.answer.strip() in text})
     meta.update({"loss": f"{src} answer", "answer_source": src, "reference": smp.answer,
                  "tokens": len(ids) + len(ans), "answer_tokens": len(ans)})
     return _Seq(ids + ans, len(ids), meta)
