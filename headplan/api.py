@@ -194,9 +194,20 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     from .models import load_model
 
     rep = reporter or Reporter()
-    paths = [Path(p) for p in (plan_path if isinstance(plan_path, (list, tuple)) else [plan_path])]
-    if not paths:
+    given = [str(p) for p in (plan_path if isinstance(plan_path, (list, tuple)) else [plan_path])]
+    if not given:
         raise HeadplanError("give a plan: --plan PLAN")
+    names_given, paths = [], []
+    for g in given:  # NAME=PATH names a method (e.g. a baseline plan built earlier); PATH alone is "headplan"
+        name, sep, rest = g.partition("=")
+        if sep and name and not any(c in name for c in "/\\") and not Path(g).is_file():
+            if not all(c.isalnum() or c in "_-.@" for c in name):
+                raise HeadplanError(f"--plan {g}: a method name may use letters, digits, _ - . @ only")
+            names_given.append(name)
+            paths.append(Path(rest))
+        else:
+            names_given.append(None)
+            paths.append(Path(g))
     plans = [load_plan(p) for p in paths]
     spec = load_task_file(data, "eval")
     if baselines is True:
@@ -216,9 +227,12 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
         return f"{name}@{tag}" if multi else name
 
     methods, files = {}, {}
-    for path, plan in zip(paths, plans):
-        methods[label("headplan", plan)] = plan
-        files[label("headplan", plan)] = str(path.resolve())
+    for given_name, path, plan in zip(names_given, paths, plans):
+        m = given_name or label("headplan", plan)
+        if m in methods:
+            raise HeadplanError(f"--plan: two methods named {m!r}; name them with NAME=PATH")
+        methods[m] = plan
+        files[m] = str(path.resolve())
         if names:
             from .profile import load_profile
 
@@ -257,6 +271,41 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     if out is not None:
         atomic_write(Path(out) / "eval.json", json.dumps(res, indent=2, sort_keys=True))
     return res
+
+
+def do_baselines(plan_path: str | Path, out: str | Path, names=None, profile: str | Path | None = None,
+                 seed: int = 0) -> dict[str, Path]:
+    """Write the baseline plans (streaming, duo, moa, random) at PLAN's budget, built from the profile
+    the plan was searched from, as ``OUT/<name>.yaml``, without evaluating them."""
+    from .eval.baselines import BASELINES, build_baselines
+    from .profile import load_profile
+
+    path = Path(plan_path)
+    plan = load_plan(path)
+    names = list(BASELINES) if not names else [x.strip() for x in (names.split(",") if isinstance(names, str)
+                                                                    else names) if x.strip()]
+    for x in names:
+        if x not in BASELINES:
+            raise HeadplanError(f"unknown baseline {x!r} (known: {', '.join(BASELINES)})")
+    pref = (plan.provenance or {}).get("profile") or {}
+    if profile is not None:
+        pp = Path(profile)
+    elif "path" in pref:
+        pp = path.parent / pref["path"]
+    else:
+        raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
+    if not pp.is_file():
+        raise HeadplanError(f"profile not found: {pp} (pass --profile)")
+    prof = load_profile(pp)
+    if pref.get("sha256") and pref["sha256"] != prof.sha256:
+        raise HeadplanError(f"profile {pp} is not the one the plan was made from "
+                            f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+    files = {}
+    for name, bp in build_baselines(prof, plan, names, seed).items():
+        f = Path(out) / f"{name}.yaml"
+        save_plan(bp, f)
+        files[name] = f
+    return files
 
 
 def do_report(run_dir: str | Path, out: str | Path) -> dict:

@@ -267,8 +267,9 @@ def _eval_table(res: dict):
 @app.command("eval")
 @handles_errors
 def eval_cmd(model: str = ModelArg,
-             plan: list[Path] = typer.Option(..., "--plan", help="Plan .yaml (repeatable: several budgets in one "
-                                                                 "run, dense measured once)"),
+             plan: list[str] = typer.Option(..., "--plan", help="Plan .yaml (repeatable: several budgets in one "
+                                                                "run, dense measured once); NAME=PLAN.yaml names "
+                                                                "the method (e.g. a plan from `headplan baselines`)"),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for eval.json (and baselines/)"),
              data: Optional[str] = typer.Option(None, help="Eval spec YAML (path or name in calibration_data/)"),
              text: Optional[list[str]] = TextOpt,
@@ -299,6 +300,23 @@ def eval_cmd(model: str = ModelArg,
             _console().print(f"  dense: {c['dense']!r}")
             for m, v in c["methods"].items():
                 _console().print(f"  {m}: {v!r}")
+
+
+@app.command("baselines")
+@handles_errors
+def baselines_cmd(plan: Path = typer.Argument(..., metavar="PLAN", help="The plan whose budget the baselines meet"),
+                  out: Path = typer.Option(..., "--out", "-o", help="Directory for <name>.yaml"),
+                  names: Optional[str] = typer.Option(None, "--names", help="Comma-separated subset of "
+                                                                             "streaming,duo,moa,random"),
+                  profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile (default: the "
+                                                                                      "plan's provenance.profile.path)"),
+                  seed: int = typer.Option(0, "--seed", help="Seed of the random baseline")):
+    """Write the baseline plans at PLAN's budget (streaming, duo, moa, random) without evaluating them;
+    evaluate them later with `headplan eval --plan NAME=FILE`."""
+    from .api import do_baselines
+
+    for name, f in do_baselines(plan, out, names, profile_path, seed).items():
+        _console().print(f"{name} -> {f}")
 
 
 @app.command("report")

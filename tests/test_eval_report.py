@@ -141,3 +141,60 @@ def test_eval_baselines_bad_input(run_dir, tmp_path):
     r = invoke("eval", "random:llama", "--plan", run_dir / "plan.yaml", "--baselines", "--profile",
                tmp_path / "none.safetensors", "--data", "eval-small")
     assert r.exit_code == 2 and "profile not found" in r.output
+
+
+def test_baselines_command_then_named_plans_match_eval_baselines(run_dir, tmp_path):
+    """`headplan baselines` writes the same plans `eval --baselines` builds; NAME=FILE names methods."""
+    import headplan
+    from headplan.eval import evaluate
+
+    r = invoke("baselines", run_dir / "plan.yaml", "--out", tmp_path / "b", "--names", "streaming,duo")
+    assert r.exit_code == 0, r.output
+    prof = load_profile(run_dir / "profile.safetensors")
+    built = build_baselines(prof, load_plan(run_dir / "plan.yaml"), ["streaming", "duo"])
+    for name, plan in built.items():
+        save_plan(plan, tmp_path / f"want-{name}.yaml")
+        assert (tmp_path / "b" / f"{name}.yaml").read_bytes() == (tmp_path / f"want-{name}.yaml").read_bytes()
+    spec = tmp_path / "g.yaml"
+    spec.write_text("passkey: {lengths: [384], depths: [0.5]}\n")
+    r = invoke("eval", "random:llama", "--plan", f"mine={run_dir / 'plan.yaml'}",
+               "--plan", f"streaming@x={tmp_path / 'b' / 'streaming.yaml'}", "--data", spec, "--out", tmp_path / "ev")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert [m["name"] for m in res["methods"]] == ["mine", "streaming@x"]
+    assert set(res["retrieval"][0]["acc"]) == {"dense", "mine", "streaming@x"}
+    r = invoke("eval", "random:llama", "--plan", f"a={run_dir / 'plan.yaml'}", "--plan", f"a={run_dir / 'plan.yaml'}",
+               "--data", spec)
+    assert r.exit_code == 2 and "two methods named" in r.stderr
+    r = invoke("baselines", run_dir / "plan.yaml", "--out", tmp_path / "c", "--names", "nope")
+    assert r.exit_code == 2 and "unknown baseline" in r.stderr and not (tmp_path / "c").exists()
+
+
+def test_answer_nll_is_the_teacher_forced_answer_loss(run_dir):
+    """answer_nll: an all-full plan equals dense to float tolerance; dense equals a hand computation."""
+    import torch
+
+    import headplan
+    from headplan.data import Haystack, load_texts, make_sample
+    from headplan.eval import evaluate
+    from headplan.plan import plan_from_rows
+    import random
+
+    lm = headplan.load_model("random:llama")
+    plan = load_plan(run_dir / "plan.yaml")
+    full = plan_from_rows(plan.model, [[{"kind": "full"}] * plan.model.num_kv_heads] * plan.model.num_layers,
+                          block_size=plan.block_size)
+    spec = {"seed": 7, "passkey": {"lengths": [256], "depths": [0.3]}}
+    res = evaluate(lm, plan, spec, others={"full": full})
+    nll = res["retrieval"][0]["answer_nll"]
+    assert abs(nll["full"] - nll["dense"]) < 1e-4
+    text, _ = load_texts(None)
+    s = make_sample(Haystack(lm.tokenizer, text), "passkey", 256, random.Random("7:passkey:256:0"), {"depths": [0.3]})
+    ids = torch.tensor([list(s.input_ids) + list(s.answer_ids)])
+    from headplan.runtime import dense
+
+    with torch.no_grad(), dense(lm.model):  # evaluate() leaves the plan applied
+        lp = lm.model(ids).logits[0, -len(s.answer_ids) - 1:-1].float().log_softmax(-1)
+    want = float(-lp.gather(1, torch.tensor(s.answer_ids)[:, None]).mean())
+    assert abs(nll["dense"] - want) < 1e-4, (nll["dense"], want)
+    assert nll["headplan"] != nll["dense"]  # the tiny plan is sparse at 256: the metric can tell

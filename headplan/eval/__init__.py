@@ -40,6 +40,13 @@ def _logits(model, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
     return (lg[-keep:] if keep else lg).float()
 
 
+def _answer_nll(model, full: torch.Tensor, tgt: torch.Tensor) -> float:
+    """Mean negative log-likelihood (nats per token) of the last ``len(tgt)`` tokens of ``full``,
+    teacher-forced through whatever attention the model runs now."""
+    lp = _logits(model, full, len(tgt) + 1)[:-1].log_softmax(-1)
+    return float(-lp.gather(1, tgt[:, None]).mean())
+
+
 def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None, key: str | None = None) -> list[int]:
     """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan)."""
     from transformers import DynamicCache
@@ -170,6 +177,8 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
             for n in g["lengths"]:
                 n = int(n)
                 ok = {m: 0 for m in ["dense", *names]}
+                nll_sum: dict = {}
+                nll_n = 0
                 cell_ok: dict = {}
                 cases = []
                 for i, var in enumerate(variants):
@@ -194,6 +203,19 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                         if dev.type == "cuda":
                             mem[f"peak_{m}"] = torch.cuda.max_memory_allocated()
                         advance()
+                    nll = {}  # teacher-forced NLL of the reference answer: finer than right/wrong
+                    if s.answer_ids:
+                        full = torch.tensor([list(s.input_ids) + list(s.answer_ids)], device=dev)
+                        na = len(s.answer_ids)
+                        tgt = full[0, -na:]
+                        with dense(model):
+                            nll["dense"] = _answer_nll(model, full, tgt)
+                        for m in names:
+                            apply(model, methods[m], check=False)
+                            nll[m] = _answer_nll(model, full, tgt)
+                        for m, v in nll.items():
+                            nll_sum[m] = nll_sum.get(m, 0.0) + v
+                        nll_n += 1
                     memory.setdefault(n, {})
                     for key, val in mem.items():
                         memory[n][key] = max(memory[n].get(key, 0), val)
@@ -206,11 +228,15 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                         c[m] += hit
                     cases.append({"depth": depth, "answer": s.answer, "dense": outs["dense"].strip(),
                                   "plan": outs[primary].strip(),
-                                  "methods": {m: outs[m].strip() for m in names}})
+                                  "methods": {m: outs[m].strip() for m in names},
+                                  **({"answer_nll": nll} if nll else {})})
                 tot = len(variants)
                 results["retrieval"].append({"task": task, "length": n, "samples": tot, "acc_dense": ok["dense"] / tot,
                                              "acc_plan": ok[primary] / tot,
-                                             "acc": {m: v / tot for m, v in ok.items()}, "cases": cases})
+                                             "acc": {m: v / tot for m, v in ok.items()},
+                                             **({"answer_nll": {m: v / nll_n for m, v in nll_sum.items()}}
+                                                if nll_n else {}),
+                                             "cases": cases})
                 for depth, c in sorted(cell_ok.items(), key=lambda x: (x[0] is None, x[0] or 0)):
                     results["grid"].append({"task": task, "length": n, "depth": depth, "samples": c["n"],
                                             "acc": {m: c[m] / c["n"] for m in ok}})
