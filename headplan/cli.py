@@ -238,6 +238,9 @@ def _eval_table(res: dict):
             t.add_row("KL(dense||plan) / top-1 agree", str(r["length"]), "", f"{r['kl']:.4f} / {r['top1_agree']:.3f}")
         for r in res["retrieval"]:
             t.add_row(f"{r['task']} accuracy", str(r["length"]), f"{r['acc_dense']:.2f}", f"{r['acc_plan']:.2f}")
+            if r.get("answer_nll"):
+                nl = r["answer_nll"]
+                t.add_row(f"{r['task']} answer NLL", str(r["length"]), f"{nl['dense']:.3f}", f"{nl[res['primary']]:.3f}")
         for r in res["budget"]:
             t.add_row("density / KV kept", str(r["length"]), "1.000 / 1.000", f"{r['density']:.3f} / {r['kv_share']:.3f}")
         for r in res.get("kv_cache_measured", []):
@@ -257,6 +260,9 @@ def _eval_table(res: dict):
         a = r["acc"]
         t.add_row(f"{r['task']} accuracy (n={r['samples']})", str(r["length"]), f"{a['dense']:.2f}",
                   *[f"{a[m]:.2f}" for m in names])
+        if r.get("answer_nll"):
+            nl = r["answer_nll"]
+            t.add_row(f"{r['task']} answer NLL", str(r["length"]), f"{nl['dense']:.3f}", *[f"{nl[m]:.3f}" for m in names])
     info = {m["name"]: m for m in res["methods"]}
     for j, b in enumerate(res["budget"]):
         t.add_row("density / KV kept", str(b["length"]), "1.000 / 1.000",
