@@ -140,10 +140,11 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
               kv_budget: float | None = None, lengths=None, latency_budget: str | None = None,
               memory_budget: str | None = None, cost_table: str | None = None,
               max_patterns_per_layer: int | None = None, validate_lengths=None, pareto_points: int = 0,
-              tune_trials: int = 0, study: str | None = None) -> Plan:
+              tune_trials: int = 0, study: str | None = None, signals: str | dict | None = None,
+              exclude_kinds: str | list | None = None) -> Plan:
     """Search a plan; with ``pareto_points`` also writes ``<out>.pareto.csv``/``.png`` beside the plan;
     with ``tune_trials`` runs Optuna over the global knobs (``study``: sqlite file to resume)."""
-    from .profile import load_profile
+    from .profile import load_profile, parse_method
     from .search import (SearchSettings, parse_latency, parse_memory, pareto, profile_ref, search, tune,
                          write_pareto)
 
@@ -153,12 +154,24 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
         raise HeadplanError("give a budget: --density, --kv-budget, --latency-budget and/or --memory-budget")
     prof = load_profile(profile_path)
     m = prof.model
+    try:
+        sig = tuple(parse_method(signals).items()) if signals else ()
+    except HeadplanError as e:
+        raise HeadplanError(f"--signals: {e}".replace("--method", "--signals").replace("profiling method", "signal")) from None
+    kinds = tuple(x.strip() for x in (exclude_kinds.split(",") if isinstance(exclude_kinds, str)
+                                      else (exclude_kinds or ())) if x.strip())
+    from .plan import KINDS as _KINDS
+
+    for k in kinds:
+        if k not in _KINDS:
+            raise HeadplanError(f"--exclude-kinds: unknown pattern kind {k!r} (known: {', '.join(_KINDS)})")
     cost = load_cost(cost_table or ("analytic" if (lat or mem) else None), m.head_dim,
                      m.num_query_heads // m.num_kv_heads)
     settings = SearchSettings(density=density, kv_budget=kv_budget,
                               lengths=tuple(parse_lengths(lengths)) if lengths else None,
                               latency_budget=lat, memory_budget=mem, max_patterns_per_layer=max_patterns_per_layer,
-                              validate_lengths=tuple(parse_lengths(validate_lengths)) if validate_lengths else ())
+                              validate_lengths=tuple(parse_lengths(validate_lengths)) if validate_lengths else (),
+                              signals=sig, exclude_kinds=kinds)
     ref = profile_ref(profile_path, out, prof.sha256)
     if tune_trials:
         plan, trials = tune(prof, settings, tune_trials, f"sqlite:///{Path(study).resolve()}" if study else None,

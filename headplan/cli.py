@@ -127,12 +127,17 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
                                                           help="Profiled lengths held out for validation"),
            pareto_points: int = typer.Option(0, "--pareto", help="Also write the Pareto front (N points) beside --out"),
            tune_trials: int = typer.Option(0, "--tune", help="Optuna trials over global knobs (0 = off)"),
-           study: Optional[Path] = typer.Option(None, "--study", help="sqlite file: resumable Optuna study")):
+           study: Optional[Path] = typer.Option(None, "--study", help="sqlite file: resumable Optuna study"),
+           signals: Optional[str] = typer.Option(None, "--signals", help="Re-weight the profile's stored signals, "
+                                                                          "e.g. gradient=0.3,recall=0.7"),
+           exclude_kinds: Optional[str] = typer.Option(None, "--exclude-kinds", help="Pattern kinds never to use, "
+                                                                                     "e.g. vslash,blocksparse")):
     """Assign each KV head a pattern: least profiled loss within the budgets (exact)."""
     from .api import do_search
 
     plan = do_search(profile_path, out, density, kv_budget, lengths, latency_budget, memory_budget, cost_table,
-                     max_patterns, validate_lengths, pareto_points, tune_trials, str(study) if study else None)
+                     max_patterns, validate_lengths, pareto_points, tune_trials, str(study) if study else None,
+                     signals=signals, exclude_kinds=exclude_kinds)
     b = plan.budget
     msg = (f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
            f"and KV {', '.join(f'{x:.3f}' for x in b.achieved_kv)} at lengths {list(b.lengths)}")

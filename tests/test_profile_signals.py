@@ -361,3 +361,35 @@ def test_torchrun_two_ranks_give_the_same_profile(tmp_path):
     assert torch.equal(ddp.loss, one.loss)
     assert all(torch.equal(ddp.parts[s], one.parts[s]) for s in one.parts)
     assert ddp.header()["data"] == one.header()["data"]
+
+
+def test_search_reweights_stored_signals_and_excludes_kinds(full_run, tmp_path):
+    """--signals re-combines the stored parts (the profiled weights give back the stored loss and the
+    same plan); one signal alone is that signal; --exclude-kinds is honoured; check reproduces it."""
+    from typer.testing import CliRunner
+
+    from headplan.api import do_search
+    from headplan.cli import app
+    from headplan.search import SearchSettings, profile_loss, search
+
+    prof = full_run
+    same = profile_loss(prof, tuple((k, v["weight"]) for k, v in prof.signals.items()))
+    assert torch.allclose(same, prof.loss.double(), rtol=1e-5, atol=1e-8)
+    assert torch.equal(profile_loss(prof, (("mse", 1.0),)), prof.parts["mse"].double().clamp(min=0))
+    a = search(prof, SearchSettings(density=0.6))
+    b = search(prof, SearchSettings(density=0.6, signals=tuple((k, v["weight"]) for k, v in prof.signals.items())))
+    assert [e.pattern for layer in a.layers for e in layer] == [e.pattern for layer in b.layers for e in layer]
+    c = search(prof, SearchSettings(density=0.6, signals=(("gradient", 1.0),)))
+    assert c.provenance["search"]["signals"] == {"gradient": 1.0}
+    path = tmp_path / "p.safetensors"
+    save_profile(prof, path)
+    plan = do_search(path, tmp_path / "mse.yaml", density=0.6, signals="mse", exclude_kinds="vslash,blocksparse")
+    kinds = {e.pattern.kind for layer in plan.layers for e in layer}
+    assert not kinds & {"vslash", "blocksparse"}
+    r = CliRunner().invoke(app, ["check", str(tmp_path / "mse.yaml")])
+    assert r.exit_code == 0, r.output
+    for bad, msg in ((dict(signals="recall"), "no stored signal 'recall'"), (dict(signals="foo"), "--signals"),
+                     (dict(exclude_kinds="windowed"), "unknown pattern kind")):
+        with pytest.raises(HeadplanError, match=msg):
+            do_search(path, tmp_path / "x.yaml", density=0.6, **bad)
+        assert not (tmp_path / "x.yaml").exists()

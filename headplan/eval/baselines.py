@@ -193,6 +193,11 @@ def build_baselines(prof, plan: Plan, names=BASELINES, seed: int = 0) -> dict[st
     """The named baselines for ``plan`` from ``prof`` (the profile the plan was searched on)."""
     if prof.model.fingerprint != plan.model.fingerprint:
         raise HeadplanError("the profile is for another model than the plan (fingerprints differ)")
+    sig = ((plan.provenance or {}).get("search") or {}).get("signals")
+    if sig:  # the plan re-weighted the profile's signals: rank heads for duo/moa by the same loss
+        from ..search import profile_loss
+
+        prof = dataclasses.replace(prof, loss=profile_loss(prof, tuple((k, float(w)) for k, w in sig.items())).float())
     makers = {"streaming": streaming_baseline, "duo": duo_baseline, "moa": moa_baseline,
               "random": lambda p, pl: random_baseline(p, pl, seed)}
     out = {}

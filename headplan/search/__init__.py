@@ -20,11 +20,13 @@ settings give the same plan, byte for byte.
 from __future__ import annotations
 
 import csv
+import math
 import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import __version__
 from ..errors import HeadplanError
@@ -44,6 +46,7 @@ class SearchSettings:
     max_patterns_per_layer: int | None = None
     exclude_kinds: tuple[str, ...] = ()
     validate_lengths: tuple[int, ...] = ()
+    signals: tuple[tuple[str, float], ...] = ()  # re-weight the profile's stored signals; () = as profiled
 
     def to_dict(self) -> dict:
         d = {"density": self.density, "kv_budget": self.kv_budget,
@@ -59,6 +62,8 @@ class SearchSettings:
             d["exclude_kinds"] = list(self.exclude_kinds)
         if self.validate_lengths:
             d["validate_lengths"] = list(self.validate_lengths)
+        if self.signals:
+            d["signals"] = {k: w for k, w in self.signals}
         return d
 
     @staticmethod
@@ -72,7 +77,8 @@ class SearchSettings:
             memory_budget=(float(mem["gb"]), int(mem["batch"]), int(mem["length"])) if mem else None,
             max_patterns_per_layer=s.get("max_patterns_per_layer"),
             exclude_kinds=tuple(s.get("exclude_kinds") or ()),
-            validate_lengths=tuple(s.get("validate_lengths") or ()))
+            validate_lengths=tuple(s.get("validate_lengths") or ()),
+            signals=tuple((str(k), float(w)) for k, w in (s.get("signals") or {}).items()))
 
 
 def parse_latency(s: str | None) -> tuple[float, int] | None:
@@ -149,6 +155,28 @@ def _cost_coefs(prof: Profile, cost, n: int):
     return per_head, dyn_ms
 
 
+def profile_loss(prof: Profile, signals=()) -> torch.Tensor:
+    """The per-(layer, KV head, candidate, length) loss the search minimises: the profile's stored
+    combination, or its stored signals re-combined with new weights (``signals``: (name, weight)
+    pairs; each signal divided by its mean, as when profiling)."""
+    from ..profile import combine
+
+    if not signals:
+        return prof.loss.double()
+    missing = [k for k, _ in signals if k not in prof.parts]
+    if missing:
+        have = ", ".join(prof.parts) or "none (an old or single-signal profile)"
+        raise HeadplanError(f"--signals: the profile has no stored signal {missing[0]!r} (stored: {have})")
+    for k, w in signals:
+        if not (w > 0 and math.isfinite(w)):
+            raise HeadplanError(f"--signals: weight of {k!r} must be positive, got {w}")
+    weights = dict(signals)
+    if len(weights) == 1:  # one signal alone: as a single-signal profile stores it
+        (k,) = weights
+        return prof.parts[k].double().clamp(min=0.0)
+    return combine({k: prof.parts[k].double() for k in weights}, weights)[0]
+
+
 def search(prof: Profile, settings: SearchSettings, profile_ref: dict | None = None, cost=None) -> Plan:
     from ..costmodel import check_fits
 
@@ -160,7 +188,7 @@ def search(prof: Profile, settings: SearchSettings, profile_ref: dict | None = N
     m = prof.model
     H = m.num_layers * m.num_kv_heads
     C = len(prof.candidates)
-    loss = prof.loss.double().numpy()[..., li].reshape(H, C, len(li))
+    loss = profile_loss(prof, settings.signals).numpy()[..., li].reshape(H, C, len(li))
     dens = prof.density.numpy()[:, li]
     kv = prof.kv.numpy()[:, li]
     allowed = np.array([c.pattern.kind not in settings.exclude_kinds for c in prof.candidates])
@@ -266,7 +294,7 @@ def _plan(prof, settings, choice, lengths, loss, dens, kv, profile_ref, cost) ->
         search_info["cost_table"] = {"source": cost.source, "device": cost.device.get("name", "")}
     if settings.validate_lengths:
         vi = [prof.lengths.index(n) for n in settings.validate_lengths]
-        vloss = prof.loss.double().numpy()[..., vi].reshape(H, len(prof.candidates), len(vi))
+        vloss = profile_loss(prof, settings.signals).numpy()[..., vi].reshape(H, len(prof.candidates), len(vi))
         search_info["validation_loss"] = {str(n): round(float(vloss[np.arange(H), choice, j].mean()), 8)
                                           for j, n in enumerate(settings.validate_lengths)}
     prov = {
