@@ -19,6 +19,7 @@ settings give the same plan, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import io
@@ -139,12 +140,35 @@ class _Problem:
             lo.append(lb)
             hi.append(ub)
         A = csr_array((data, (ri, ci)), shape=(len(self.rows), self.nvar))
-        res = milp(np.concatenate(self.obj), constraints=[LinearConstraint(A, np.array(lo), np.array(hi))],
-                   integrality=np.ones(self.nvar), bounds=Bounds(0, 1),
-                   options={"disp": False, "presolve": True, "mip_rel_gap": 0.0})
+        with _quiet_stdout():  # HiGHS prints some internal notices straight to fd 1 even with disp off
+            res = milp(np.concatenate(self.obj), constraints=[LinearConstraint(A, np.array(lo), np.array(hi))],
+                       integrality=np.ones(self.nvar), bounds=Bounds(0, 1),
+                       options={"disp": False, "presolve": True, "mip_rel_gap": 0.0})
         if res.x is None:
             raise HeadplanError(f"no plan meets these budgets together ({res.message.strip()})")
         return np.asarray(res.x[: self.H * self.C]).reshape(self.H, self.C).argmax(axis=1)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence writes to file descriptor 1 (C-level prints) for the duration; restores it after."""
+    import os
+    import sys
+
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real fd (captured stream): nothing to silence
+        yield
+        return
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def _cost_coefs(prof: Profile, cost, n: int):
