@@ -305,7 +305,8 @@ def _f(x, fmt="{:.3f}"):
 
 
 def results_table(res: dict) -> tuple[list[str], list[list[str]]]:
-    """Rows: dense and every method; columns: budget, perplexity (Δ vs dense), KL, top-1, retrieval."""
+    """Rows: dense and every method; columns: budget, perplexity (Δ vs dense), KL, top-1, retrieval
+    (correct/total, and the mean teacher-forced answer NLL when the eval recorded it)."""
     names = [m["name"] for m in res["methods"]]
     info = {m["name"]: m for m in res["methods"]}
     head = ["method", "density", "KV kept"]
@@ -331,7 +332,8 @@ def results_table(res: dict) -> tuple[list[str], list[list[str]]]:
         for r in res["retrieval"]:
             a = r["acc"].get(name)
             k = round(a * r["samples"]) if a is not None else None
-            row.append("–" if a is None else f"{k}/{r['samples']}")
+            nll = (r.get("answer_nll") or {}).get(name)
+            row.append(("–" if a is None else f"{k}/{r['samples']}") + (f", NLL {nll:.2f}" if nll is not None else ""))
         rows.append(row)
     return head, rows
 
