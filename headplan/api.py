@@ -19,6 +19,7 @@ from .report import Reporter
 
 DEFAULT_LENGTHS = (2048, 4096)
 DEFAULT_DENSITY = 0.25
+DEFAULT_RUN_METHOD = "recall"  # the profiling signal(s) of `headplan run`
 
 
 def parse_lengths(s: str | list | tuple) -> list[int]:
@@ -349,7 +350,8 @@ def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budge
 def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_budget: float | None = None,
            lengths=DEFAULT_LENGTHS, samples: int | None = None, data: str | None = None,
            eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
-           device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default") -> dict:
+           device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
+           method: str = DEFAULT_RUN_METHOD) -> dict:
     """The whole pipeline: profile, search, eval; writes profile, plan.yaml, eval.json, summary.json."""
     from .data import load_task_file
     from .models import load_model
@@ -367,12 +369,12 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
     prof_path = out / "profile.safetensors"
     plan_path = out / "plan.yaml"
     prof, _ = do_profile(model, prof_path, lengths, samples, data, texts, candidates, dtype=dtype, device=device,
-                         reporter=rep, lm=lm)
+                         reporter=rep, lm=lm, method=method)
     t_prof = time.time() - t0 - t_load
     plan = do_search(prof_path, plan_path, density, kv_budget)
     res = do_eval(model, plan_path, out, eval_data, texts, reporter=rep, lm=lm)
     summary = {
-        "model": model, "density_budget": density, "kv_budget": kv_budget,
+        "model": model, "method": prof.method, "density_budget": density, "kv_budget": kv_budget,
         "profiled_lengths": list(prof.lengths), "plan_counts": plan.counts(),
         "achieved_density": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_density)),
         "achieved_kv": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_kv)),

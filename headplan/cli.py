@@ -353,6 +353,8 @@ def run(model: str = ModelArg,
         eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Eval spec YAML"),
         text: Optional[list[str]] = TextOpt,
         candidates: str = typer.Option("default", help="Candidate set: default | small"),
+        method: Optional[str] = typer.Option(None, "--method", help="Profiling signal(s), as for `headplan "
+                                                                    "profile` (default: recall)"),
         dtype: str = DtypeOpt, device: str = DeviceOpt):
     """The whole pipeline: profile, search, eval; writes everything into --out."""
     from rich.table import Table
@@ -360,13 +362,14 @@ def run(model: str = ModelArg,
     from .api import do_run
 
     s = do_run(model, out, density, kv_budget, lengths, samples, data, eval_data, text, dtype, device,
-               reporter=_reporter(), candidates=candidates)
+               reporter=_reporter(), candidates=candidates, **({"method": method} if method else {}))
     con = _console()
     con.print(_eval_table(s["eval"]))
     t = Table(title=f"headplan run: {model}")
     t.add_column("item")
     t.add_column("value")
     t.add_row("plan", ", ".join(f"{k} {v}" for k, v in s["plan_counts"].items()))
+    t.add_row("profiled with", s["method"])
     t.add_row("density (budget)", f"{density:g}")
     for n, d in s["achieved_density"].items():
         t.add_row(f"density / KV kept @ {n}", f"{d:.3f} / {s['achieved_kv'][n]:.3f}")

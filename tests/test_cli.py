@@ -109,3 +109,18 @@ def test_real_process_exit_code_and_single_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"headplan: error: profile not found: {tmp_path / 'x.safetensors'}"]
+
+
+def test_run_with_another_profiling_method(tmp_path):
+    import json
+
+    r = invoke("run", "random:llama", "--out", tmp_path / "g", "--density", "0.4", "--method", "gradient,recall",
+               *SMALL_RUN)
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert s["method"] == "gradient+recall" and "gradient+recall" in r.output
+    from headplan.profile import load_profile
+
+    assert set(load_profile(tmp_path / "g" / "profile.safetensors").parts) == {"gradient", "recall"}
+    r = invoke("run", "random:llama", "--out", tmp_path / "h", "--method", "attention", *SMALL_RUN)
+    assert r.exit_code == 2 and "unknown profiling method" in r.stderr and not (tmp_path / "h").exists()
