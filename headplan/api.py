@@ -142,7 +142,7 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
               memory_budget: str | None = None, cost_table: str | None = None,
               max_patterns_per_layer: int | None = None, validate_lengths=None, pareto_points: int = 0,
               tune_trials: int = 0, study: str | None = None, signals: str | dict | None = None,
-              exclude_kinds: str | list | None = None) -> Plan:
+              exclude_kinds: str | list | None = None, keep: str | dict | None = None) -> Plan:
     """Search a plan; with ``pareto_points`` also writes ``<out>.pareto.csv``/``.png`` beside the plan;
     with ``tune_trials`` runs Optuna over the global knobs (``study``: sqlite file to resume)."""
     from .profile import load_profile, parse_method
@@ -159,6 +159,14 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
         sig = tuple(parse_method(signals).items()) if signals else ()
     except HeadplanError as e:
         raise HeadplanError(f"--signals: {e}".replace("--method", "--signals").replace("profiling method", "signal")) from None
+    keep_t = ()
+    if keep:
+        if isinstance(keep, str) and any("=" not in part for part in keep.split(",") if part.strip()):
+            raise HeadplanError(f"--keep: give SIGNAL=SLACK pairs, e.g. recall=1.2 (got {keep!r})")
+        try:
+            keep_t = tuple(parse_method(keep).items())
+        except HeadplanError as e:
+            raise HeadplanError(f"--keep: {e}".replace("--method", "--keep").replace("profiling method", "signal")) from None
     kinds = tuple(x.strip() for x in (exclude_kinds.split(",") if isinstance(exclude_kinds, str)
                                       else (exclude_kinds or ())) if x.strip())
     from .plan import KINDS as _KINDS
@@ -172,7 +180,7 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
                               lengths=tuple(parse_lengths(lengths)) if lengths else None,
                               latency_budget=lat, memory_budget=mem, max_patterns_per_layer=max_patterns_per_layer,
                               validate_lengths=tuple(parse_lengths(validate_lengths)) if validate_lengths else (),
-                              signals=sig, exclude_kinds=kinds)
+                              signals=sig, exclude_kinds=kinds, keep=keep_t)
     ref = profile_ref(profile_path, out, prof.sha256)
     if tune_trials:
         plan, trials = tune(prof, settings, tune_trials, f"sqlite:///{Path(study).resolve()}" if study else None,

@@ -131,13 +131,16 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
            signals: Optional[str] = typer.Option(None, "--signals", help="Re-weight the profile's stored signals, "
                                                                           "e.g. gradient=0.3,recall=0.7"),
            exclude_kinds: Optional[str] = typer.Option(None, "--exclude-kinds", help="Pattern kinds never to use, "
-                                                                                     "e.g. vslash,blocksparse")):
+                                                                                     "e.g. vslash,blocksparse"),
+           keep: Optional[str] = typer.Option(None, "--keep", help="Epsilon-constraint: keep a stored signal's loss "
+                                                                   "within SLACK x its own optimum under the same "
+                                                                   "budgets, e.g. recall=1.2")):
     """Assign each KV head a pattern: least profiled loss within the budgets (exact)."""
     from .api import do_search
 
     plan = do_search(profile_path, out, density, kv_budget, lengths, latency_budget, memory_budget, cost_table,
                      max_patterns, validate_lengths, pareto_points, tune_trials, str(study) if study else None,
-                     signals=signals, exclude_kinds=exclude_kinds)
+                     signals=signals, exclude_kinds=exclude_kinds, keep=keep)
     b = plan.budget
     msg = (f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
            f"and KV {', '.join(f'{x:.3f}' for x in b.achieved_kv)} at lengths {list(b.lengths)}")

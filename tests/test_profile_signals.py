@@ -393,3 +393,37 @@ def test_search_reweights_stored_signals_and_excludes_kinds(full_run, tmp_path):
         with pytest.raises(HeadplanError, match=msg):
             do_search(path, tmp_path / "x.yaml", density=0.6, **bad)
         assert not (tmp_path / "x.yaml").exists()
+
+
+def test_search_keep_is_an_epsilon_constraint(full_run, tmp_path):
+    """--keep mse=1 gives a plan whose mse loss equals the mse-only optimum; a loose slack changes
+    nothing; the constrained plan is never better on the main objective than the unconstrained one."""
+    import numpy as np
+
+    from headplan.api import do_search
+    from headplan.search import SearchSettings, _solve, profile_loss
+
+    prof = full_run
+    H = prof.model.num_layers * prof.model.num_kv_heads
+    C = len(prof.candidates)
+    part = profile_loss(prof, (("mse", 1.0),)).numpy().reshape(H, C, -1).mean(axis=2)
+    main = profile_loss(prof, (("gradient", 1.0),)).numpy().reshape(H, C, -1).mean(axis=2)
+    at = lambda tab, ch: float(tab[np.arange(H), ch].sum())  # noqa: E731
+    base = SearchSettings(density=0.6, signals=(("gradient", 1.0),))
+    free, *_ = _solve(prof, base)
+    best_mse, *_ = _solve(prof, SearchSettings(density=0.6, signals=(("mse", 1.0),)))
+    tight, *_ = _solve(prof, SearchSettings(density=0.6, signals=(("gradient", 1.0),), keep=(("mse", 1.0),)))
+    loose, *_ = _solve(prof, SearchSettings(density=0.6, signals=(("gradient", 1.0),), keep=(("mse", 1e6),)))
+    assert at(part, tight) <= at(part, best_mse) * (1 + 1e-6) + 1e-12
+    assert at(main, tight) >= at(main, free) - 1e-9
+    assert list(loose) == list(free)
+    if at(part, free) > at(part, best_mse) * 1.001:  # the constraint binds: the plans must differ
+        assert list(tight) != list(free)
+    path = tmp_path / "p.safetensors"
+    save_profile(prof, path)
+    plan = do_search(path, tmp_path / "k.yaml", density=0.6, signals="gradient", keep="mse=1.05")
+    assert plan.provenance["search"]["keep"] == {"mse": 1.05}
+    for bad, msg in (("mse=0.5", "must be >= 1"), ("mse", "SIGNAL=SLACK"), ("recall=1.2", "no stored signal")):
+        with pytest.raises(HeadplanError, match=msg):
+            do_search(path, tmp_path / "x.yaml", density=0.6, keep=bad)
+        assert not (tmp_path / "x.yaml").exists()

@@ -48,6 +48,7 @@ class SearchSettings:
     exclude_kinds: tuple[str, ...] = ()
     validate_lengths: tuple[int, ...] = ()
     signals: tuple[tuple[str, float], ...] = ()  # re-weight the profile's stored signals; () = as profiled
+    keep: tuple[tuple[str, float], ...] = ()  # (signal, slack): that signal's loss <= slack x its own optimum
 
     def to_dict(self) -> dict:
         d = {"density": self.density, "kv_budget": self.kv_budget,
@@ -65,6 +66,8 @@ class SearchSettings:
             d["validate_lengths"] = list(self.validate_lengths)
         if self.signals:
             d["signals"] = {k: w for k, w in self.signals}
+        if self.keep:
+            d["keep"] = {k: w for k, w in self.keep}
         return d
 
     @staticmethod
@@ -79,7 +82,8 @@ class SearchSettings:
             max_patterns_per_layer=s.get("max_patterns_per_layer"),
             exclude_kinds=tuple(s.get("exclude_kinds") or ()),
             validate_lengths=tuple(s.get("validate_lengths") or ()),
-            signals=tuple((str(k), float(w)) for k, w in (s.get("signals") or {}).items()))
+            signals=tuple((str(k), float(w)) for k, w in (s.get("signals") or {}).items()),
+            keep=tuple((str(k), float(w)) for k, w in (s.get("keep") or {}).items()))
 
 
 def parse_latency(s: str | None) -> tuple[float, int] | None:
@@ -202,6 +206,11 @@ def profile_loss(prof: Profile, signals=()) -> torch.Tensor:
 
 
 def search(prof: Profile, settings: SearchSettings, profile_ref: dict | None = None, cost=None) -> Plan:
+    choice, lengths, loss, dens, kv = _solve(prof, settings, cost)
+    return _plan(prof, settings, choice, lengths, loss, dens, kv, profile_ref, cost)
+
+
+def _solve(prof: Profile, settings: SearchSettings, cost=None):
     from ..costmodel import check_fits
 
     lengths = tuple(settings.lengths) if settings.lengths else prof.lengths
@@ -293,8 +302,22 @@ def search(prof: Profile, settings: SearchSettings, profile_ref: dict | None = N
                 for c in range(C):
                     prob.le([h * C + c, z0 + layer * C + c], [1.0, -1.0], 0.0)
             prob.le(list(range(z0 + layer * C, z0 + (layer + 1) * C)), [1.0] * C, kmax)
+    for sig, slack in settings.keep:
+        # epsilon-constraint: first the best this signal alone can do under the same budgets, then
+        # keep the plan's loss on that signal within `slack` times that optimum
+        if not (slack >= 1.0 and math.isfinite(slack)):
+            raise HeadplanError(f"--keep: the slack of {sig!r} must be >= 1 (a factor on its optimum), got {slack}")
+        import dataclasses
+
+        alone = dataclasses.replace(settings, signals=((sig, 1.0),), keep=())
+        best, *_ = _solve(prof, alone, cost)
+        part = profile_loss(prof, ((sig, 1.0),)).numpy()[..., li].reshape(H, C, len(li)).mean(axis=2)
+        opt = float(part[np.arange(H), best].sum())
+        scale = opt if opt > 0 else 1.0
+        idx = [i for c in range(C) for i in xs(c)]
+        prob.le(idx, [part[i // C, i % C] / scale for i in idx], slack * opt / scale + 1e-9)
     choice = prob.solve()
-    return _plan(prof, settings, choice, lengths, loss, dens, kv, profile_ref, cost)
+    return choice, lengths, loss, dens, kv
 
 
 def _plan(prof, settings, choice, lengths, loss, dens, kv, profile_ref, cost) -> Plan:
