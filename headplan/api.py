@@ -137,6 +137,54 @@ def load_cost(spec: str | None, head_dim: int, group: int):
     return load_cost_table(spec)
 
 
+def _signal_weights(text, flag: str) -> tuple[tuple[str, float], ...]:
+    """'gradient=0.3,recall=0.7' (or a dict) -> ((name, weight), ...); errors name ``flag``."""
+    from .profile import parse_method
+
+    if not text:
+        return ()
+    try:
+        return tuple(parse_method(text).items())
+    except HeadplanError as e:
+        raise HeadplanError(f"{flag}: {e}".replace("--method", flag).replace("profiling method", "signal")) from None
+
+
+def _baseline_names(value) -> list[str]:
+    """True -> every baseline; 'a,b' or a list -> those names (checked); None/False -> none."""
+    from .eval.baselines import BASELINES
+
+    if value is True:
+        return list(BASELINES)
+    if not value:
+        return []
+    names = [x.strip() for x in (value.split(",") if isinstance(value, str) else value) if x.strip()]
+    for x in names:
+        if x not in BASELINES:
+            raise HeadplanError(f"unknown baseline {x!r} (known: {', '.join(BASELINES)})")
+    return names
+
+
+def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
+    """The profile a plan was searched from: ``profile`` if given, else its provenance path (relative to
+    the plan's folder); refused when its digest differs from the one the plan records."""
+    from .profile import load_profile
+
+    pref = (plan.provenance or {}).get("profile") or {}
+    if profile is not None:
+        pp = Path(profile)
+    elif "path" in pref:
+        pp = path.parent / pref["path"]
+    else:
+        raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
+    if not pp.is_file():
+        raise HeadplanError(f"profile not found: {pp} (pass --profile)")
+    prof = load_profile(pp)
+    if pref.get("sha256") and pref["sha256"] != prof.sha256:
+        raise HeadplanError(f"profile {pp} is not the one the plan was made from "
+                            f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+    return prof
+
+
 def do_search(profile_path: str | Path, out: str | Path, density: float | None = DEFAULT_DENSITY,
               kv_budget: float | None = None, lengths=None, latency_budget: str | None = None,
               memory_budget: str | None = None, cost_table: str | None = None,
@@ -145,7 +193,7 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
               exclude_kinds: str | list | None = None, keep: str | dict | None = None) -> Plan:
     """Search a plan; with ``pareto_points`` also writes ``<out>.pareto.csv``/``.png`` beside the plan;
     with ``tune_trials`` runs Optuna over the global knobs (``study``: sqlite file to resume)."""
-    from .profile import load_profile, parse_method
+    from .profile import load_profile
     from .search import (SearchSettings, parse_latency, parse_memory, pareto, profile_ref, search, tune,
                          write_pareto)
 
@@ -155,18 +203,10 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
         raise HeadplanError("give a budget: --density, --kv-budget, --latency-budget and/or --memory-budget")
     prof = load_profile(profile_path)
     m = prof.model
-    try:
-        sig = tuple(parse_method(signals).items()) if signals else ()
-    except HeadplanError as e:
-        raise HeadplanError(f"--signals: {e}".replace("--method", "--signals").replace("profiling method", "signal")) from None
-    keep_t = ()
-    if keep:
-        if isinstance(keep, str) and any("=" not in part for part in keep.split(",") if part.strip()):
-            raise HeadplanError(f"--keep: give SIGNAL=SLACK pairs, e.g. recall=1.2 (got {keep!r})")
-        try:
-            keep_t = tuple(parse_method(keep).items())
-        except HeadplanError as e:
-            raise HeadplanError(f"--keep: {e}".replace("--method", "--keep").replace("profiling method", "signal")) from None
+    sig = _signal_weights(signals, "--signals")
+    if isinstance(keep, str) and any("=" not in part for part in keep.split(",") if part.strip()):
+        raise HeadplanError(f"--keep: give SIGNAL=SLACK pairs, e.g. recall=1.2 (got {keep!r})")
+    keep_t = _signal_weights(keep, "--keep")
     kinds = tuple(x.strip() for x in (exclude_kinds.split(",") if isinstance(exclude_kinds, str)
                                       else (exclude_kinds or ())) if x.strip())
     from .plan import KINDS as _KINDS
@@ -212,7 +252,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     """
     from .data import load_task_file
     from .eval import evaluate
-    from .eval.baselines import BASELINES, build_baselines
+    from .eval.baselines import build_baselines
     from .models import load_model
 
     rep = reporter or Reporter()
@@ -232,15 +272,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
             paths.append(Path(g))
     plans = [load_plan(p) for p in paths]
     spec = load_task_file(data, "eval")
-    if baselines is True:
-        names = list(BASELINES)
-    elif baselines:
-        names = [x.strip() for x in (baselines.split(",") if isinstance(baselines, str) else baselines) if x.strip()]
-        for x in names:
-            if x not in BASELINES:
-                raise HeadplanError(f"unknown baseline {x!r} (known: {', '.join(BASELINES)})")
-    else:
-        names = []
+    names = _baseline_names(baselines)
     multi = len(plans) > 1
 
     def label(name, plan):
@@ -256,21 +288,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
         methods[m] = plan
         files[m] = str(path.resolve())
         if names:
-            from .profile import load_profile
-
-            pp = Path(profile) if profile is not None else None
-            if pp is None:
-                pref = (plan.provenance or {}).get("profile") or {}
-                if "path" not in pref:
-                    raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
-                pp = path.parent / pref["path"]
-            if not pp.is_file():
-                raise HeadplanError(f"profile not found: {pp} (pass --profile)")
-            prof = load_profile(pp)
-            pref = (plan.provenance or {}).get("profile") or {}
-            if pref.get("sha256") and pref["sha256"] != prof.sha256:
-                raise HeadplanError(f"profile {pp} is not the one the plan was made from "
-                                    f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+            prof = _plan_profile(path, plan, profile)
             for name, bp in build_baselines(prof, plan, names, seed).items():
                 methods[label(name, bp)] = bp
     if out is not None:
@@ -299,29 +317,12 @@ def do_baselines(plan_path: str | Path, out: str | Path, names=None, profile: st
                  seed: int = 0) -> dict[str, Path]:
     """Write the baseline plans (streaming, duo, moa, random) at PLAN's budget, built from the profile
     the plan was searched from, as ``OUT/<name>.yaml``, without evaluating them."""
-    from .eval.baselines import BASELINES, build_baselines
-    from .profile import load_profile
+    from .eval.baselines import build_baselines
 
     path = Path(plan_path)
     plan = load_plan(path)
-    names = list(BASELINES) if not names else [x.strip() for x in (names.split(",") if isinstance(names, str)
-                                                                    else names) if x.strip()]
-    for x in names:
-        if x not in BASELINES:
-            raise HeadplanError(f"unknown baseline {x!r} (known: {', '.join(BASELINES)})")
-    pref = (plan.provenance or {}).get("profile") or {}
-    if profile is not None:
-        pp = Path(profile)
-    elif "path" in pref:
-        pp = path.parent / pref["path"]
-    else:
-        raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
-    if not pp.is_file():
-        raise HeadplanError(f"profile not found: {pp} (pass --profile)")
-    prof = load_profile(pp)
-    if pref.get("sha256") and pref["sha256"] != prof.sha256:
-        raise HeadplanError(f"profile {pp} is not the one the plan was made from "
-                            f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+    names = _baseline_names(names or True)
+    prof = _plan_profile(path, plan, profile)
     files = {}
     for name, bp in build_baselines(prof, plan, names, seed).items():
         f = Path(out) / f"{name}.yaml"

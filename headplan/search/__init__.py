@@ -198,10 +198,7 @@ def profile_loss(prof: Profile, signals=()) -> torch.Tensor:
     for k, w in signals:
         if not (w > 0 and math.isfinite(w)):
             raise HeadplanError(f"--signals: weight of {k!r} must be positive, got {w}")
-    weights = dict(signals)
-    if len(weights) == 1:  # one signal alone: as a single-signal profile stores it
-        (k,) = weights
-        return prof.parts[k].double().clamp(min=0.0)
+    weights = dict(signals)  # one signal alone comes back as a single-signal profile stores it
     return combine({k: prof.parts[k].double() for k in weights}, weights)[0]
 
 
