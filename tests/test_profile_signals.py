@@ -427,3 +427,33 @@ def test_search_keep_is_an_epsilon_constraint(full_run, tmp_path):
         with pytest.raises(HeadplanError, match=msg):
             do_search(path, tmp_path / "x.yaml", density=0.6, keep=bad)
         assert not (tmp_path / "x.yaml").exists()
+
+
+def test_gradient_split_by_task(full_run):
+    """gradient.lm / gradient.answer average the same per-sample statistics over lm / answered samples:
+    their sample-count-weighted mean is the gradient signal, and they differ (they are not copies)."""
+    prof = full_run
+    samples = prof.data["samples"]
+    assert {"gradient.lm", "gradient.answer"} <= set(prof.parts) and set(prof.signals) == {"gradient", "mse"}
+    for li, n in enumerate(prof.lengths):
+        tasks = [m["task"] for m in samples if m["length"] == n]
+        k = sum(t == "lm" for t in tasks)
+        assert 0 < k < len(tasks)
+        mix = (k * prof.parts["gradient.lm"][..., li].double()
+               + (len(tasks) - k) * prof.parts["gradient.answer"][..., li].double()) / len(tasks)
+        assert torch.allclose(mix, prof.parts["gradient"][..., li].double(), rtol=1e-5, atol=1e-8)
+        assert not torch.allclose(prof.parts["gradient.lm"][..., li], prof.parts["gradient.answer"][..., li])
+
+
+def test_signals_accept_the_gradient_split(full_run):
+    from headplan.api import _signal_weights
+    from headplan.search import SearchSettings, profile_loss, search
+
+    assert _signal_weights("gradient.answer=1", "--signals") == (("gradient.answer", 1.0),)
+    with pytest.raises(HeadplanError, match="--signals.*gradient.other"):
+        _signal_weights("gradient.other=1", "--signals")
+    got = profile_loss(full_run, (("gradient.lm", 1.0),))
+    assert torch.equal(got, full_run.parts["gradient.lm"].double().clamp(min=0))
+    plan = search(full_run, SearchSettings(density=0.6, signals=(("gradient.answer", 1.0),),
+                                           keep=(("gradient.lm", 1.2),)))
+    assert plan.provenance["search"]["keep"] == {"gradient.lm": 1.2}

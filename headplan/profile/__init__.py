@@ -55,6 +55,10 @@ FORMAT = "headplan-profile"
 FORMAT_VERSION = 1
 ROW_BLOCK = 256
 _ATTN_NAME = "headplan_profile"
+# the gradient signal split by the calibration samples' task, stored beside it (``loss.<name>``):
+# ``gradient.lm`` over plain-text samples only (a next-token-loss proxy: what perplexity needs),
+# ``gradient.answer`` over the answered samples only (passkey, needle, key->value: what retrieval needs)
+DERIVED = {"gradient.lm": ("gradient", True), "gradient.answer": ("gradient", False)}
 STATE_VERSION = 1
 
 
@@ -165,8 +169,11 @@ def load_profile(path: str | Path) -> Profile:
 # methods
 # ------------------------------------------------------------------------------------------------
 
-def parse_method(method: str | dict) -> dict[str, float]:
-    """'gradient' | 'gradient,recall' | 'gradient=0.7,recall=0.3' -> {signal: weight} (ordered)."""
+def parse_method(method: str | dict, known: tuple[str, ...] = SIGNALS) -> dict[str, float]:
+    """'gradient' | 'gradient,recall' | 'gradient=0.7,recall=0.3' -> {signal: weight} (ordered).
+
+    known: the accepted names (the profiling signals; ``--signals``/``--keep`` also accept the
+    stored task splits of the gradient signal, ``DERIVED``)."""
     if isinstance(method, dict):
         items = [(str(k), v) for k, v in method.items()]
     else:
@@ -177,11 +184,11 @@ def parse_method(method: str | dict) -> dict[str, float]:
             name, _, w = part.replace(":", "=").partition("=")
             items.append((name, w if w else None))
     if not items:
-        raise HeadplanError("--method is empty (known: " + ", ".join(SIGNALS) + ")")
+        raise HeadplanError("--method is empty (known: " + ", ".join(known) + ")")
     out: dict[str, float] = {}
     for name, w in items:
-        if name not in SIGNALS:
-            raise HeadplanError(f"unknown profiling method {name!r} (known: {', '.join(SIGNALS)})")
+        if name not in known:
+            raise HeadplanError(f"unknown profiling method {name!r} (known: {', '.join(known)})")
         if name in out:
             raise HeadplanError(f"--method names {name!r} twice")
         try:
@@ -610,16 +617,32 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
         full = [ci for ci, c in enumerate(candidates) if c.pattern.kind == "full"]
         out[:, :, full] = 0.0
         parts[s] = out.float()
+    full = [ci for ci, c in enumerate(candidates) if c.pattern.kind == "full"]
+    for name, (s, lm_only) in DERIVED.items():
+        if s not in signals or any(m is None for m in metas):
+            continue
+        sel = [[t for t, jb in enumerate(jobs) if jb[0] == li and (metas[t].get("task") == "lm") == lm_only]
+               for li in range(len(lengths))]
+        if not all(sel):  # a length without such samples: no split (the mixture or --samples is too small)
+            continue
+        out = torch.zeros(L, H, C, len(lengths), dtype=torch.float64)
+        for li, ts in enumerate(sel):
+            acc = torch.zeros(L, H, C, dtype=torch.float64)
+            for t in ts:
+                acc += per[s][t]
+            out[..., li] = acc / len(ts)
+        out[:, :, full] = 0.0
+        parts[name] = out.float()
     loss, sig_hdr = combine({s: parts[s].double() for s in signals}, weights)
     dens = torch.tensor([[density(c.pattern, n, block) for n in lengths] for c in candidates], dtype=torch.float64)
     kv = torch.tensor([[kv_share(c.pattern, n) for n in lengths] for c in candidates], dtype=torch.float64)
     if all(m is not None for m in metas):
         data["samples"] = metas  # how each sample was made (task, options, seed, answer source, loss span)
+    plain = signals == ("recall",)  # a recall-only profile stores just its loss (the first format)
     return Profile(model=ident, model_spec=lm.spec, method=method_name(weights), lengths=tuple(lengths),
                    candidates=tuple(candidates), block_size=block, data=data, samples=n_samp,
                    loss=loss.float(), density=dens, kv=kv, versions=versions(),
-                   signals=sig_hdr if (len(signals) > 1 or signals != ("recall",)) else {},
-                   parts=parts if (len(signals) > 1 or signals != ("recall",)) else {})
+                   signals={} if plain else sig_hdr, parts={} if plain else parts)
 
 
 # ------------------------------------------------------------------------------------------------
