@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import json
+import math
 import time
 from pathlib import Path
 
@@ -239,6 +240,53 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
     return plan
 
 
+def do_select(model: str, profile_path: str | Path, out: str | Path, density: float | None = DEFAULT_DENSITY,
+              kv_budget: float | None = None, lengths=None, signals: str | dict | None = None,
+              tolerance: float = 0.02, data: str | None = None, samples: int | None = None,
+              texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
+              reporter: Reporter | None = None, lm=None) -> tuple[Plan, dict]:
+    """Search a family of plans at one budget, run each on validation samples, save the one the rule
+    picks (``headplan.eval.select``); its provenance records every candidate's measured losses.
+    Returns (plan, {name: {lm_nll, answer_nll, ppl_vs_dense, counts}})."""
+    from .data import load_task_file
+    from .eval.select import build_family, choose, validate
+    from .models import load_model
+    from .profile import load_profile
+    from .search import SearchSettings, profile_ref
+
+    rep = reporter or Reporter()
+    out = _check_out(Path(out), (".yaml", ".yml"), "plan")
+    if density is None and kv_budget is None:
+        raise HeadplanError("give a budget: --density and/or --kv-budget")
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise HeadplanError(f"--tolerance must be a non-negative number, got {tolerance}")
+    prof = load_profile(profile_path)
+    spec = load_task_file(data, "select")
+    base = SearchSettings(density=density, kv_budget=kv_budget,
+                          lengths=tuple(parse_lengths(lengths)) if lengths else None,
+                          signals=_signal_weights(signals, "--signals"))
+    plans = build_family(prof, base, profile_ref(profile_path, out, prof.sha256))
+    if lm is None:
+        lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    if lm.identity.fingerprint != prof.model.fingerprint:
+        raise HeadplanError(f"the profile is for another model ({prof.model_spec}) than {model}")
+    vlen = base.lengths or prof.lengths
+    table = validate(lm, plans, spec, vlen, texts, samples, rep)
+    pick = choose(table, tolerance)
+    for m, p in plans.items():
+        table[m]["counts"] = p.counts()
+    plan = plans[pick]
+    plan.provenance["selection"] = {
+        "rule": "lowest answer NLL among candidates whose lm NLL is within tolerance of the best",
+        "tolerance": tolerance, "chosen": pick, "lengths": list(vlen),
+        "data": {"name": spec.get("name"), "seed": spec.get("seed"),
+                 "samples_per_length": int(samples or spec.get("samples_per_length", 4))},
+        "candidates": {m: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+                       for m, row in table.items()}}
+    save_plan(plan, out)
+    return plan, table
+
+
 def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = None, data: str | None = None,
             texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
             reporter: Reporter | None = None, lm=None, baselines: bool | str | list | None = None,
@@ -426,6 +474,8 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
     new = search(prof, settings, pref or None, cost)
     if s.get("cost_table", {}).get("path"):
         new.provenance["search"]["cost_table"]["path"] = s["cost_table"]["path"]
+    if "selection" in prov:  # `headplan select`'s measurements need the model: kept as recorded, the plan is
+        new.provenance["selection"] = prov["selection"]  # regenerated from the chosen candidate's settings
     old_text = plan_path.read_text()
     new_text = new.to_yaml()
     if old_text == new_text:

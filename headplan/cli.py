@@ -316,6 +316,42 @@ def eval_cmd(model: str = ModelArg,
                 _console().print(f"  {m}: {v!r}")
 
 
+@app.command("select")
+@handles_errors
+def select_cmd(model: str = ModelArg,
+               profile_path: Path = typer.Option(..., "--profile", help="Profile (.safetensors) to search from"),
+               out: Path = typer.Option(..., "--out", "-o", help="Output plan .yaml (the chosen candidate)"),
+               density: Optional[float] = typer.Option(None, "--density", help="Max average attention density "
+                                                                               "(default 0.25 without --kv-budget)"),
+               kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Max average KV share kept"),
+               lengths: Optional[str] = typer.Option(None, "--lengths", help="Profiled lengths to search and "
+                                                                             "validate at (default: all)"),
+               signals: Optional[str] = typer.Option(None, "--signals", help="Re-weight the profile's stored signals"),
+               tolerance: float = typer.Option(0.02, "--tolerance", help="Relative perplexity slack allowed against "
+                                                                         "the candidate with the best lm loss"),
+               data: Optional[str] = typer.Option(None, help="Validation mixture YAML (default: select)"),
+               samples: Optional[int] = typer.Option(None, "--samples", help="Validation samples per length"),
+               text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
+    """Search a family of plans at one budget (plain search, windows only, K full heads + windows), run each
+    on validation samples, keep the best answerer within --tolerance of the best perplexity."""
+    from rich.table import Table
+
+    from .api import DEFAULT_DENSITY, do_select
+
+    dens = density if (density is not None or kv_budget is not None) else DEFAULT_DENSITY
+    plan, table = do_select(model, profile_path, out, dens, kv_budget, lengths, signals, tolerance, data, samples,
+                            text, dtype, device, reporter=_reporter())
+    sel = plan.provenance["selection"]
+    t = Table(title=f"validation at {', '.join(map(str, sel['lengths']))} tokens (* = chosen)")
+    for c in ("candidate", "ppl vs dense", "answer NLL", "patterns"):
+        t.add_column(c)
+    for m, row in table.items():
+        t.add_row(("* " if m == sel["chosen"] else "") + m, f"{100 * (row['ppl_vs_dense'] - 1):+.1f}%",
+                  f"{row['answer_nll']:.3f}", ", ".join(f"{k} {v}" for k, v in (row.get("counts") or {}).items()))
+    _console().print(t)
+    _console().print(f"plan -> {out}: {sel['chosen']} ({plan.counts()})")
+
+
 @app.command("baselines")
 @handles_errors
 def baselines_cmd(plan: Path = typer.Argument(..., metavar="PLAN", help="The plan whose budget the baselines meet"),

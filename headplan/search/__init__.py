@@ -49,6 +49,7 @@ class SearchSettings:
     validate_lengths: tuple[int, ...] = ()
     signals: tuple[tuple[str, float], ...] = ()  # re-weight the profile's stored signals; () = as profiled
     keep: tuple[tuple[str, float], ...] = ()  # (signal, slack): that signal's loss <= slack x its own optimum
+    full_heads: int | None = None  # exactly this many KV heads full (DuoAttention-style retrieval heads)
 
     def to_dict(self) -> dict:
         d = {"density": self.density, "kv_budget": self.kv_budget,
@@ -68,6 +69,8 @@ class SearchSettings:
             d["signals"] = {k: w for k, w in self.signals}
         if self.keep:
             d["keep"] = {k: w for k, w in self.keep}
+        if self.full_heads is not None:
+            d["full_heads"] = self.full_heads
         return d
 
     @staticmethod
@@ -83,7 +86,8 @@ class SearchSettings:
             exclude_kinds=tuple(s.get("exclude_kinds") or ()),
             validate_lengths=tuple(s.get("validate_lengths") or ()),
             signals=tuple((str(k), float(w)) for k, w in (s.get("signals") or {}).items()),
-            keep=tuple((str(k), float(w)) for k, w in (s.get("keep") or {}).items()))
+            keep=tuple((str(k), float(w)) for k, w in (s.get("keep") or {}).items()),
+            full_heads=int(s["full_heads"]) if s.get("full_heads") is not None else None)
 
 
 def parse_latency(s: str | None) -> tuple[float, int] | None:
@@ -299,6 +303,15 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
                 for c in range(C):
                     prob.le([h * C + c, z0 + layer * C + c], [1.0, -1.0], 0.0)
             prob.le(list(range(z0 + layer * C, z0 + (layer + 1) * C)), [1.0] * C, kmax)
+    if settings.full_heads is not None:
+        k = int(settings.full_heads)
+        fc = [c for c in range(C) if prof.candidates[c].pattern.kind == "full" and allowed[c]]
+        if not 0 <= k <= H or (k and not fc):
+            raise HeadplanError(f"--full-heads {k} is impossible: the model has {H} KV heads"
+                                + ("" if fc else " and the candidates allow no full pattern"))
+        idx = [i for c in fc for i in xs(c)]
+        prob.le(idx, [1.0] * len(idx), k)
+        prob.le(idx, [-1.0] * len(idx), -k)
     for sig, slack in settings.keep:
         # epsilon-constraint: first the best this signal alone can do under the same budgets, then
         # keep the plan's loss on that signal within `slack` times that optimum

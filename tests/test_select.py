@@ -1,0 +1,93 @@
+"""`headplan select`: a family of plans at one budget, measured on validation samples (issue 8)."""
+import math
+
+import pytest
+import yaml
+
+from headplan.candidates import candidate_set
+from headplan.errors import HeadplanError
+from headplan.eval.select import build_family, choose, validate
+from headplan.plan import load_plan
+from headplan.profile import profile, save_profile
+from headplan.search import SearchSettings, search
+from helpers import invoke, plan_for, tiny
+
+RECALL = {"name": "t", "seed": 0, "tasks": [{"task": "lm"}]}
+
+
+@pytest.fixture(scope="module")
+def prof_file(tmp_path_factory):
+    lm = tiny("phi3")  # 2 layers x 4 KV heads: room for several full heads
+    p = profile(lm, [512], candidate_set("small"), RECALL, samples=1, block=16)
+    path = tmp_path_factory.mktemp("sel") / "p.safetensors"
+    save_profile(p, path)
+    return p, path
+
+
+def test_full_heads_is_exact_and_round_trips(prof_file):
+    prof, _ = prof_file
+    for k in (0, 1, 2, 3):
+        st = SearchSettings(density=0.7, full_heads=k, exclude_kinds=("vslash", "blocksparse", "strided", "skip"))
+        plan = search(prof, st)
+        assert plan.counts().get("full", 0) == k
+        assert SearchSettings.from_dict(plan.provenance["search"]) == st
+    with pytest.raises(HeadplanError, match="full-heads 9 is impossible"):
+        search(prof, SearchSettings(density=0.7, full_heads=9))
+    with pytest.raises(HeadplanError, match="no plan meets"):  # 8 full heads cannot fit density 0.7
+        search(prof, SearchSettings(density=0.7, full_heads=8))
+
+
+def test_choose_rule():
+    t = {"dense": {"lm_nll": 1.0, "answer_nll": 0.1},
+         "windows": {"lm_nll": 1.10, "answer_nll": 0.9},
+         "full2": {"lm_nll": 1.11, "answer_nll": 0.5},   # ppl +1.0% of the best: inside 2%
+         "search": {"lm_nll": 1.20, "answer_nll": 0.2}}  # best answers, ppl +10.5%: outside
+    assert choose(t, 0.02) == "full2"
+    assert choose(t, 0.0) == "windows"
+    assert choose(t, 0.2) == "search"
+    with pytest.raises(HeadplanError, match="tolerance"):
+        choose(t, -1)
+
+
+def test_validate_all_full_equals_dense(prof_file):
+    prof, _ = prof_file
+    lm = tiny("phi3")
+    full = plan_for(lm, lambda li, h: {"kind": "full"})
+    narrow = plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 4, "alpha": 16})
+    spec = yaml.safe_load(open("calibration_data/select.yaml"))
+    t = validate(lm, {"full": full, "narrow": narrow}, spec, [512], samples=4)
+    assert t["full"]["lm_nll"] == pytest.approx(t["dense"]["lm_nll"], rel=1e-5)
+    assert t["full"]["answer_nll"] == pytest.approx(t["dense"]["answer_nll"], rel=1e-5)
+    assert t["full"]["ppl_vs_dense"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(t["narrow"]["lm_nll"] - t["dense"]["lm_nll"]) > 1e-4  # a window of 16 changes the model
+    assert math.isclose(t["narrow"]["ppl_vs_dense"], math.exp(t["narrow"]["lm_nll"] - t["dense"]["lm_nll"]))
+
+
+def test_family_members(prof_file):
+    prof, _ = prof_file
+    plans = build_family(prof, SearchSettings(density=0.7), steps=(1, 2, 8))
+    assert "full8" not in plans  # over budget: left out
+    assert set(plans) == {"search", "windows", "full1", "full2"}
+    assert set(plans["windows"].counts()) == {"streaming"}
+    assert plans["full2"].counts()["full"] == 2
+
+
+def test_cli_select_writes_the_rule_s_choice_and_check_reproduces_it(prof_file, tmp_path):
+    _, path = prof_file
+    out = tmp_path / "chosen.yaml"
+    r = invoke("select", "random:phi3", "--profile", path, "--density", "0.7", "--samples", "4", "--out", out)
+    assert r.exit_code == 0, r.output
+    plan = load_plan(out)
+    sel = plan.provenance["selection"]
+    table = sel["candidates"]
+    assert {"dense", "search", "windows", "full1"} <= set(table) and sel["chosen"] in table
+    assert sel["chosen"] == choose(table, sel["tolerance"])
+    assert "* " + sel["chosen"] in r.output
+    r = invoke("check", out)
+    assert r.exit_code == 0, r.output
+    # bad input: one line, exit 2, nothing written
+    bad = tmp_path / "bad.yaml"
+    r = invoke("select", "random:phi3", "--profile", path, "--tolerance", "-1", "--out", bad)
+    assert r.exit_code == 2 and "tolerance" in r.output and not bad.exists()
+    r = invoke("select", "random:llama", "--profile", path, "--density", "0.7", "--samples", "4", "--out", bad)
+    assert r.exit_code == 2 and "another model" in r.output and not bad.exists()
