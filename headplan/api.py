@@ -408,8 +408,9 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
            lengths=DEFAULT_LENGTHS, samples: int | None = None, data: str | None = None,
            eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
            device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
-           method: str = DEFAULT_RUN_METHOD) -> dict:
-    """The whole pipeline: profile, search, eval; writes profile, plan.yaml, eval.json, summary.json."""
+           method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02) -> dict:
+    """The whole pipeline: profile, search (or, with ``select``, ``headplan select``'s measured choice among a
+    family of plans), eval; writes profile, plan.yaml, eval.json, summary.json."""
     from .data import load_task_file
     from .models import load_model
 
@@ -428,7 +429,13 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
     prof, _ = do_profile(model, prof_path, lengths, samples, data, texts, candidates, dtype=dtype, device=device,
                          reporter=rep, lm=lm, method=method)
     t_prof = time.time() - t0 - t_load
-    plan = do_search(prof_path, plan_path, density, kv_budget)
+    selection = None
+    if select:
+        plan, table = do_select(model, prof_path, plan_path, density, kv_budget, tolerance=tolerance, texts=texts,
+                                reporter=rep, lm=lm)
+        selection = {"chosen": plan.provenance["selection"]["chosen"], "tolerance": tolerance, "candidates": table}
+    else:
+        plan = do_search(prof_path, plan_path, density, kv_budget)
     res = do_eval(model, plan_path, out, eval_data, texts, reporter=rep, lm=lm)
     summary = {
         "model": model, "method": prof.method, "density_budget": density, "kv_budget": kv_budget,
@@ -436,6 +443,7 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
         "achieved_density": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_density)),
         "achieved_kv": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_kv)),
         "eval": res, "seconds": {"load": t_load, "profile": t_prof, "total": time.time() - t0},
+        **({"selection": selection} if selection else {}),
         "files": {"profile": str(prof_path), "plan": str(plan_path), "eval": str(out / "eval.json"),
                   "summary": str(out / "summary.json")},
     }

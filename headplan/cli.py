@@ -394,14 +394,18 @@ def run(model: str = ModelArg,
         candidates: str = typer.Option("default", help="Candidate set: default | small"),
         method: Optional[str] = typer.Option(None, "--method", help="Profiling signal(s), as for `headplan "
                                                                     "profile` (default: recall)"),
+        select: bool = typer.Option(False, "--select", help="Choose the plan as `headplan select` does: a family "
+                                                            "of plans measured on validation samples"),
+        tolerance: float = typer.Option(0.02, "--tolerance", help="With --select: relative perplexity slack"),
         dtype: str = DtypeOpt, device: str = DeviceOpt):
-    """The whole pipeline: profile, search, eval; writes everything into --out."""
+    """The whole pipeline: profile, search (or --select), eval; writes everything into --out."""
     from rich.table import Table
 
     from .api import do_run
 
     s = do_run(model, out, density, kv_budget, lengths, samples, data, eval_data, text, dtype, device,
-               reporter=_reporter(), candidates=candidates, **({"method": method} if method else {}))
+               reporter=_reporter(), candidates=candidates, select=select, tolerance=tolerance,
+               **({"method": method} if method else {}))
     con = _console()
     con.print(_eval_table(s["eval"]))
     t = Table(title=f"headplan run: {model}")
@@ -409,6 +413,8 @@ def run(model: str = ModelArg,
     t.add_column("value")
     t.add_row("plan", ", ".join(f"{k} {v}" for k, v in s["plan_counts"].items()))
     t.add_row("profiled with", s["method"])
+    if s.get("selection"):
+        t.add_row("chosen by validation", s["selection"]["chosen"])
     t.add_row("density (budget)", f"{density:g}")
     for n, d in s["achieved_density"].items():
         t.add_row(f"density / KV kept @ {n}", f"{d:.3f} / {s['achieved_kv'][n]:.3f}")

@@ -91,3 +91,15 @@ def test_cli_select_writes_the_rule_s_choice_and_check_reproduces_it(prof_file, 
     assert r.exit_code == 2 and "tolerance" in r.output and not bad.exists()
     r = invoke("select", "random:llama", "--profile", path, "--density", "0.7", "--samples", "4", "--out", bad)
     assert r.exit_code == 2 and "another model" in r.output and not bad.exists()
+
+
+def test_run_select(tmp_path):
+    from helpers import SMALL_RUN
+    import json
+
+    r = invoke("run", "random:phi3", "--out", tmp_path / "r", "--density", "0.7", "--select", *SMALL_RUN)
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    plan = load_plan(tmp_path / "r" / "plan.yaml")
+    assert s["selection"]["chosen"] == plan.provenance["selection"]["chosen"]
+    assert "windows" in s["selection"]["candidates"] and "chosen by validation" in r.output

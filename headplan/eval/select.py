@@ -28,7 +28,7 @@ from ..errors import HeadplanError
 from ..plan import KINDS, Plan
 from ..report import Reporter
 
-FULL_STEPS = (1, 2, 3, 4, 6, 8)
+FULL_STEPS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 def family(base, steps=FULL_STEPS) -> dict:
