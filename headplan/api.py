@@ -191,7 +191,8 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
               memory_budget: str | None = None, cost_table: str | None = None,
               max_patterns_per_layer: int | None = None, validate_lengths=None, pareto_points: int = 0,
               tune_trials: int = 0, study: str | None = None, signals: str | dict | None = None,
-              exclude_kinds: str | list | None = None, keep: str | dict | None = None) -> Plan:
+              exclude_kinds: str | list | None = None, keep: str | dict | None = None,
+              full_heads: int | None = None) -> Plan:
     """Search a plan; with ``pareto_points`` also writes ``<out>.pareto.csv``/``.png`` beside the plan;
     with ``tune_trials`` runs Optuna over the global knobs (``study``: sqlite file to resume)."""
     from .profile import load_profile
@@ -221,7 +222,7 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
                               lengths=tuple(parse_lengths(lengths)) if lengths else None,
                               latency_budget=lat, memory_budget=mem, max_patterns_per_layer=max_patterns_per_layer,
                               validate_lengths=tuple(parse_lengths(validate_lengths)) if validate_lengths else (),
-                              signals=sig, exclude_kinds=kinds, keep=keep_t)
+                              signals=sig, exclude_kinds=kinds, keep=keep_t, full_heads=full_heads)
     ref = profile_ref(profile_path, out, prof.sha256)
     if tune_trials:
         plan, trials = tune(prof, settings, tune_trials, f"sqlite:///{Path(study).resolve()}" if study else None,

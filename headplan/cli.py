@@ -134,13 +134,16 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
                                                                                      "e.g. vslash,blocksparse"),
            keep: Optional[str] = typer.Option(None, "--keep", help="Epsilon-constraint: keep a stored signal's loss "
                                                                    "within SLACK x its own optimum under the same "
-                                                                   "budgets, e.g. recall=1.2")):
+                                                                   "budgets, e.g. recall=1.2"),
+           full_heads: Optional[int] = typer.Option(None, "--full-heads", help="Exactly this many KV heads full "
+                                                                              "(e.g. with --exclude-kinds for "
+                                                                              "retrieval heads + windows)")):
     """Assign each KV head a pattern: least profiled loss within the budgets (exact)."""
     from .api import do_search
 
     plan = do_search(profile_path, out, density, kv_budget, lengths, latency_budget, memory_budget, cost_table,
                      max_patterns, validate_lengths, pareto_points, tune_trials, str(study) if study else None,
-                     signals=signals, exclude_kinds=exclude_kinds, keep=keep)
+                     signals=signals, exclude_kinds=exclude_kinds, keep=keep, full_heads=full_heads)
     b = plan.budget
     msg = (f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
            f"and KV {', '.join(f'{x:.3f}' for x in b.achieved_kv)} at lengths {list(b.lengths)}")

@@ -121,6 +121,6 @@ def test_run_with_another_profiling_method(tmp_path):
     assert s["method"] == "gradient+recall" and "gradient+recall" in r.output
     from headplan.profile import load_profile
 
-    assert set(load_profile(tmp_path / "g" / "profile.safetensors").parts) == {"gradient", "recall"}
+    assert set(load_profile(tmp_path / "g" / "profile.safetensors").parts) == {"gradient", "recall", "gradient.lm", "gradient.answer"}
     r = invoke("run", "random:llama", "--out", tmp_path / "h", "--method", "attention", *SMALL_RUN)
     assert r.exit_code == 2 and "unknown profiling method" in r.stderr and not (tmp_path / "h").exists()
