@@ -2,9 +2,8 @@
 import math
 
 import pytest
-import yaml
-
 from headplan.candidates import candidate_set
+from headplan.data import Haystack, answer_options, load_task_file, mixture_samples, pydoc_text
 from headplan.errors import HeadplanError
 from headplan.eval.select import build_family, choose, validate
 from headplan.plan import load_plan
@@ -54,7 +53,7 @@ def test_validate_all_full_equals_dense(prof_file):
     lm = tiny("phi3")
     full = plan_for(lm, lambda li, h: {"kind": "full"})
     narrow = plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 4, "alpha": 16})
-    spec = yaml.safe_load(open("calibration_data/select.yaml"))
+    spec = load_task_file("select", "")
     t = validate(lm, {"full": full, "narrow": narrow}, spec, [512], samples=4)
     assert t["full"]["lm_nll"] == pytest.approx(t["dense"]["lm_nll"], rel=1e-5)
     assert t["full"]["answer_nll"] == pytest.approx(t["dense"]["answer_nll"], rel=1e-5)
@@ -103,3 +102,16 @@ def test_run_select(tmp_path):
     plan = load_plan(tmp_path / "r" / "plan.yaml")
     assert s["selection"]["chosen"] == plan.provenance["selection"]["chosen"]
     assert "windows" in s["selection"]["candidates"] and "chosen by validation" in r.output
+
+
+@pytest.mark.parametrize("name", ["gradient", "gradient-split", "select", "retrieval-mix", "profile"])
+def test_mixtures_build_their_samples(name):
+    """Every shipped calibration mixture loads and yields seeded samples of the asked length."""
+    spec = load_task_file(name, "")
+    lm = tiny("llama")
+    _, reserve, _ = answer_options(spec)
+    a = mixture_samples(Haystack(lm.tokenizer, pydoc_text()), spec, 1024, 8, reserve=reserve)
+    b = mixture_samples(Haystack(lm.tokenizer, pydoc_text()), spec, 1024, 8, reserve=reserve)
+    assert len(a) == 8 and [s.input_ids for s in a] == [s.input_ids for s in b]
+    for s in a:
+        assert len(s.input_ids) + (reserve if s.answer_ids else 0) == 1024
