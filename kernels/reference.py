@@ -62,8 +62,12 @@ def visible(qpos: torch.Tensor, kpos: torch.Tensor, table: torch.Tensor, block: 
 
 
 def attention_ref(q, k, v, qpos, kpos, table, scale: float, block: int = P.DEFAULT_BLOCK,
-                  dyn_index: list[dict] | None = None, chunk: int = 1024) -> torch.Tensor:
-    """Masked attention with explicit per-head visibility; returns (B, Hq, Lq, D) in q.dtype."""
+                  dyn_index: list[dict] | None = None, chunk: int = 1024, fused: bool = False) -> torch.Tensor:
+    """Masked attention with explicit per-head visibility; returns (B, Hq, Lq, D) in q.dtype.
+
+    fused: compute each chunk with ``torch.nn.functional.scaled_dot_product_attention`` under the same
+    boolean mask (faster on the CPU) whenever every query row sees at least one key; a chunk with an
+    empty row (skip heads, padding) takes the explicit path, whose empty rows give 0."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -74,6 +78,11 @@ def attention_ref(q, k, v, qpos, kpos, table, scale: float, block: int = P.DEFAU
         e = min(Lq, s + chunk)
         vis = visible(qpos[:, s:e], kpos, table, block, dyn_index)
         vis = vis.repeat_interleave(G, dim=1)  # (B, Hq, l, Lk)
+        if fused and bool(vis.any(-1).all()):
+            o = torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e].float(), kf, vf, attn_mask=vis,
+                                                                 scale=scale)
+            out[:, :, s:e] = o.to(q.dtype)
+            continue
         sc = torch.matmul(q[:, :, s:e].float(), kf.transpose(-1, -2)) * scale
         sc = sc.masked_fill(~vis, float("-inf"))
         mx = sc.amax(dim=-1, keepdim=True)
@@ -85,8 +94,8 @@ def attention_ref(q, k, v, qpos, kpos, table, scale: float, block: int = P.DEFAU
     return out
 
 
-def prefill_ref(q, k, v, table, scale: float, pad: torch.Tensor | None = None, block: int = P.DEFAULT_BLOCK
-                ) -> torch.Tensor:
+def prefill_ref(q, k, v, table, scale: float, pad: torch.Tensor | None = None, block: int = P.DEFAULT_BLOCK,
+                fused: bool = False) -> torch.Tensor:
     """Self-attention prefill from an empty cache: q, k, v cover the same (left-padded) slots.
 
     This is the oracle for the Triton prefill kernel: same signature, same result.
@@ -96,7 +105,7 @@ def prefill_ref(q, k, v, table, scale: float, pad: torch.Tensor | None = None, b
     dyn = None
     if bool(P.is_dynamic(table).any()):
         dyn = build_dynamic_index(q, k, table, scale, pad, block)
-    return attention_ref(q, k, v, pos, pos, table, scale, block, dyn)
+    return attention_ref(q, k, v, pos, pos, table, scale, block, dyn, fused=fused)
 
 
 def decode_ref(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale: float) -> torch.Tensor:

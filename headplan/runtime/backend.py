@@ -39,7 +39,9 @@ def prefill(q, k, v, table, scale: float, pad=None, block: int = 64):
         fn = _kernel("prefill")
         if fn is not None:
             return fn(q, k, v, table, scale, pad=pad, block=block)
-    return R.prefill_ref(q, k, v, table, scale, pad=pad, block=block)
+    # the reference's visibility, attention fused by SDPA (set HEADPLAN_BACKEND=reference for the explicit oracle)
+    return R.prefill_ref(q, k, v, table, scale, pad=pad, block=block,
+                         fused=os.environ.get("HEADPLAN_BACKEND", "auto") != "reference")
 
 
 def decode(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale: float, valid_len=None,
