@@ -66,8 +66,7 @@ def attention_ref(q, k, v, qpos, kpos, table, scale: float, block: int = P.DEFAU
     """Masked attention with explicit per-head visibility; returns (B, Hq, Lq, D) in q.dtype.
 
     fused: compute each chunk with ``torch.nn.functional.scaled_dot_product_attention`` under the same
-    boolean mask (faster on the CPU) whenever every query row sees at least one key; a chunk with an
-    empty row (skip heads, padding) takes the explicit path, whose empty rows give 0."""
+    boolean mask (faster on the CPU); rows that see no key (skip heads, padding) give 0 on both paths."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -78,10 +77,11 @@ def attention_ref(q, k, v, qpos, kpos, table, scale: float, block: int = P.DEFAU
         e = min(Lq, s + chunk)
         vis = visible(qpos[:, s:e], kpos, table, block, dyn_index)
         vis = vis.repeat_interleave(G, dim=1)  # (B, Hq, l, Lk)
-        if fused and bool(vis.any(-1).all()):
-            o = torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e].float(), kf, vf, attn_mask=vis,
-                                                                 scale=scale)
-            out[:, :, s:e] = o.to(q.dtype)
+        if fused:
+            seen = vis.any(-1, keepdim=True)  # an empty row attends to everything, then is zeroed
+            o = torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e].float(), kf, vf,
+                                                                 attn_mask=vis | ~seen, scale=scale)
+            out[:, :, s:e] = o.masked_fill(~seen, 0.0).to(q.dtype)
             continue
         sc = torch.matmul(q[:, :, s:e].float(), kf.transpose(-1, -2)) * scale
         sc = sc.masked_fill(~vis, float("-inf"))
