@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import os
 import json
-import math
 import time
 from pathlib import Path
 
@@ -250,7 +249,7 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
     picks (``headplan.eval.select``); its provenance records every candidate's measured losses.
     Returns (plan, {name: {lm_nll, answer_nll, ppl_vs_dense, counts}})."""
     from .data import load_task_file
-    from .eval.select import build_family, choose, validate
+    from .eval.select import build_family, check_tolerance, choose, validate
     from .models import load_model
     from .profile import load_profile
     from .search import SearchSettings, profile_ref
@@ -259,8 +258,7 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
     if density is None and kv_budget is None:
         raise HeadplanError("give a budget: --density and/or --kv-budget")
-    if not (tolerance >= 0 and math.isfinite(tolerance)):
-        raise HeadplanError(f"--tolerance must be a non-negative number, got {tolerance}")
+    check_tolerance(tolerance)  # before the model loads
     prof = load_profile(profile_path)
     spec = load_task_file(data, "select")
     base = SearchSettings(density=density, kv_budget=kv_budget,

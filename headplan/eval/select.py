@@ -106,10 +106,14 @@ def validate(lm, plans: dict[str, Plan], spec: dict, lengths, texts=None, sample
                 "ppl_vs_dense": math.exp((lm_sum[m] - lm_sum["dense"]) / lm_tok)} for m in names}
 
 
-def choose(table: dict, tolerance: float) -> str:
-    """The rule (module doc): lowest answer NLL among plans within ``tolerance`` of the best lm loss."""
+def check_tolerance(tolerance: float) -> None:
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise HeadplanError(f"--tolerance must be a non-negative number, got {tolerance}")
+
+
+def choose(table: dict, tolerance: float) -> str:
+    """The rule (module doc): lowest answer NLL among plans within ``tolerance`` of the best lm loss."""
+    check_tolerance(tolerance)
     cands = {m: v for m, v in table.items() if m != "dense"}
     best = min(v["lm_nll"] for v in cands.values())
     ok = [m for m, v in cands.items() if v["lm_nll"] <= best + math.log1p(tolerance) + 1e-12]

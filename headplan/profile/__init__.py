@@ -605,34 +605,26 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
             buf = per[s].to(dev) if dist.get_backend() == "nccl" else per[s]
             dist.all_reduce(buf)
             per[s] = buf.cpu()
-    parts = {}
-    for s in signals:
-        out = torch.zeros(L, H, C, len(lengths), dtype=torch.float64)
-        for li, n in enumerate(lengths):
-            acc = torch.zeros(L, H, C, dtype=torch.float64)
-            ts = [t for t, jb in enumerate(jobs) if jb[0] == li]
-            for t in ts:  # fixed order: same result however the samples were computed
-                acc += per[s][t]
-            out[..., li] = acc / len(ts)
-        full = [ci for ci, c in enumerate(candidates) if c.pattern.kind == "full"]
-        out[:, :, full] = 0.0
-        parts[s] = out.float()
     full = [ci for ci, c in enumerate(candidates) if c.pattern.kind == "full"]
+
+    def reduce(stats, chosen) -> torch.Tensor:  # per length: the mean of the chosen samples, in sample order
+        out = torch.zeros(L, H, C, len(lengths), dtype=torch.float64)
+        for li, ts in enumerate(chosen):
+            acc = torch.zeros(L, H, C, dtype=torch.float64)
+            for t in ts:  # fixed order: same result however the samples were computed
+                acc += stats[t]
+            out[..., li] = acc / len(ts)
+        out[:, :, full] = 0.0
+        return out.float()
+
+    by_len = [[t for t, jb in enumerate(jobs) if jb[0] == li] for li in range(len(lengths))]
+    parts = {s: reduce(per[s], by_len) for s in signals}
     for name, (s, lm_only) in DERIVED.items():
         if s not in signals or any(m is None for m in metas):
             continue
-        sel = [[t for t, jb in enumerate(jobs) if jb[0] == li and (metas[t].get("task") == "lm") == lm_only]
-               for li in range(len(lengths))]
-        if not all(sel):  # a length without such samples: no split (the mixture or --samples is too small)
-            continue
-        out = torch.zeros(L, H, C, len(lengths), dtype=torch.float64)
-        for li, ts in enumerate(sel):
-            acc = torch.zeros(L, H, C, dtype=torch.float64)
-            for t in ts:
-                acc += per[s][t]
-            out[..., li] = acc / len(ts)
-        out[:, :, full] = 0.0
-        parts[name] = out.float()
+        sel = [[t for t in ts if (metas[t].get("task") == "lm") == lm_only] for ts in by_len]
+        if all(sel):  # a length without such samples: no split (the mixture or --samples is too small)
+            parts[name] = reduce(per[s], sel)
     loss, sig_hdr = combine({s: parts[s].double() for s in signals}, weights)
     dens = torch.tensor([[density(c.pattern, n, block) for n in lengths] for c in candidates], dtype=torch.float64)
     kv = torch.tensor([[kv_share(c.pattern, n) for n in lengths] for c in candidates], dtype=torch.float64)
