@@ -81,20 +81,57 @@ def candidate_set(name: str) -> list[Candidate]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _density(row_items: tuple, n: int, block: int) -> float:
+def _density(row_items: tuple, n: int, block: int, lwin: int) -> float:
     from .kernels.patterns import visible_count
 
-    return visible_count(dict(row_items), n, block) / (n * (n + 1) / 2)
+    return visible_count(dict(row_items), n, block, lwin) / (n * (n + 1) / 2)
 
 
-def density(p: Pattern, n: int, block: int = 64) -> float:
-    return _density(tuple(sorted(p.row().items())), n, block)
+def density(p: Pattern, n: int, block: int = 64, lwin: int = 0) -> float:
+    """Share of the causal (query, key) pairs at length n the pattern visits in a layer whose own
+    sliding window is ``lwin`` (0 = global layer)."""
+    return _density(tuple(sorted(p.row().items())), n, block, int(lwin or 0))
 
 
-def kv_share(p: Pattern, n: int) -> float:
+def kv_share(p: Pattern, n: int, lwin: int = 0) -> float:
+    """Share of n tokens the head keeps in its cache, in a layer whose own window is ``lwin``."""
     rule = p.kv_rule()
     if rule == "all":
-        return 1.0
-    if rule == "none":
+        keep = n
+    elif rule == "none":
         return 0.0
-    return min(n, rule.size(n)) / n
+    else:
+        keep = min(n, rule.size(n))
+    return (min(keep, lwin) if lwin else keep) / n
+
+
+def budget_tables(candidates, lengths, block: int, model) -> tuple:
+    """Per-layer budget coefficients against the model's **own** dense attention.
+
+    Returns (density, kv), numpy arrays (layers, candidates, lengths): the mean over a plan's heads of
+    ``density[layer, choice]`` is its attention density relative to the model's own dense attention
+    (causal, with each sliding layer's window), and likewise for the KV share relative to the model's
+    own cache. A model with no sliding layer gets the plain per-candidate shares in every layer."""
+    import numpy as np
+
+    pats = [c.pattern if isinstance(c, Candidate) else c for c in candidates]
+    L = model.num_layers
+    if not model.layer_windows:
+        d = np.array([[density(p, n, block) for n in lengths] for p in pats], dtype=np.float64)
+        k = np.array([[kv_share(p, n) for n in lengths] for p in pats], dtype=np.float64)
+        return np.broadcast_to(d, (L,) + d.shape).copy(), np.broadcast_to(k, (L,) + k.shape).copy()
+    full = Pattern("full")
+    wins = [model.window(li) for li in range(L)]
+    d = np.array([[[density(p, n, block, w) for n in lengths] for p in pats] for w in wins], dtype=np.float64)
+    k = np.array([[[kv_share(p, n, w) for n in lengths] for p in pats] for w in wins], dtype=np.float64)
+    dd = np.array([[density(full, n, block, w) for n in lengths] for w in wins]).mean(axis=0)  # (lengths,)
+    kd = np.array([[kv_share(full, n, w) for n in lengths] for w in wins]).mean(axis=0)
+    return d / dd[None, None, :], k / kd[None, None, :]
+
+
+def same_as_full(p: Pattern, lwin: int) -> bool:
+    """In a sliding layer, a pattern whose fixed window already spans the layer's window sees exactly
+    what ``full`` sees there (the candidate collapses into full)."""
+    if not lwin or p.kind not in ("streaming", "strided"):
+        return p.kind == "full"
+    return p.window is not None and p.window.alpha >= lwin

@@ -61,22 +61,74 @@ class LoadedModel:
 
 
 def _random_config(family: str):
+    """A tiny seeded config with the family's own attention features switched on: sliding-window
+    layers and their interleaving (windows shorter than the test lengths, so they matter), GQA / MQA
+    / MHA, the family's scaling, 8K positions."""
     from transformers import (Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config)
 
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  max_position_embeddings=2048, tie_word_embeddings=False)
-    if family == "llama":
-        return LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2)
-    if family == "qwen2":
-        return Qwen2Config(**common, num_attention_heads=6, num_key_value_heads=2, use_sliding_window=False)
-    if family == "mistral":  # MQA
-        return MistralConfig(**common, num_attention_heads=4, num_key_value_heads=1, sliding_window=None)
-    if family == "gemma3":
-        return Gemma3TextConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                sliding_window=4096, layer_types=["full_attention"] * 2)
-    if family == "phi3":  # MHA
-        return Phi3Config(**common, num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+                  max_position_embeddings=8192, tie_word_embeddings=False)
+    if family == "llama":  # global attention in every layer, GQA
+        return LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)
+    if family == "qwen2":  # Qwen2's sliding layers: every layer from max_window_layers on
+        return Qwen2Config(**{**common, "num_hidden_layers": 3, "hidden_size": 96}, num_attention_heads=6,
+                           num_key_value_heads=2,
+                           use_sliding_window=True, sliding_window=96, max_window_layers=1)
+    if family == "mistral":  # MQA, one sliding window for every layer
+        return MistralConfig(**common, num_attention_heads=4, num_key_value_heads=1, sliding_window=128)
+    if family == "gemma3":  # five local (sliding) layers per global one; query_pre_attn_scalar scaling
+        return Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=16, sliding_window=128, query_pre_attn_scalar=24,
+                                layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    if family == "phi3":  # MHA, Phi-3-mini's odd sliding window (2047 there)
+        return Phi3Config(**common, num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=None, sliding_window=127)
     raise HeadplanError(f"unknown random family {family!r} (known: {', '.join(RANDOM_FAMILIES)})")
+
+
+# layer types whose attention the runtime reproduces exactly
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(config) -> tuple[int, ...]:
+    """Each layer's own sliding window (0 = global causal attention), read as the model's own code does;
+    () when no layer has one. Raises HeadplanError naming any attention feature the runtime cannot
+    reproduce, so no command ever runs a silently different model."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = getattr(cfg, "model_type", type(cfg).__name__)
+    n = int(cfg.num_hidden_layers)
+
+    def refuse(feature: str):
+        raise HeadplanError(f"{name}: {feature} is not supported by headplan's runtime (it would run a different "
+                            "model than the original)")
+
+    if getattr(cfg, "is_encoder_decoder", False) or getattr(cfg, "use_bidirectional_attention", False) \
+            or getattr(cfg, "is_causal", True) is False:
+        refuse("non-causal (bidirectional or encoder) attention")
+    if getattr(cfg, "attention_chunk_size", None):
+        refuse("chunked attention (attention_chunk_size)")
+    if getattr(cfg, "alibi", False) or getattr(cfg, "position_embedding_type", None) == "alibi" \
+            or name in ("bloom", "mpt", "baichuan"):
+        refuse("ALiBi position bias")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        refuse(f"attention logit softcapping (attn_logit_softcapping={cfg.attn_logit_softcapping})")
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        types = list(types)
+        bad = sorted({t for t in types if t not in _LAYER_TYPES})
+        if bad:
+            refuse(f"layer type {bad[0]!r} (known: {', '.join(_LAYER_TYPES)})")
+        if len(types) != n:
+            raise HeadplanError(f"{name}: config.layer_types has {len(types)} entries for {n} layers")
+        if "sliding_attention" in types and not window:
+            raise HeadplanError(f"{name}: config.layer_types has sliding layers but sliding_window is {window!r}")
+        out = tuple(int(window) if t == "sliding_attention" else 0 for t in types)
+    elif window:  # Mistral, Phi-3: one window for every layer when config.sliding_window is set
+        out = (int(window),) * n
+    else:
+        out = ()
+    return out if any(out) else ()
 
 
 def _config_from_json(path: Path):
@@ -160,6 +212,7 @@ def identity_of(config) -> ModelIdentity:
     hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // hq)
     rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", None)}
+    windows = layer_windows(config)
     rel = {
         "model_type": cfg.model_type,
         "num_hidden_layers": int(cfg.num_hidden_layers),
@@ -171,11 +224,13 @@ def identity_of(config) -> ModelIdentity:
         "rope": json.loads(json.dumps(rope, default=str, sort_keys=True)),
         "vocab_size": int(cfg.vocab_size),
     }
+    if windows:  # models without sliding layers keep the fingerprints they had
+        rel["layer_windows"] = list(windows)
     fp = hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest()[:16]
     arch = (getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
     return ModelIdentity(architecture=arch, num_layers=rel["num_hidden_layers"], num_query_heads=hq,
                          num_kv_heads=hkv, head_dim=head_dim, max_positions=rel["max_position_embeddings"],
-                         fingerprint=f"sha256:{fp}")
+                         fingerprint=f"sha256:{fp}", layer_windows=windows)
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", seed: int = 0,

@@ -115,6 +115,10 @@ class HeadEntry:
 
 @dataclass(frozen=True)
 class ModelIdentity:
+    """What a plan is for. ``layer_windows``: each layer's own sliding window (0 = a global layer);
+    empty when no layer has one. A plan composes with it: no head of a sliding layer sees further
+    back than the layer's window, and budgets are counted against the model's own attention."""
+
     architecture: str
     num_layers: int
     num_query_heads: int
@@ -122,6 +126,44 @@ class ModelIdentity:
     head_dim: int
     max_positions: int
     fingerprint: str
+    layer_windows: tuple[int, ...] = ()
+
+    def window(self, layer: int) -> int:
+        """The layer's own sliding window, 0 for a global layer."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("architecture", "num_layers", "num_query_heads", "num_kv_heads",
+                                           "head_dim", "max_positions", "fingerprint")}
+        if self.layer_windows:  # models without sliding layers keep the original layout, byte for byte
+            d["layer_windows"] = list(self.layer_windows)
+        return d
+
+    @staticmethod
+    def from_dict(m: Any, where: str = "model") -> "ModelIdentity":
+        """Parse and validate (PlanError naming the field)."""
+        if not isinstance(m, dict):
+            raise PlanError(f"{where}: expected a mapping")
+        lw = m.get("layer_windows", []) or []
+        if not isinstance(lw, list):
+            raise PlanError(f"{where}.layer_windows: expected a list of integers (0 = a global layer)")
+        ident = ModelIdentity(
+            architecture=str(_need(m, "architecture", where)),
+            num_layers=_int(_need(m, "num_layers", where), f"{where}.num_layers", 1),
+            num_query_heads=_int(_need(m, "num_query_heads", where), f"{where}.num_query_heads", 1),
+            num_kv_heads=_int(_need(m, "num_kv_heads", where), f"{where}.num_kv_heads", 1),
+            head_dim=_int(_need(m, "head_dim", where), f"{where}.head_dim", 1),
+            max_positions=_int(_need(m, "max_positions", where), f"{where}.max_positions", 1),
+            fingerprint=str(_need(m, "fingerprint", where)),
+            layer_windows=tuple(_int(x, f"{where}.layer_windows[{i}]", 0) for i, x in enumerate(lw)),
+        )
+        if ident.layer_windows and len(ident.layer_windows) != ident.num_layers:
+            raise PlanError(f"{where}.layer_windows: has {len(ident.layer_windows)} entries, num_layers is "
+                            f"{ident.num_layers}")
+        if ident.num_query_heads % ident.num_kv_heads:
+            raise PlanError(f"{where}.num_query_heads: {ident.num_query_heads} is not a multiple of num_kv_heads "
+                            f"{ident.num_kv_heads}")
+        return ident
 
 
 @dataclass(frozen=True)
@@ -158,7 +200,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "schema_version": self.schema_version,
-            "model": dataclasses.asdict(self.model),
+            "model": self.model.to_dict(),
             "granularity": self.granularity,
             "block_size": self.block_size,
             "budget": {
@@ -287,20 +329,7 @@ def plan_from_dict(d: Any, source: str = "plan") -> Plan:
     sv = _int(_need(d, "schema_version", source), f"{source}.schema_version")
     if sv != SCHEMA_VERSION:
         raise PlanError(f"{source}.schema_version: unsupported version {sv} (this headplan reads {SCHEMA_VERSION})")
-    m = _need(d, "model", source)
-    w = f"{source}.model"
-    model = ModelIdentity(
-        architecture=str(_need(m, "architecture", w)),
-        num_layers=_int(_need(m, "num_layers", w), f"{w}.num_layers", 1),
-        num_query_heads=_int(_need(m, "num_query_heads", w), f"{w}.num_query_heads", 1),
-        num_kv_heads=_int(_need(m, "num_kv_heads", w), f"{w}.num_kv_heads", 1),
-        head_dim=_int(_need(m, "head_dim", w), f"{w}.head_dim", 1),
-        max_positions=_int(_need(m, "max_positions", w), f"{w}.max_positions", 1),
-        fingerprint=str(_need(m, "fingerprint", w)),
-    )
-    if model.num_query_heads % model.num_kv_heads:
-        raise PlanError(f"{w}.num_query_heads: {model.num_query_heads} is not a multiple of num_kv_heads "
-                        f"{model.num_kv_heads}")
+    model = ModelIdentity.from_dict(_need(d, "model", source), f"{source}.model")
     gran = _need(d, "granularity", source)
     if gran != "kv_head":
         raise PlanError(f"{source}.granularity: only 'kv_head' is supported, got {gran!r}")

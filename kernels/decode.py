@@ -113,6 +113,8 @@ def _decode_split_kernel(
     beta = tl.load(trow + 3).to(tl.int64)
     stride = tl.maximum(tl.load(trow + 4), 1)
     shard_off = tl.load(trow + 5)
+    lwin = tl.load(trow + 9)  # the layer's own sliding window, 0 = none
+    lw = tl.where(lwin > 0, lwin, 1 << 30)
     qp64 = tl.load(QPOS + b).to(tl.int64)
     x = beta * (qp64 + 1)
     xq = x // 4096
@@ -149,7 +151,7 @@ def _decode_split_kernel(
         vis = (pos >= 0) & (pos <= qp)
         local = (pos < sink) | ((qp - pos) < w)
         shard = ((tl.maximum(pos, 0) // SHARD_BLOCK) % stride) == shard_off
-        vis = vis & ((~is_local) | local | (is_strided & shard))
+        vis = vis & ((~is_local) | local | (is_strided & shard)) & ((qp - pos) < lw)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:

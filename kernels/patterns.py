@@ -25,6 +25,11 @@ Visibility of key position ``j`` from query position ``i`` (always ``0 <= j <= i
                or its diagonal is selected.
 - SKIP:        nothing; the head's output is zero.
 
+Every head is also bounded by its layer's own attention: column ``C_LWIN`` holds the layer's
+sliding window ``w`` (0 = a global layer). A key is visible only if the pattern allows it *and*
+``i - j < w`` (transformers' sliding-window rule), so ``full`` in a sliding layer is the layer's
+window, and a plan can narrow the model's attention but never widen it.
+
 Dynamic patterns (BLOCKSPARSE, VSLASH) only apply to a prefill that starts from an empty cache;
 queries that attend to a cache (decode, later prefill chunks) see every causal key for them.
 """
@@ -39,17 +44,20 @@ FULL, STREAMING, STRIDED, BLOCKSPARSE, VSLASH, SKIP = range(6)
 KIND_NAMES = ("full", "streaming", "strided", "blocksparse", "vslash", "skip")
 
 # column layout of a head table
-C_KIND, C_SINK, C_ALPHA, C_BETA, C_STRIDE, C_OFFSET, C_TOPK, C_VERT, C_SLASH = range(9)
-NCOLS = 9
+C_KIND, C_SINK, C_ALPHA, C_BETA, C_STRIDE, C_OFFSET, C_TOPK, C_VERT, C_SLASH, C_LWIN = range(10)
+NCOLS = 10
 
 BETA_SCALE = 4096
 LAST_Q = 64
 DEFAULT_BLOCK = 64
 
 
-def make_table(rows: list[dict], device=None) -> torch.Tensor:
-    """Build a head table from dicts with keys kind (name or int) and the pattern's parameters."""
+def make_table(rows: list[dict], device=None, layer_window: int = 0) -> torch.Tensor:
+    """Build a head table from dicts with keys kind (name or int) and the pattern's parameters.
+
+    ``layer_window``: the layer's own sliding window (0 = none), stored in column C_LWIN."""
     t = torch.zeros(len(rows), NCOLS, dtype=torch.int32)
+    t[:, C_LWIN] = int(layer_window or 0)
     for h, r in enumerate(rows):
         kind = r["kind"]
         t[h, C_KIND] = KIND_NAMES.index(kind) if isinstance(kind, str) else int(kind)
@@ -67,6 +75,11 @@ def make_table(rows: list[dict], device=None) -> torch.Tensor:
 def window(alpha, beta_q, n):
     """Elastic window size W(n) = alpha + floor(beta_q * n / BETA_SCALE); ints or int tensors."""
     return alpha + (beta_q * n) // BETA_SCALE
+
+
+def in_layer_window(qpos, kpos, lwin):
+    """The layer's own sliding-window rule: ``lwin == 0`` (global layer) or ``qpos - kpos < lwin``."""
+    return (lwin == 0) | ((qpos - kpos) < lwin)
 
 
 def is_dynamic(table: torch.Tensor) -> torch.Tensor:
@@ -95,7 +108,7 @@ def static_visible(qpos: torch.Tensor, kpos: torch.Tensor, table: torch.Tensor, 
     vis = torch.where(kind == STREAMING, local, torch.ones_like(local))
     vis = torch.where(kind == STRIDED, local | shard, vis)
     vis = torch.where(kind == SKIP, torch.zeros_like(vis), vis)
-    return causal & vis
+    return causal & vis & in_layer_window(qpos, kpos, col(C_LWIN))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,22 +219,27 @@ def dynamic_visible(qpos: torch.Tensor, kpos: torch.Tensor, kind: int, index, bl
 # budgets: how many entries / KV slots a pattern needs at length n (used by search and eval)
 # ---------------------------------------------------------------------------------------------
 
-def visible_count(row: dict, n: int, block: int = DEFAULT_BLOCK) -> int:
-    """Number of (query, key) pairs the pattern visits for a sequence of n tokens (causal)."""
+def visible_count(row: dict, n: int, block: int = DEFAULT_BLOCK, lwin: int = 0) -> int:
+    """Number of (query, key) pairs the pattern visits for a sequence of n tokens (causal), inside a
+    layer whose own sliding window is ``lwin`` (0 = global layer)."""
     kind = row["kind"]
+    lwin = int(lwin or 0)
     i = torch.arange(n, dtype=torch.int64)
+    cap = torch.minimum(i + 1, torch.full_like(i, lwin)) if lwin else i + 1  # what the layer itself sees
     if kind in ("full",):
-        return n * (n + 1) // 2
+        return int(cap.sum())
     if kind == "skip":
         return 0
     if kind in ("streaming", "strided"):
-        # exact, O(n): per row, the sink [0, sink) and the window [i - W(i+1) + 1, i]; strided heads add
-        # the keys before the window (outside the sink) whose block b has b % stride == offset
+        # exact, O(n): per row, the sink [lw0, sink) and the window [lo, i] where lw0 = i - lwin + 1 is the
+        # layer's own lower edge; strided heads add the keys in [max(sink, lw0), lo) whose block b has
+        # b % stride == offset
         sink = int(row.get("sink", 0))
         w = window(int(row.get("alpha", 0)), int(round(float(row.get("beta", 0.0)) * BETA_SCALE)), i + 1)
-        lo = (i - w + 1).clamp(min=0)  # first key of the window
-        covered = lo <= sink
-        count = torch.where(covered, i + 1, sink + (i - lo + 1))
+        lw0 = (i - lwin + 1).clamp(min=0) if lwin else torch.zeros_like(i)
+        lo = torch.minimum(torch.maximum((i - w + 1).clamp(min=0), lw0), i + 1)  # first key of the window
+        sink_hi = torch.minimum(torch.full_like(lo, sink), lo)
+        count = (sink_hi - lw0).clamp(min=0) + (i - lo + 1)
         if kind == "strided":
             stride, off = max(1, int(row.get("stride", 1))), int(row.get("offset", 0))
 
@@ -229,30 +247,28 @@ def visible_count(row: dict, n: int, block: int = DEFAULT_BLOCK) -> int:
                 period = block * stride
                 return (x // period) * block + (x % period - off * block).clamp(min=0, max=block)
 
-            extra = shard_before(lo) - shard_before(torch.full_like(lo, sink))
-            count = count + torch.where(covered, torch.zeros_like(extra), extra.clamp(min=0))
+            start = torch.maximum(torch.full_like(lo, sink), lw0)
+            count = count + (shard_before(lo) - shard_before(start)).clamp(min=0)
         return int(count.sum())
     if kind == "blocksparse":
-        nb = math.ceil(n / block)
-        qb = torch.arange(nb)
+        # per row i of query block qb: min(qb + 1, topk + 2) blocks, the diagonal one up to row i
+        qb = i // block
         blocks = torch.minimum(qb + 1, torch.full_like(qb, int(row.get("topk", 0)) + 2))
-        rows_in = torch.full_like(qb, block)
-        rows_in[-1] = n - (nb - 1) * block
-        # the diagonal block is half-visible on average
-        full_blocks = (blocks - 1).clamp(min=0)
-        return int((full_blocks * block * rows_in).sum() + (rows_in * (rows_in + 1) // 2).sum())
+        return int(torch.minimum((blocks - 1) * block + (i % block) + 1, cap).sum())
     if kind == "vslash":
         k = int(row.get("vertical", 0)) + int(row.get("slash", 0))
-        return int(torch.minimum(i + 1, torch.full_like(i, k)).sum())
+        return int(torch.minimum(cap, torch.full_like(i, k)).sum())
     raise ValueError(f"unknown pattern kind {kind!r}")
 
 
-def kv_count(row: dict, n: int) -> int:
-    """KV slots the head keeps after n tokens (what its decode cache must hold)."""
+def kv_count(row: dict, n: int, lwin: int = 0) -> int:
+    """KV slots the head keeps after n tokens (what its decode cache must hold) in a layer whose own
+    sliding window is ``lwin`` (0 = global): never more than the layer's own cache keeps."""
     kind = row["kind"]
     if kind == "skip":
         return 0
+    keep = n
     if kind == "streaming":
-        return min(n, int(row.get("sink", 0)) + int(window(int(row.get("alpha", 0)),
+        keep = min(n, int(row.get("sink", 0)) + int(window(int(row.get("alpha", 0)),
                                                              int(round(float(row.get("beta", 0.0)) * BETA_SCALE)), n)))
-    return n
+    return min(keep, int(lwin)) if lwin else keep

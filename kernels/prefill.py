@@ -114,6 +114,8 @@ def _prefill_kernel(Q, K, V, O, PAD, TAB, ORDER, CNT, LIST, GCNT, GLIST, SEL, CM
     beta = tl.load(trow + 3).to(tl.int64)
     stride = tl.maximum(tl.load(trow + 4), 1)
     offset = tl.load(trow + 5)
+    lwin = tl.load(trow + 9)  # the layer's own sliding window, 0 = none
+    lw = tl.where(lwin > 0, lwin, 1 << 30)
     win = (alpha + (beta * (qpos + 1).to(tl.int64)) // 4096).to(tl.int32)
     for i in range(cu, cu + cmk):
         n = tl.load(lbase + i)
@@ -121,7 +123,7 @@ def _prefill_kernel(Q, K, V, O, PAD, TAB, ORDER, CNT, LIST, GCNT, GLIST, SEL, CM
         col_ok = kpos < Lr
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * skl + dd[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * svl + dd[None, :], mask=col_ok[:, None], other=0.0)
-        vis = (kpos[None, :] <= qpos[:, None]) & col_ok[None, :]
+        vis = (kpos[None, :] <= qpos[:, None]) & col_ok[None, :] & ((qpos[:, None] - kpos[None, :]) < lw)
         if HAS_LOCAL:
             loc = (kpos[None, :] < sink) | ((qpos[:, None] - kpos[None, :]) < win[:, None])
             if HAS_STRIDED:
@@ -150,7 +152,7 @@ def _prefill_kernel(Q, K, V, O, PAD, TAB, ORDER, CNT, LIST, GCNT, GLIST, SEL, CM
             kpos = tl.load(gbase + c0 + cols, mask=c_ok, other=0)
             k = tl.load(k_base + kpos[:, None].to(tl.int64) * skl + dd[None, :], mask=c_ok[:, None], other=0.0)
             v = tl.load(v_base + kpos[:, None].to(tl.int64) * svl + dd[None, :], mask=c_ok[:, None], other=0.0)
-            vis = (kpos[None, :] <= qpos[:, None]) & c_ok[None, :]
+            vis = (kpos[None, :] <= qpos[:, None]) & c_ok[None, :] & ((qpos[:, None] - kpos[None, :]) < lw)
             acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, vis, qk_scale, True, PREC)
 
     den = tl.where(l_i > 0, l_i, 1.0)
@@ -257,6 +259,11 @@ def _static_flags(tab64, L, QT, BN, lr, block, device):
     skip = kind == P.SKIP
     any_ = any_ & ~skip
     all_ = all_ & ~skip & exists
+    # the layer's own sliding window (0 = none): some pair of the tile has q - k < lw, or all pairs do
+    lw = col(P.C_LWIN)
+    glob = lw == 0
+    any_ = any_ & (glob | (torch.maximum(q0, k0) - k1 < lw))
+    all_ = all_ & (glob | (q1 - k0 < lw))
     return any_, all_
 
 

@@ -57,7 +57,9 @@ def visible(qpos: torch.Tensor, kpos: torch.Tensor, table: torch.Tensor, block: 
         for b, d in enumerate(dyn_index):
             for h, idx in d.items():
                 kp = kpos[b] if kpos.dim() == 2 else kpos[b, h]
-                vis[b, h] = P.dynamic_visible(qpos[b][:, None], kp[None, :], int(table[h, P.C_KIND]), idx, block)
+                q1, k1 = qpos[b][:, None], kp[None, :]
+                vis[b, h] = P.dynamic_visible(q1, k1, int(table[h, P.C_KIND]), idx, block) \
+                    & P.in_layer_window(q1, k1, int(table[h, P.C_LWIN]))
     return vis
 
 

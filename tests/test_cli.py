@@ -85,7 +85,7 @@ def test_bad_input_matrix(case, run_dir, tmp_path):
     elif case == "infeasible_density":
         args, msg = ["search", prof, "--out", out_plan, "--density", "0.01"], "infeasible"
     elif case == "length_beyond_positions":
-        args, msg = ["profile", "random:llama", "--out", tmp_path / "p.safetensors", "--lengths", "4096"], "exceeds the model's 2048 positions"
+        args, msg = ["profile", "random:llama", "--out", tmp_path / "p.safetensors", "--lengths", "9000"], "exceeds the model's 8192 positions"
     elif case == "empty_text":
         t = tmp_path / "empty.txt"
         t.write_text("   \n")

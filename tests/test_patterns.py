@@ -16,13 +16,34 @@ from headplan.kernels import patterns as P
 ])
 @pytest.mark.parametrize("n", [1, 50, 333])
 @pytest.mark.parametrize("block", [16, 64])
-def test_visible_count_equals_brute_force(row, n, block):
-    vis = P.static_visible(torch.arange(n)[:, None], torch.arange(n)[None, :], P.make_table([row]), block)[0]
-    assert int(vis.sum()) == P.visible_count(row, n, block)
+@pytest.mark.parametrize("lwin", [0, 1, 29, 128])  # the layer's own sliding window (0 = global layer)
+def test_visible_count_equals_brute_force(row, n, block, lwin):
+    vis = P.static_visible(torch.arange(n)[:, None], torch.arange(n)[None, :], P.make_table([row], layer_window=lwin),
+                           block)[0]
+    assert int(vis.sum()) == P.visible_count(row, n, block, lwin)
+    if lwin:  # never wider than the layer: a subset of its window
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        assert not bool((vis & ((i - j) >= lwin)).any())
 
 
-def test_kv_count_is_what_the_last_query_needs():
+@pytest.mark.parametrize("lwin", [0, 7, 100])
+def test_blocksparse_and_vslash_counts_stay_inside_the_layer(lwin):
+    for row in ({"kind": "blocksparse", "topk": 2}, {"kind": "vslash", "vertical": 8, "slash": 4}):
+        n = 300
+        assert P.visible_count(row, n, 16, lwin) <= P.visible_count({"kind": "full"}, n, 16, lwin)
+        if lwin == 0:
+            assert P.visible_count(row, n, 16) == P.visible_count(row, n, 16, 0)
+
+
+@pytest.mark.parametrize("lwin", [0, 30, 120])
+def test_kv_count_is_what_the_last_query_needs(lwin):
     row = {"kind": "streaming", "sink": 4, "alpha": 10, "beta": 0.25}
     n = 200
-    vis = P.static_visible(torch.tensor([[n - 1]]), torch.arange(n)[None, :], P.make_table([row]))[0]
-    assert int(vis.sum()) == P.kv_count(row, n)
+    vis = P.static_visible(torch.tensor([[n - 1]]), torch.arange(n)[None, :], P.make_table([row], layer_window=lwin))[0]
+    # the cache keeps what the last query sees, except sink tokens a sliding layer has already left behind
+    assert int(vis.sum()) <= P.kv_count(row, n, lwin)
+    if not lwin:
+        assert int(vis.sum()) == P.kv_count(row, n)
+    else:
+        assert P.kv_count(row, n, lwin) <= lwin
+        assert P.kv_count({"kind": "full"}, n, lwin) == min(n, lwin)

@@ -83,7 +83,7 @@ class Profile:
     def header(self) -> dict:
         h = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method,
-            "model": self.model.__dict__, "model_spec": self.model_spec, "lengths": list(self.lengths),
+            "model": self.model.to_dict(), "model_spec": self.model_spec, "lengths": list(self.lengths),
             "candidates": [c.to_dict() for c in self.candidates], "block_size": self.block_size,
             "data": self.data, "samples": self.samples, "versions": self.versions,
         }
@@ -150,7 +150,7 @@ def load_profile(path: str | Path) -> Profile:
     parts = {k[len("loss."):]: v for k, v in tensors.items() if k.startswith("loss.")}
     try:
         prof = Profile(
-            model=ModelIdentity(**header["model"]), model_spec=header["model_spec"], method=header["method"],
+            model=ModelIdentity.from_dict(header["model"], "model"), model_spec=header["model_spec"], method=header["method"],
             lengths=tuple(header["lengths"]), candidates=tuple(Candidate.from_dict(c) for c in header["candidates"]),
             block_size=int(header["block_size"]), data=header["data"], samples=int(header["samples"]),
             loss=tensors["loss"], density=tensors["density"], kv=tensors["kv"], versions=header["versions"],

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import HeadplanError, PlanError
 from ..kernels import patterns as P
-from ..plan import Plan, load_plan, save_plan
+from ..plan import Pattern, Plan, load_plan, save_plan
 from .attention import NAME, LayerRuntime, headplan_attention
 from .cache import HeadplanCache, HeadplanLayer
 
@@ -17,6 +17,7 @@ __all__ = ["apply", "dense", "compile_tables", "HeadplanCache", "HeadplanLayer",
            "register", "new_cache", "kv_report", "prefill_chunked"]
 
 _REGISTERED = False
+P_FULL = Pattern("full")
 
 
 def register() -> None:
@@ -25,16 +26,29 @@ def register() -> None:
     if _REGISTERED:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, headplan_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, causal_padding_mask)
     _REGISTERED = True
 
 
+def causal_padding_mask(*args, **kwargs):
+    """transformers' SDPA mask without the sliding-window overlay: the layer's own window is applied
+    by the head table (column C_LWIN) in every implementation, so the mask only carries causality and
+    padding, and the attention function can read each key's validity from its last row."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    if kwargs.get("local_size") is not None:
+        kwargs["mask_function"] = causal_mask_function
+        kwargs["local_size"] = None
+    return sdpa_mask(*args, **kwargs)
+
+
 def compile_tables(plan: Plan) -> list[torch.Tensor]:
-    """One int32 head table (Hkv, NCOLS) per layer."""
-    return [P.make_table([e.pattern.row() for e in heads]) for heads in plan.layers]
+    """One int32 head table (Hkv, NCOLS) per layer, bounded by the layer's own sliding window."""
+    return [P.make_table([e.pattern.row() for e in heads], layer_window=plan.model.window(li))
+            for li, heads in enumerate(plan.layers)]
 
 
 def attention_modules(model) -> list:
@@ -46,7 +60,7 @@ def attention_modules(model) -> list:
 def check_plan_fits(model, plan: Plan) -> None:
     from ..models import identity_of
 
-    ident = identity_of(model.config)
+    ident = identity_of(model.config)  # also refuses attention features the runtime cannot reproduce
     if ident.fingerprint != plan.model.fingerprint:
         raise PlanError(
             f"plan is for another model: plan has {plan.model.architecture} ({plan.model.num_layers} layers, "
@@ -118,6 +132,12 @@ def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int
         plan = load_plan(plan)
     if check:
         check_plan_fits(model, plan)
+    else:
+        from ..models import layer_windows
+
+        if tuple(layer_windows(model.config)) != tuple(plan.model.layer_windows):
+            raise PlanError(f"plan's layer windows {list(plan.model.layer_windows) or 'none'} differ from the "
+                            f"model's {list(layer_windows(model.config)) or 'none'}")
     register()
     tables = compile_tables(plan)
     mods = attention_modules(model)
@@ -125,6 +145,10 @@ def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int
         raise PlanError(f"plan has {len(tables)} layers but the model has {len(mods)} attention modules")
     for m, t in zip(mods, tables):
         m._headplan = LayerRuntime(t, plan.block_size)
+        own = getattr(m, "sliding_window", None)
+        if own is not None and int(own or 0) != m._headplan.lwin:
+            raise PlanError(f"layer {m.layer_idx}: the model's sliding window {own} differs from the plan's "
+                            f"{m._headplan.lwin or 'none'}")
         m._headplan.dense_below = int(dense_below or 0)
     model._headplan_plan = plan
     model._headplan_tables = tables
@@ -184,14 +208,18 @@ def load_patched(path: str | Path, dtype: str = "float32", device: str = "cpu"):
 
 
 def kv_report(plan: Plan, length: int, dtype_bytes: int = 2) -> dict:
-    """KV bytes per layer (dense vs plan) for one sequence of ``length`` tokens."""
+    """KV bytes per layer (the model's own dense cache vs the plan) for one sequence of ``length`` tokens.
+
+    Dense is what the model itself keeps: ``length`` tokens per head in a global layer, at most the
+    window in a sliding layer (as transformers' sliding cache layer does)."""
     from ..candidates import kv_share
 
     per_tok = 2 * plan.model.head_dim * dtype_bytes  # K and V, one head
     layers = []
-    for heads in plan.layers:
-        dense_b = len(heads) * length * per_tok
-        plan_b = sum(round(kv_share(e.pattern, length) * length) for e in heads) * per_tok
+    for li, heads in enumerate(plan.layers):
+        lw = plan.model.window(li)
+        dense_b = len(heads) * round(kv_share(P_FULL, length, lw) * length) * per_tok
+        plan_b = sum(round(kv_share(e.pattern, length, lw) * length) for e in heads) * per_tok
         layers.append({"dense_bytes": dense_b, "plan_bytes": plan_b})
     tot_d = sum(x["dense_bytes"] for x in layers)
     tot_p = sum(x["plan_bytes"] for x in layers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import HeadplanError
 from . import backend
 from .cache import PENDING, HeadplanLayer
 
@@ -18,7 +19,9 @@ class LayerRuntime:
 
         self.table = table.cpu()
         self.block = block
-        self.all_full = bool((self.table[:, P.C_KIND] == P.FULL).all())
+        self.lwin = int(self.table[0, P.C_LWIN]) if len(self.table) else 0  # the layer's own sliding window
+        # every head full in a global layer: the model's own causal attention (dense SDPA is the same)
+        self.all_full = bool((self.table[:, P.C_KIND] == P.FULL).all()) and self.lwin == 0
         self.dense_below = 0  # CUDA prompts shorter than this run dense SDPA (opt-in; see README)
         self._on: dict = {}
 
@@ -69,6 +72,12 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
                                       dropout=dropout, **kwargs)
     table = rt.table_on(query.device)
     Lk = key.shape[2]
+    own = kwargs.get("sliding_window")
+    if int(own or 0) != rt.lwin:
+        raise HeadplanError(f"layer {getattr(module, 'layer_idx', '?')}: the model attends with sliding window "
+                            f"{own}, the plan was made for {rt.lwin or 'none'}")
+    if kwargs.get("softcap"):
+        raise HeadplanError("attention logit softcapping is not supported by headplan's runtime")
 
     if layer is None or layer.seen == Lk:
         # keys are exactly the sequence so far (no cache, a DynamicCache, or a first prefill)
@@ -81,6 +90,10 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
             if layer is not None:
                 layer.commit_contiguous(key, value)
             return out.transpose(1, 2).contiguous(), None
+        if Lq != Lk and rt.lwin and layer is None:
+            raise HeadplanError("a sliding-window layer's transformers cache drops old tokens, so their positions are "
+                                "unknown: decode a patched model through headplan's cache (generate(), or "
+                                "past_key_values=headplan.new_cache(model))")
         valid = _valid_keys(attention_mask, B, Lk, query.device)
         kpos = _positions(valid)
         qpos = kpos[:, Lk - Lq:]

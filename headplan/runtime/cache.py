@@ -41,25 +41,32 @@ class HeadplanLayer(CacheLayerMixin):
         self._layout(self.max_length)
 
     # -- layout --------------------------------------------------------------------------------
-    def _cap(self, h: int, max_len: int) -> tuple[int, int]:
-        """(capacity, ring) of KV head h for sequences up to max_len tokens."""
+    def _cap(self, h: int, max_len: int) -> tuple[int, int, int]:
+        """(capacity, ring, ring's sink) of KV head h for sequences up to max_len tokens.
+
+        In a sliding layer (window w) no head keeps more than w tokens: a head that would is a plain
+        ring of the last w tokens (what transformers' sliding cache layer keeps)."""
         t = self.table[h].tolist()
-        kind = t[P.C_KIND]
+        kind, lw = t[P.C_KIND], t[P.C_LWIN]
         if kind == P.SKIP:
-            return 0, 0
+            return 0, 0, 0
+        cap, ring, sink = max_len, 0, 0
         if kind == P.STREAMING:
             sink = t[P.C_SINK]
             ring = max(1, int(P.window(t[P.C_ALPHA], t[P.C_BETA], max_len + 1)))
             if sink + ring >= max_len:
-                return max_len, 0  # the window covers everything: store like a full head
-            return sink + ring, ring
-        return max_len, 0
+                cap, ring, sink = max_len, 0, 0  # the window covers everything: store like a full head
+            else:
+                cap = sink + ring
+        if lw and cap > lw:
+            return lw, lw, 0
+        return cap, ring, sink
 
     def _layout(self, max_len: int):
-        self.sink = [int(x) for x in self.table[:, P.C_SINK].tolist()]
-        caps, rings = zip(*[self._cap(h, max_len) for h in range(self.table.shape[0])]) if len(self.table) else ((), ())
-        self.cap = list(caps)
-        self.ring = list(rings)
+        lay = [self._cap(h, max_len) for h in range(self.table.shape[0])]
+        self.cap = [c for c, _, _ in lay]
+        self.ring = [r for _, r, _ in lay]
+        self.sink = [s for _, _, s in lay]  # where each ring starts (sink slots come first)
         self.off = [0]
         for c in self.cap[:-1]:
             self.off.append(self.off[-1] + c)
@@ -116,7 +123,7 @@ class HeadplanLayer(CacheLayerMixin):
 
     # -- writing -------------------------------------------------------------------------------
     def _slots(self, h: int, pos: torch.Tensor) -> torch.Tensor:
-        sink = int(self.table[h, P.C_SINK])
+        sink = self.sink[h]
         if self.ring[h] == 0:
             return pos
         return torch.where(pos < sink, pos, sink + torch.remainder(pos - sink, self.ring[h]))
@@ -127,7 +134,7 @@ class HeadplanLayer(CacheLayerMixin):
         if self.ring[h]:
             # only the newest `ring` tokens of each row can survive: keep writes unique
             pmax = torch.where(valid, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)
-            sink = int(self.table[h, P.C_SINK])
+            sink = self.sink[h]
             valid = valid & ((pos < sink) | (pos > pmax - self.ring[h]))
         slots = self._slots(h, pos.clamp(min=0)) + o
         b_idx, t_idx = valid.nonzero(as_tuple=True)
