@@ -386,18 +386,22 @@ def do_report(run_dir: str | Path, out: str | Path) -> dict:
     return write_report(run_dir, out)
 
 
-def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budget: float | None) -> None:
-    """Fail before any work if no assignment of these candidates can meet the budget."""
-    from .candidates import density as dens
-    from .candidates import kv_share
+def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budget: float | None,
+                      model=None) -> None:
+    """Fail before any work if no assignment of these candidates can meet the budget (against the
+    model's own attention when its identity is given: sliding layers count their window as dense)."""
+    from .candidates import budget_tables
+    from .plan import ModelIdentity
 
-    for name, bound, fn in (("density", density, lambda p, n: dens(p, n)), ("kv_budget", kv_budget, kv_share)):
+    ident = model or ModelIdentity("", 1, 1, 1, 1, 1, "")
+    tables = dict(zip(("density", "kv_budget"), budget_tables(cands, lengths, 64, ident)))  # (L, C, lengths)
+    for name, bound in (("density", density), ("kv_budget", kv_budget)):
         if bound is None:
             continue
         if not 0.0 < bound <= 1.0:
             raise HeadplanError(f"--{name.replace('_', '-')} must be in (0, 1], got {bound}")
-        for n in lengths:
-            lo = min(fn(c.pattern, n) for c in cands)
+        for j, n in enumerate(lengths):
+            lo = float(tables[name][:, :, j].min(axis=1).mean())
             if lo > bound + 1e-12:
                 raise HeadplanError(f"{name} {bound:g} is infeasible at length {n}: the cheapest candidates give "
                                     f"{lo:.4f} (feasible range [{lo:.4f}, 1])")
@@ -422,6 +426,7 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
     load_task_file(eval_data, "eval")
     feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget)
     lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget, lm.identity)
     t_load = time.time() - t0
     prof_path = out / "profile.safetensors"
     plan_path = out / "plan.yaml"

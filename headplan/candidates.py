@@ -129,6 +129,22 @@ def budget_tables(candidates, lengths, block: int, model) -> tuple:
     return d / dd[None, None, :], k / kd[None, None, :]
 
 
+def plan_shares(model, layers, n: int, block: int = 64) -> tuple[float, float]:
+    """(density, KV share) at length n of per-layer pattern lists (``layers[l]`` = the patterns of
+    layer l's KV heads), against the model's own dense attention and cache: a sliding layer's dense is
+    its window, so a plan never claims to save what the model never kept."""
+    full = Pattern("full")
+    num_d = num_k = den_d = den_k = 0.0
+    for li, pats in enumerate(layers):
+        w = model.window(li)
+        for p in pats:
+            num_d += density(p, n, block, w)
+            num_k += kv_share(p, n, w)
+            den_d += density(full, n, block, w)
+            den_k += kv_share(full, n, w)
+    return num_d / den_d, num_k / den_k
+
+
 def same_as_full(p: Pattern, lwin: int) -> bool:
     """In a sliding layer, a pattern whose fixed window already spans the layer's window sees exactly
     what ``full`` sees there (the candidate collapses into full)."""

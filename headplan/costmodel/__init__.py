@@ -48,29 +48,32 @@ class CostTable:
     dyn_fixed_us: dict = field(default_factory=dict)  # dynamic kind -> fixed us per layer call
 
     # -- predictions ----------------------------------------------------------------------------
-    def head_prefill_ms(self, p: Pattern, n: int, block: int = 64) -> float:
-        """Marginal prefill time of one KV head (its G query heads) at length n, in ms."""
+    def head_prefill_ms(self, p: Pattern, n: int, block: int = 64, lwin: int = 0) -> float:
+        """Marginal prefill time of one KV head (its G query heads) at length n, in ms, in a layer whose
+        own sliding window is ``lwin`` (0 = global): only the pairs the layer itself attends to count."""
         from ..candidates import density
 
-        pairs = density(p, n, block) * n * (n + 1) / 2
+        pairs = density(p, n, block, lwin) * n * (n + 1) / 2
         return self.per_pair_ns.get(p.kind, self.per_pair_ns["full"]) * pairs * self.group * 1e-6
 
-    def layer_prefill_ms(self, patterns: list[Pattern], n: int, block: int = 64) -> float:
-        t = self.prefill_launch_us * 1e-3 + sum(self.head_prefill_ms(p, n, block) for p in patterns)
+    def layer_prefill_ms(self, patterns: list[Pattern], n: int, block: int = 64, lwin: int = 0) -> float:
+        t = self.prefill_launch_us * 1e-3 + sum(self.head_prefill_ms(p, n, block, lwin) for p in patterns)
         for k in {p.kind for p in patterns if p.kind in DYNAMIC}:  # index building, once per kind per layer
             t += self.dyn_ns_per_token.get(k, 0.0) * n * 1e-6 + self.dyn_fixed_us.get(k, 0.0) * 1e-3
         return t
 
     def plan_prefill_ms(self, plan: Plan, n: int) -> float:
-        return sum(self.layer_prefill_ms([e.pattern for e in layer], n, plan.block_size) for layer in plan.layers)
+        return sum(self.layer_prefill_ms([e.pattern for e in layer], n, plan.block_size, plan.model.window(li))
+                   for li, layer in enumerate(plan.layers))
 
-    def head_kv_bytes(self, p: Pattern, n: int, dtype_bytes: int = 2) -> float:
+    def head_kv_bytes(self, p: Pattern, n: int, dtype_bytes: int = 2, lwin: int = 0) -> float:
         from ..candidates import kv_share
 
-        return kv_share(p, n) * n * 2 * self.head_dim * dtype_bytes
+        return kv_share(p, n, lwin) * n * 2 * self.head_dim * dtype_bytes
 
     def plan_decode_ms(self, plan: Plan, n: int, batch: int = 1) -> float:
-        per_layer = [sum(self.head_kv_bytes(e.pattern, n) for e in layer) * batch for layer in plan.layers]
+        per_layer = [sum(self.head_kv_bytes(e.pattern, n, lwin=plan.model.window(li)) for e in layer) * batch
+                     for li, layer in enumerate(plan.layers)]
         return sum(self.decode_launch_us * 1e-3 + b / self.decode_bytes_per_s * 1e3 for b in per_layer)
 
     # -- io ---------------------------------------------------------------------------------------

@@ -17,16 +17,14 @@ import random
 
 import torch
 
-from ..candidates import density, kv_share
+from ..candidates import plan_shares
 from ..errors import HeadplanError
 from ..plan import Plan
 from ..report import Reporter
 
 
 def _plan_budget(plan: Plan, n: int) -> tuple[float, float]:
-    heads = [e.pattern for layer in plan.layers for e in layer]
-    return (sum(density(p, n, plan.block_size) for p in heads) / len(heads),
-            sum(kv_share(p, n) for p in heads) / len(heads))
+    return plan_shares(plan.model, [[e.pattern for e in layer] for layer in plan.layers], n, plan.block_size)
 
 
 @torch.no_grad()

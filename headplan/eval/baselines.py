@@ -21,7 +21,7 @@ import random as _random
 
 import numpy as np
 
-from ..candidates import Candidate, density, kv_share, streaming
+from ..candidates import Candidate, budget_tables, plan_shares, streaming
 from ..errors import HeadplanError
 from ..plan import Budget, HeadEntry, Plan
 
@@ -50,9 +50,9 @@ def _make(prof, plan: Plan, name: str, choice: list[Candidate], losses: list[flo
     H = m.num_kv_heads
     layers = tuple(tuple(HeadEntry(h, choice[layer * H + h].pattern, choice[layer * H + h].name)
                          for h in range(H)) for layer in range(m.num_layers))
-    pats = [c.pattern for c in choice]
-    ach_d = tuple(float(np.mean([density(p, n, prof.block_size) for p in pats])) for n in lengths)
-    ach_k = tuple(float(np.mean([kv_share(p, n) for p in pats])) for n in lengths)
+    shares = [plan_shares(m, [[e.pattern for e in layer] for layer in layers], n, prof.block_size) for n in lengths]
+    ach_d = tuple(float(d) for d, _ in shares)
+    ach_k = tuple(float(k) for _, k in shares)
     prov = {"baseline": name, "of_plan_budget": {"density": dens, "kv_budget": kvb, "lengths": list(lengths)},
             "profile": (plan.provenance or {}).get("profile") or {"sha256": prof.sha256},
             "model_spec": prof.model_spec, **extra}
@@ -69,7 +69,10 @@ def _tables(prof, lengths):
     li = [prof.lengths.index(n) for n in lengths]
     m = prof.model
     loss = prof.loss.double().numpy()[..., li].mean(-1).reshape(m.num_layers * m.num_kv_heads, -1)  # (H, C)
-    return loss, prof.density.numpy()[:, li], prof.kv.numpy()[:, li]
+    # (H, C, lengths) shares against the model's own attention and cache (each head's layer window)
+    dt, kt = (np.repeat(t, m.num_kv_heads, axis=0) for t in budget_tables(prof.candidates, lengths,
+                                                                            prof.block_size, m))
+    return loss, dt, kt
 
 
 def _streaming_cands(prof) -> list[int]:
@@ -91,9 +94,12 @@ def streaming_baseline(prof, plan: Plan) -> Plan:
     dens, kvb, lengths = _budget(plan)
     sink = _sink(prof)
 
+    m = prof.model
+
     def ok(alpha):
-        p = streaming(sink, alpha).pattern
-        return _fits([density(p, n, prof.block_size) for n in lengths], [kv_share(p, n) for n in lengths], dens, kvb)
+        uniform = [[streaming(sink, alpha).pattern] * m.num_kv_heads] * m.num_layers
+        shares = [plan_shares(m, uniform, n, prof.block_size) for n in lengths]
+        return _fits([d for d, _ in shares], [k for _, k in shares], dens, kvb)
 
     if not ok(1):
         raise HeadplanError(f"streaming baseline: even sink {sink} + window 1 exceeds the budget")
@@ -130,9 +136,10 @@ def duo_baseline(prof, plan: Plan) -> Plan:
     order = sorted(range(H), key=lambda h: (-score[h], h))
     best, si = -1, None
     for si in prefs:
-        for k in range(H + 1):
-            d = [(k * dt[fi, j] + (H - k) * dt[si, j]) / H for j in range(len(lengths))]
-            kk = [(k * kt[fi, j] + (H - k) * kt[si, j]) / H for j in range(len(lengths))]
+        for k in range(H + 1):  # the k heads ranked first are full, the rest the short window
+            top, rest = order[:k], order[k:]
+            d = [(dt[top, fi, j].sum() + dt[rest, si, j].sum()) / H for j in range(len(lengths))]
+            kk = [(kt[top, fi, j].sum() + kt[rest, si, j].sum()) / H for j in range(len(lengths))]
             if _fits(d, kk, dens, kvb):
                 best = k
         if best >= 0:
@@ -172,18 +179,18 @@ def random_baseline(prof, plan: Plan, seed: int = 0) -> Plan:
     H, C = loss.shape
     rng = _random.Random(f"headplan-random-baseline:{seed}")
     # cost of a candidate = its worst share of each budget; start every head at the cheapest one
-    rows = [t for t, b in ((dt, dens), (kt, kvb)) if b is not None]
+    rows = [t for t, b in ((dt, dens), (kt, kvb)) if b is not None]  # each (H, C, lengths)
     bounds = [b for b in (dens, kvb) if b is not None]
-    cheapest = min(range(C), key=lambda c: max(float(t[c].max()) for t in rows))
+    cheapest = min(range(C), key=lambda c: max(float(t[:, c].max()) for t in rows))
     choice = [cheapest] * H
-    tot = [t[cheapest] * H for t in rows]  # per budget row: (lengths,) sums over heads
+    tot = [t[:, cheapest].sum(axis=0) for t in rows]  # per budget row: (lengths,) sums over heads
     if any((s > b * H + 1e-9).any() for s, b in zip(tot, bounds)):
         raise HeadplanError("random baseline: the cheapest candidate on every head exceeds the budget")
     for h in rng.sample(range(H), H):  # heads in random order, each a uniform pick among what still fits
         fits = [c for c in range(C)
-                if all(((s - t[cheapest] + t[c]) <= b * H + 1e-9).all() for s, t, b in zip(tot, rows, bounds))]
+                if all(((s - t[h, cheapest] + t[h, c]) <= b * H + 1e-9).all() for s, t, b in zip(tot, rows, bounds))]
         c = rng.choice(fits)
-        tot = [s - t[cheapest] + t[c] for s, t in zip(tot, rows)]
+        tot = [s - t[h, cheapest] + t[h, c] for s, t in zip(tot, rows)]
         choice[h] = c
     cands = [prof.candidates[c] for c in choice]
     return _make(prof, plan, "random", cands, [loss[h, c] for h, c in enumerate(choice)], {"seed": seed})

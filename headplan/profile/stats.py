@@ -142,8 +142,12 @@ class Stats:
     # -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def layer(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float,
-              dout: torch.Tensor | None = None) -> None:
-        """One sequence of one layer: q (Hq, N, D), k and v (Hkv, N, D), dout (Hq, N, D) = dL/dO."""
+              dout: torch.Tensor | None = None, lwin: int = 0) -> None:
+        """One sequence of one layer: q (Hq, N, D), k and v (Hkv, N, D), dout (Hq, N, D) = dL/dO.
+
+        ``lwin``: the layer's own sliding window (0 = none). The dense attention is the layer's own, so
+        every per-entry quantity is zero outside the window and a candidate only pays for what it
+        drops inside it (a candidate as wide as the window costs what ``full`` costs: nothing)."""
         Hq, N, _ = q.shape
         Hkv = k.shape[0]
         G = Hq // Hkv
@@ -168,7 +172,7 @@ class Stats:
                 r1 = min(N, r0 + RB)
                 i = torch.arange(r0, r1, device=dev)[:, None]
                 j = torch.arange(r1, device=dev)[None, :]
-                causal = j <= i
+                causal = (j <= i) & P.in_layer_window(i, j, int(lwin))
                 s = torch.matmul(qh[:, r0:r1], kh[:r1].T) * scale  # (G, r, r1)
                 a = torch.softmax(s.masked_fill(~causal, -math.inf), dim=-1)
                 del s

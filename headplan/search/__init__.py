@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..candidates import budget_tables, same_as_full
 from ..errors import HeadplanError
 from ..plan import Budget, HeadEntry, Plan, atomic_write
 from ..profile import Profile
@@ -180,8 +181,12 @@ def _quiet_stdout():
 
 
 def _cost_coefs(prof: Profile, cost, n: int):
+    """Per (layer, candidate) marginal prefill ms (each layer's own window bounds the work) and per
+    candidate index-building ms."""
     pats = [c.pattern for c in prof.candidates]
-    per_head = np.array([cost.head_prefill_ms(p, n, prof.block_size) for p in pats])
+    m = prof.model
+    per_head = np.array([[cost.head_prefill_ms(p, n, prof.block_size, m.window(li)) for p in pats]
+                         for li in range(m.num_layers)])
     dyn_ms = np.array([cost.dyn_ns_per_token.get(p.kind, 0.0) * n * 1e-6 + cost.dyn_fixed_us.get(p.kind, 0.0) * 1e-3
                        if p.kind in ("blocksparse", "vslash") else 0.0 for p in pats])
     return per_head, dyn_ms
@@ -206,6 +211,22 @@ def profile_loss(prof: Profile, signals=()) -> torch.Tensor:
     return combine({k: prof.parts[k].double() for k in weights}, weights)[0]
 
 
+def _collapsed(prof: Profile, allowed: np.ndarray) -> np.ndarray:
+    """(layers, C) allowed candidates per layer: in a sliding layer, a candidate that sees exactly what
+    ``full`` sees there (its window spans the layer's) is collapsed into full, so a plan never names
+    two patterns for one behaviour."""
+    m = prof.model
+    full = [c for c, cand in enumerate(prof.candidates) if cand.pattern.kind == "full" and allowed[c]]
+    out = np.repeat(allowed[None, :], m.num_layers, axis=0)
+    if not full or not m.layer_windows:
+        return out
+    for li in range(m.num_layers):
+        for c, cand in enumerate(prof.candidates):
+            if cand.pattern.kind != "full" and same_as_full(cand.pattern, m.window(li)):
+                out[li, c] = False
+    return out
+
+
 def search(prof: Profile, settings: SearchSettings, profile_ref: dict | None = None, cost=None) -> Plan:
     choice, lengths, loss, dens, kv = _solve(prof, settings, cost)
     return _plan(prof, settings, choice, lengths, loss, dens, kv, profile_ref, cost)
@@ -223,13 +244,15 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
     H = m.num_layers * m.num_kv_heads
     C = len(prof.candidates)
     loss = profile_loss(prof, settings.signals).numpy()[..., li].reshape(H, C, len(li))
-    dens = prof.density.numpy()[:, li]
-    kv = prof.kv.numpy()[:, li]
+    # (H, C, lengths): each head's shares against the model's own attention and cache (its layer's window)
+    dens, kv = (np.repeat(t, m.num_kv_heads, axis=0) for t in budget_tables(prof.candidates, lengths,
+                                                                              prof.block_size, m))
     allowed = np.array([c.pattern.kind not in settings.exclude_kinds for c in prof.candidates])
     if not allowed.any():
         raise HeadplanError("every candidate kind is excluded")
-    obj = loss.mean(axis=2) + TIE * dens.mean(axis=1)[None, :]
-    obj = np.where(allowed[None, :], obj, 1e6)  # excluded candidates are never worth it
+    allowed = np.repeat(_collapsed(prof, allowed), m.num_kv_heads, axis=0)  # (H, C)
+    obj = loss.mean(axis=2) + TIE * dens.mean(axis=2)
+    obj = np.where(allowed, obj, 1e6)  # excluded candidates are never worth it
     obj = np.round(obj, 12).reshape(-1)
     prob = _Problem(obj, H, C, m.num_kv_heads)
     xs = lambda c: [h * C + c for h in range(H)]  # noqa: E731
@@ -240,13 +263,13 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
         if not 0.0 < bound <= 1.0:
             raise HeadplanError(f"--{name.replace('_', '-')} must be in (0, 1], got {bound}")
         for j, n in enumerate(lengths):
-            lo = float(table[allowed, j].min())
+            lo = float(np.where(allowed, table[:, :, j], np.inf).min(axis=1).mean())
             if lo > bound + 1e-12:
                 raise HeadplanError(
                     f"{name} {bound:g} is infeasible at length {n}: the cheapest candidates give {lo:.4f} "
                     f"(feasible range [{lo:.4f}, 1])")
             idx = [i for c in range(C) for i in xs(c)]
-            prob.le(idx, [table[i % C, j] / H for i in idx], bound + 1e-9)
+            prob.le(idx, [table[i // C, i % C, j] / H for i in idx], bound + 1e-9)
 
     budget_rows("density", settings.density, dens)
     budget_rows("kv_budget", settings.kv_budget, kv)
@@ -256,11 +279,12 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
         check_fits(cost, m.head_dim, m.num_query_heads // m.num_kv_heads)
     if settings.latency_budget is not None:
         ms, n = settings.latency_budget
-        per_head, dyn_ms = _cost_coefs(prof, cost, n)
+        per_layer, dyn_ms = _cost_coefs(prof, cost, n)
+        per_head = np.repeat(per_layer, m.num_kv_heads, axis=0)  # (H, C)
         fixed = m.num_layers * cost.prefill_launch_us * 1e-3
-        per_min = per_head[allowed].min()
-        lo = fixed + H * per_min
-        dense = fixed + H * float(per_head[[c.pattern.kind == "full" for c in prof.candidates]].max(initial=per_min))
+        lo = fixed + float(np.where(allowed, per_head, np.inf).min(axis=1).sum())
+        is_full = np.array([c.pattern.kind == "full" for c in prof.candidates])
+        dense = fixed + float(per_head[:, is_full].max(axis=1, initial=0).sum()) if is_full.any() else lo
         if ms < lo - 1e-9:
             raise HeadplanError(f"latency budget {ms:g} ms at {n} tokens is infeasible: the cheapest plan is "
                                 f"predicted at {lo:.3f} ms (feasible range [{lo:.3f}, {dense:.3f}] ms)")
@@ -268,7 +292,7 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
             raise HeadplanError(f"latency budget {ms:g} ms at {n} tokens is above the dense plan's predicted "
                                 f"{dense:.3f} ms: nothing to save (feasible range [{lo:.3f}, {dense:.3f}] ms)")
         idx = [i for c in range(C) for i in xs(c)]
-        coef = [per_head[i % C] for i in idx]
+        coef = [per_head[i // C, i % C] for i in idx]
         # one binary per (layer, dynamic kind): its index building is paid once if any head uses it
         dyn_kinds = sorted({prof.candidates[c].pattern.kind for c in range(C) if dyn_ms[c] > 0})
         extra_idx, extra_coef = [], []
@@ -286,13 +310,14 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
         prob.le(idx + extra_idx, [c * 1e3 for c in coef + extra_coef], (ms - fixed) * 1e3 - 1e-5)
     if settings.memory_budget is not None:
         gb, b, n = settings.memory_budget
-        per = np.array([cost.head_kv_bytes(c.pattern, n) * b for c in prof.candidates]) / 1e9
-        lo = H * float(per[allowed].min())
+        per = np.repeat(np.array([[cost.head_kv_bytes(c.pattern, n, lwin=m.window(li)) * b for c in prof.candidates]
+                                  for li in range(m.num_layers)]) / 1e9, m.num_kv_heads, axis=0)  # (H, C)
+        lo = float(np.where(allowed, per, np.inf).min(axis=1).sum())
         if gb < lo - 1e-12:
             raise HeadplanError(f"memory budget {gb:g} GB at batch {b} x {n} is infeasible: the smallest KV cache "
-                                f"is {lo:.3f} GB (feasible range [{lo:.3f}, {H * per.max():.3f}] GB)")
+                                f"is {lo:.3f} GB (feasible range [{lo:.3f}, {per.max(axis=1).sum():.3f}] GB)")
         idx = [i for c in range(C) for i in xs(c)]
-        prob.le(idx, [per[i % C] * 1e6 for i in idx], gb * 1e6 - 1e-5)  # in KB
+        prob.le(idx, [per[i // C, i % C] * 1e6 for i in idx], gb * 1e6 - 1e-5)  # in KB
     if settings.max_patterns_per_layer is not None:
         kmax = int(settings.max_patterns_per_layer)
         if kmax < 1:
@@ -305,7 +330,7 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
             prob.le(list(range(z0 + layer * C, z0 + (layer + 1) * C)), [1.0] * C, kmax)
     if settings.full_heads is not None:
         k = int(settings.full_heads)
-        fc = [c for c in range(C) if prof.candidates[c].pattern.kind == "full" and allowed[c]]
+        fc = [c for c in range(C) if prof.candidates[c].pattern.kind == "full" and allowed[:, c].any()]
         if not 0 <= k <= H or (k and not fc):
             raise HeadplanError(f"--full-heads {k} is impossible: the model has {H} KV heads"
                                 + ("" if fc else " and the candidates allow no full pattern"))
@@ -342,8 +367,8 @@ def _plan(prof, settings, choice, lengths, loss, dens, kv, profile_ref, cost) ->
             c = prof.candidates[int(choice[layer * m.num_kv_heads + h])]
             heads.append(HeadEntry(h, c.pattern, c.name))
         layers.append(tuple(heads))
-    ach_d = tuple(float(dens[choice, j].mean()) for j in range(len(lengths)))
-    ach_k = tuple(float(kv[choice, j].mean()) for j in range(len(lengths)))
+    ach_d = tuple(float(dens[np.arange(H), choice, j].mean()) for j in range(len(lengths)))
+    ach_k = tuple(float(kv[np.arange(H), choice, j].mean()) for j in range(len(lengths)))
     exp = float(loss[np.arange(H), choice].mean())
     search_info = {"solver": "milp-highs", "objective": "mean profiled loss over lengths", **settings.to_dict(),
                    "candidates": [c.name for c in prof.candidates]}
