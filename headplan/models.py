@@ -254,6 +254,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
                 raise HeadplanError(f"random model: {what!r} is neither a family ({', '.join(RANDOM_FAMILIES)}) "
                                     "nor a config.json file")
             cfg = _config_from_json(p)
+        layer_windows(cfg)  # refuse what the runtime cannot reproduce before building anything
         torch.manual_seed(seed)
         # initialise where it will run: an 8B random model takes minutes to initialise on the CPU
         with torch.device(device):
@@ -279,7 +280,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
                 tok = AutoTokenizer.from_pretrained(str(p))
             except Exception:  # noqa: BLE001 - a directory without tokenizer files
                 tok = ByteTokenizer(int(model.config.vocab_size))
-    model.set_attn_implementation("sdpa")
+    layer_windows(model.config)
+    try:
+        model.set_attn_implementation("sdpa")
+    except ValueError as e:  # a family transformers runs only eagerly (e.g. for softcapping)
+        raise HeadplanError(f"{spec}: {str(e).splitlines()[0]}") from None
     model.eval()
     model.to(device)
     return LoadedModel(model=model, tokenizer=tok, spec=spec, identity=identity_of(model.config))

@@ -52,7 +52,8 @@ def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None
     from ..runtime import NAME, new_cache
 
     plan_mode = model.config._attn_implementation == NAME
-    cache = new_cache(model, ids.shape[1] + n_new + 1) if plan_mode else DynamicCache()
+    # dense: the model's own cache (its sliding layers keep only their window, as in plain generate())
+    cache = new_cache(model, ids.shape[1] + n_new + 1) if plan_mode else DynamicCache(config=model.config)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
                          pad_token_id=eos if eos is not None else 0, past_key_values=cache)
     if mem is not None:
