@@ -234,36 +234,39 @@ def _static_flags(tab64, L, QT, BN, lr, block, device):
     local = (kind == P.STREAMING) | (kind == P.STRIDED)
     sink = torch.where(local, col(P.C_SINK), torch.full_like(kind, _INF_POS))
     alpha, beta = col(P.C_ALPHA), col(P.C_BETA)
+    lw = col(P.C_LWIN)  # the layer's own sliding window bounds every head (0 = none)
+    lwb = torch.where(lw > 0, lw, torch.full_like(lw, _INF_POS))
 
-    def e(q):
-        return q - (alpha + torch.div(beta * (q + 1), P.BETA_SCALE, rounding_mode="floor"))
+    def e(q):  # lower edge of what row q sees through the window (monotone in q)
+        return q - torch.minimum(alpha + torch.div(beta * (q + 1), P.BETA_SCALE, rounding_mode="floor"), lwb)
 
     qa = torch.maximum(q0, k0)
     exists = qa <= q1
-    # any: some row q >= k0 sees a column of the tile: k0 < sink, or min(k1, q) > e(q)
+    # any: some row q >= k0 sees a column of the tile: a sink column inside the layer's window (the
+    # nearest pair is row qa with the last sink column), or min(k1, q) > e(q)
     kink = torch.minimum(torch.maximum(k1, qa), q1)
     best = None
     for qq in (qa, q1, kink):
         f = torch.minimum(k1, qq) - e(qq)
         best = f if best is None else torch.maximum(best, f)
-    any_ = exists & ((k0 < sink) | (best > 0))
+    sink_any = (k0 < sink) & (qa - torch.minimum(k1, sink - 1) < lwb)
+    any_ = exists & (sink_any | (best > 0))
     all_ = (k1 <= q0) & (k1 < lr4) & ((k1 < sink) | (torch.maximum(e(q0), e(q1)) < torch.maximum(k0, sink)))
+    all_ = all_ & (q1 - k0 < lwb)
     strided = kind == P.STRIDED
     stride = col(P.C_STRIDE).clamp(min=1)
     off = col(P.C_OFFSET)
     b0 = torch.div(k0, block, rounding_mode="floor")
     bstar = b0 + torch.remainder(off - b0, stride)
     kstart = torch.maximum(bstar * block, k0)
-    shard_any = strided & (off >= 0) & (off < stride) & (kstart <= torch.minimum(k1, q1)) & (q0 <= q1)
+    khi = torch.minimum(k1, q1)
+    b1 = torch.div(khi, block, rounding_mode="floor")
+    klast = torch.minimum(khi, (b1 - torch.remainder(b1 - off, stride)) * block + block - 1)  # last shard key
+    shard_any = strided & (off >= 0) & (off < stride) & (kstart <= khi) & (q0 <= q1) & (q0 - klast < lwb)
     any_ = any_ | shard_any
     skip = kind == P.SKIP
     any_ = any_ & ~skip
     all_ = all_ & ~skip & exists
-    # the layer's own sliding window (0 = none): some pair of the tile has q - k < lw, or all pairs do
-    lw = col(P.C_LWIN)
-    glob = lw == 0
-    any_ = any_ & (glob | (torch.maximum(q0, k0) - k1 < lw))
-    all_ = all_ & (glob | (q1 - k0 < lw))
     return any_, all_
 
 

@@ -31,7 +31,7 @@ ATOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # ---------------------------------------------------------------------------------------------
 
 def build_case(heads: list[dict], qpos: list[int], G: int, D: int, dtype, seed: int, holes: float = 0.05,
-               gap: int = 3):
+               gap: int = 3, layer_window: int = 0):
     """Packed cache for the given heads; every region is filled the way the runtime would fill it.
 
     heads: dicts with the pattern (kind, sink, alpha, beta, stride, offset) and ``cap`` (slots). A
@@ -80,7 +80,7 @@ def build_case(heads: list[dict], qpos: list[int], G: int, D: int, dtype, seed: 
     k[:, ~owned] = float("nan")
     v[:, ~owned] = float("nan")
     q = torch.randn(B, G * Hkv, D, generator=g)
-    table = P.make_table([{kk: vv for kk, vv in h.items() if kk != "cap"} for h in heads])
+    table = P.make_table([{kk: vv for kk, vv in h.items() if kk != "cap"} for h in heads], layer_window=layer_window)
     return dict(q=q.to(DEV, dtype), k=k.to(DEV, dtype), v=v.to(DEV, dtype), slot=slot.to(DEV),
                 offs=offs, caps=caps, qpos=torch.tensor(qpos, dtype=torch.int64, device=DEV),
                 table=table.to(DEV), scale=1.0 / math.sqrt(D), owned=owned)
@@ -197,6 +197,22 @@ def test_decode_mixed_kinds(G, D, dtype, num_splits):
     skip = [h for h, r in enumerate(heads) if r["kind"] == "skip"]
     for h in skip:
         assert bool((out[:, h * G:(h + 1) * G] == 0).all())
+
+
+@pytest.mark.parametrize("lwin", [1, 30, 100])
+def test_decode_layer_window_bounds_every_head(lwin):
+    """In a sliding layer, slots older than the layer's window are invisible to every head (full heads
+    here still hold every position, so the kernel itself must apply the window)."""
+    c = build_case(mixed_heads(), [159, 97, 5], 2, 64, torch.float16, seed=5, layer_window=lwin)
+    check(run_kernel(c, num_splits=3), c)
+    qp = 159
+    c1 = build_case([dict(kind="full", cap=160)], [qp], 1, 64, torch.float32, seed=6, holes=0.0, layer_window=lwin)
+    ref = run_ref(c1).cpu().double()
+    idx = [s for s in range(c1["offs"][0], c1["offs"][0] + 160) if 0 <= int(c1["slot"][0, s]) <= qp
+           and qp - int(c1["slot"][0, s]) < lwin]
+    k, v, q = c1["k"].cpu().double(), c1["v"].cpu().double(), c1["q"].cpu().double()
+    expect = torch.softmax((k[0, idx] @ q[0, 0]) * c1["scale"], 0) @ v[0, idx]
+    assert (ref[0, 0] - expect).abs().max() < 1e-6
 
 
 def test_decode_head_dim_256():

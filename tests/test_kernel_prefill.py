@@ -82,10 +82,11 @@ def poisoned_run(q, k, v, table, scale, pad, block):
         K.torch.empty = _check_orig
 
 
-def check(rows, B=1, G=2, L=100, D=64, dtype=torch.float16, pad=None, block=64, transposed=False, seed=0):
+def check(rows, B=1, G=2, L=100, D=64, dtype=torch.float16, pad=None, block=64, transposed=False, seed=0,
+          layer_window=0):
     Hkv = len(rows)
     q, k, v = rand_inputs(B, G * Hkv, Hkv, L, D, dtype, transposed, seed)
-    table = P.make_table(rows)
+    table = P.make_table(rows, layer_window=layer_window)
     scale = 1.0 / math.sqrt(D)
     padt = torch.tensor(pad, dtype=torch.int64) if pad is not None else None
     out = poisoned_run(q, k, v, table, scale, padt.to(DEV) if padt is not None else None, block)
@@ -120,6 +121,13 @@ def test_each_kind(row, dtype):
 def test_mixed_gqa_lengths(G, L):
     rows = [{"kind": "full"}, STREAM, STRIDED, {"kind": "skip"}, BSP, VSL]
     check(rows, G=G, L=L, block=32)
+
+
+@pytest.mark.parametrize("lwin", [1, 37, 64])
+def test_layer_window_bounds_every_kind(lwin):
+    """A sliding layer's own window (shorter than the sequence) bounds every head, dynamic ones too."""
+    rows = [{"kind": "full"}, STREAM, STRIDED, {"kind": "skip"}, BSP, VSL]
+    check(rows, B=2, G=2, L=150, pad=[0, 19], block=32, layer_window=lwin)
 
 
 def test_mqa_padding_batch():
@@ -184,14 +192,15 @@ def test_dynamic_indices_match_reference():
 
 
 @pytest.mark.parametrize("QT,BN", [(16, 32), (64, 64), (32, 16)])
-def test_static_tile_flags_exact(QT, BN):
+@pytest.mark.parametrize("lwin", [0, 45])
+def test_static_tile_flags_exact(QT, BN, lwin):
     """Tile lists visit exactly the tiles with a visible pair, and skip the mask only where all are."""
     L, block = 300, 16
     rows = [{"kind": "full"}, {"kind": "streaming", "sink": 5, "alpha": 20, "beta": 0.3},
             {"kind": "streaming", "sink": 0, "alpha": 2, "beta": 1.7}, {"kind": "skip"},
             {"kind": "strided", "sink": 3, "alpha": 10, "beta": 0.1, "stride": 4, "offset": 2},
             {"kind": "streaming", "sink": 100, "alpha": 0}]
-    table = P.make_table(rows)
+    table = P.make_table(rows, layer_window=lwin)
     pad = torch.tensor([0, 45])
     lr = L - pad
     any_, all_ = K._static_flags(table.long(), L, QT, BN, lr, block, "cpu")
@@ -247,6 +256,7 @@ def test_cuda_bf16(D):
             {"kind": "full"}, {"kind": "streaming", "sink": 4, "alpha": 64}]
     check(rows, B=2, G=4, L=1500, D=D, dtype=torch.bfloat16, pad=[0, 333])
     check(rows[:4], B=1, G=3, L=777, D=D, dtype=torch.float16)
+    check(rows, B=2, G=4, L=1500, D=D, dtype=torch.bfloat16, pad=[0, 333], layer_window=511)  # a sliding layer
 
 
 @pytest.mark.skipif(not CUDA, reason="needs the GPU")
