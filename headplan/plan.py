@@ -10,7 +10,6 @@ grid so every implementation computes the same integer window.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import tempfile

@@ -30,23 +30,20 @@ empty slots inside a head's range must hold finite data; slots past ``valid_len`
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import patterns as P
+from ._triton import C_KIND, K_SKIP, K_STREAMING, K_STRIDED, head_row, window
+from ._triton import interpret as _interpret
 
 __all__ = ["sparse_decode", "pick_config"]
 
 _SUPPORTED_D = (64, 128, 256)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,11 +55,11 @@ def _head_extent(CAP, TAB, VLEN, b, h, stride_tab, stride_vlb, NSPLIT, min_chunk
                  HAS_VLEN: tl.constexpr, BLOCK_N: tl.constexpr):
     """(effective capacity, chunk) of KV head h in batch row b; identical in both passes."""
     cap = tl.load(CAP + h).to(tl.int32)
-    kind = tl.load(TAB + h * stride_tab + 0)
+    kind = tl.load(TAB + h * stride_tab + C_KIND)
     if HAS_VLEN:
         vl = tl.load(VLEN + b * stride_vlb + h).to(tl.int32)
         cap = tl.minimum(cap, tl.maximum(vl, 0))
-    cap = tl.where(kind == 5, 0, cap)  # SKIP: nothing to read
+    cap = tl.where(kind == K_SKIP, 0, cap)  # nothing to read
     chunk = tl.cdiv(tl.cdiv(cap, NSPLIT), BLOCK_N) * BLOCK_N
     chunk = tl.maximum(chunk, min_chunk)
     return cap, chunk
@@ -106,24 +103,13 @@ def _decode_split_kernel(
     end = tl.minimum(start + chunk, cap)
 
     # pattern parameters of this head
-    trow = TAB + h * stride_tab
-    kind = tl.load(trow + 0)
-    sink = tl.load(trow + 1)
-    alpha = tl.load(trow + 2).to(tl.int64)
-    beta = tl.load(trow + 3).to(tl.int64)
-    stride = tl.maximum(tl.load(trow + 4), 1)
-    shard_off = tl.load(trow + 5)
-    lwin = tl.load(trow + 9)  # the layer's own sliding window, 0 = none
-    lw = tl.where(lwin > 0, lwin, 1 << 30)
+    kind, sink, alpha, beta, stride, shard_off, lw = head_row(TAB, h, stride_tab)
     qp64 = tl.load(QPOS + b).to(tl.int64)
-    x = beta * (qp64 + 1)
-    xq = x // 4096
-    xq = tl.where((x < 0) & (xq * 4096 != x), xq - 1, xq)  # floor division like torch
-    w = tl.minimum(tl.maximum(alpha + xq, -1), qp64 + 1)   # clamped: qpos - pos lies in [0, qpos]
+    w = tl.minimum(tl.maximum(window(alpha, beta, qp64 + 1), -1), qp64 + 1)  # clamped: qpos - pos in [0, qpos]
     w = w.to(tl.int32)
     qp = qp64.to(tl.int32)
-    is_local = (kind == 1) | (kind == 2)
-    is_strided = kind == 2
+    is_local = (kind == K_STREAMING) | (kind == K_STRIDED)
+    is_strided = kind == K_STRIDED
 
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)

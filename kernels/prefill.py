@@ -21,7 +21,6 @@ Layout of the work
 
 from __future__ import annotations
 
-import math
 import os
 from collections import OrderedDict
 
@@ -30,14 +29,13 @@ import triton
 import triton.language as tl
 
 from . import patterns as P
+from ._triton import K_BLOCKSPARSE, K_STREAMING, K_STRIDED, K_VSLASH, head_row, window
+from ._triton import interpret as _interpret
+from .dynamic_index import block_select, vslash_select
+from .prefill_tiles import _compact, _rect_flags, _static_flags, _vslash_flags
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INF_POS = 1 << 40  # "sink" of heads whose static part is plain causal
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,16 +105,8 @@ def _prefill_kernel(Q, K, V, O, PAD, TAB, ORDER, CNT, LIST, GCNT, GLIST, SEL, CM
         acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, row_ok, qk_scale, False, PREC)
 
     # 2) partially visible tiles: token-exact mask
-    trow = TAB + h * NCOLS
-    kind = tl.load(trow + 0)
-    sink = tl.load(trow + 1)
-    alpha = tl.load(trow + 2).to(tl.int64)
-    beta = tl.load(trow + 3).to(tl.int64)
-    stride = tl.maximum(tl.load(trow + 4), 1)
-    offset = tl.load(trow + 5)
-    lwin = tl.load(trow + 9)  # the layer's own sliding window, 0 = none
-    lw = tl.where(lwin > 0, lwin, 1 << 30)
-    win = (alpha + (beta * (qpos + 1).to(tl.int64)) // 4096).to(tl.int32)
+    kind, sink, alpha, beta, stride, offset, lw = head_row(TAB, h, NCOLS)
+    win = window(alpha, beta, (qpos + 1).to(tl.int64)).to(tl.int32)
     for i in range(cu, cu + cmk):
         n = tl.load(lbase + i)
         kpos = n * BN + cols
@@ -128,16 +118,16 @@ def _prefill_kernel(Q, K, V, O, PAD, TAB, ORDER, CNT, LIST, GCNT, GLIST, SEL, CM
             loc = (kpos[None, :] < sink) | ((qpos[:, None] - kpos[None, :]) < win[:, None])
             if HAS_STRIDED:
                 shard = ((kpos // BLOCK) % stride) == offset
-                loc = loc | (shard & ((kpos * 0 + kind) == 2))[None, :]
+                loc = loc | (shard & ((kpos * 0 + kind) == K_STRIDED))[None, :]
             kv = kpos * 0 + kind
-            vis = vis & (loc | ((kv != 1) & (kv != 2))[None, :])
+            vis = vis & (loc | ((kv != K_STREAMING) & (kv != K_STRIDED))[None, :])
         if HAS_BS:
             if BS_GATHER:
                 sp = SEL + bh * NB * NB + (qpos // BLOCK)[:, None] * NB + (kpos // BLOCK)[None, :]
-                sb = tl.load(sp, mask=vis & ((kpos * 0 + kind) == 3)[None, :], other=0)
-                vis = vis & ((sb != 0) | ((kpos * 0 + kind) != 3)[None, :])
+                sb = tl.load(sp, mask=vis & ((kpos * 0 + kind) == K_BLOCKSPARSE)[None, :], other=0)
+                vis = vis & ((sb != 0) | ((kpos * 0 + kind) != K_BLOCKSPARSE)[None, :])
         if HAS_VS:
-            vsv = (kpos * 0 + kind) == 4
+            vsv = (kpos * 0 + kind) == K_VSLASH
             cmv = tl.load(CM + bh * L + kpos, mask=col_ok & vsv, other=0)
             omv = tl.load(OM + bh * L + (qpos[:, None] - kpos[None, :]), mask=vis & vsv[None, :], other=0)
             vis = vis & ((cmv[None, :] != 0) | (omv != 0) | (~vsv)[None, :])
@@ -204,258 +194,6 @@ def _config(D: int, G: int, block: int, has_bs: bool, has_dyn: bool):
         QT = block  # a query tile never straddles two pattern blocks
         BM = QT * GP
     return BM, QT, BN, W, S
-
-
-# ---------------------------------------------------------------------------------------------
-# tile lists (torch, on the device, no host sync)
-# ---------------------------------------------------------------------------------------------
-
-def _geometry(L, QT, BN, lr, device):
-    """Broadcastable tile coordinates: rows (B,1,NM,1), cols (1,1,1,NN)."""
-    NM = triton.cdiv(L, QT)
-    NN = triton.cdiv(L, BN)
-    q0 = (torch.arange(NM, device=device, dtype=torch.int64) * QT).view(1, 1, NM, 1)
-    lr4 = lr.view(-1, 1, 1, 1)
-    q1 = torch.minimum(q0 + QT - 1, lr4 - 1)
-    k0 = (torch.arange(NN, device=device, dtype=torch.int64) * BN).view(1, 1, 1, NN)
-    k1 = k0 + BN - 1
-    return NM, NN, q0, q1, k0, k1, lr4
-
-
-def _static_flags(tab64, L, QT, BN, lr, block, device):
-    """(any, all) tile visibility (B, H, NM, NN) of the static part of every head's pattern.
-
-    Dynamic heads count as causal-full here (intersected with their selection later); SKIP heads
-    see nothing. Uses that the window's lower edge ``e(q) = q - W(q+1)`` is monotone in q.
-    """
-    NM, NN, q0, q1, k0, k1, lr4 = _geometry(L, QT, BN, lr, device)
-    col = lambda c: tab64[:, c].view(1, -1, 1, 1)  # noqa: E731
-    kind = col(P.C_KIND)
-    local = (kind == P.STREAMING) | (kind == P.STRIDED)
-    sink = torch.where(local, col(P.C_SINK), torch.full_like(kind, _INF_POS))
-    alpha, beta = col(P.C_ALPHA), col(P.C_BETA)
-    lw = col(P.C_LWIN)  # the layer's own sliding window bounds every head (0 = none)
-    lwb = torch.where(lw > 0, lw, torch.full_like(lw, _INF_POS))
-
-    def e(q):  # lower edge of what row q sees through the window (monotone in q)
-        return q - torch.minimum(alpha + torch.div(beta * (q + 1), P.BETA_SCALE, rounding_mode="floor"), lwb)
-
-    qa = torch.maximum(q0, k0)
-    exists = qa <= q1
-    # any: some row q >= k0 sees a column of the tile: a sink column inside the layer's window (the
-    # nearest pair is row qa with the last sink column), or min(k1, q) > e(q)
-    kink = torch.minimum(torch.maximum(k1, qa), q1)
-    best = None
-    for qq in (qa, q1, kink):
-        f = torch.minimum(k1, qq) - e(qq)
-        best = f if best is None else torch.maximum(best, f)
-    sink_any = (k0 < sink) & (qa - torch.minimum(k1, sink - 1) < lwb)
-    any_ = exists & (sink_any | (best > 0))
-    all_ = (k1 <= q0) & (k1 < lr4) & ((k1 < sink) | (torch.maximum(e(q0), e(q1)) < torch.maximum(k0, sink)))
-    all_ = all_ & (q1 - k0 < lwb)
-    strided = kind == P.STRIDED
-    stride = col(P.C_STRIDE).clamp(min=1)
-    off = col(P.C_OFFSET)
-    b0 = torch.div(k0, block, rounding_mode="floor")
-    bstar = b0 + torch.remainder(off - b0, stride)
-    kstart = torch.maximum(bstar * block, k0)
-    khi = torch.minimum(k1, q1)
-    b1 = torch.div(khi, block, rounding_mode="floor")
-    klast = torch.minimum(khi, (b1 - torch.remainder(b1 - off, stride)) * block + block - 1)  # last shard key
-    shard_any = strided & (off >= 0) & (off < stride) & (kstart <= khi) & (q0 <= q1) & (q0 - klast < lwb)
-    any_ = any_ | shard_any
-    skip = kind == P.SKIP
-    any_ = any_ & ~skip
-    all_ = all_ & ~skip & exists
-    return any_, all_
-
-
-def _rect_flags(sel, L, QT, BN, lr, block):
-    """(any, all) over each tile's rectangle of pattern blocks; sel (B, H, NB, NB) bool."""
-    device = sel.device
-    NM, NN, q0, q1, k0, k1, lr4 = _geometry(L, QT, BN, lr, device)
-    NB = sel.shape[-1]
-    ps = torch.zeros(sel.shape[0], sel.shape[1], NB + 1, NB + 1, dtype=torch.int32, device=device)
-    ps[:, :, 1:, 1:] = sel.to(torch.int32).cumsum(2).cumsum(3)
-    qb0 = torch.div(q0, block, rounding_mode="floor").clamp(max=NB - 1).expand(sel.shape[0], 1, NM, 1)
-    qb1 = torch.div(torch.maximum(q1, q0), block, rounding_mode="floor").clamp(max=NB - 1).expand(sel.shape[0], 1, NM, 1)
-    kb0 = torch.div(k0, block, rounding_mode="floor").clamp(max=NB - 1)
-    kb1 = torch.div(torch.minimum(k1, torch.full_like(k1, L - 1)), block, rounding_mode="floor").clamp(max=NB - 1)
-    H = sel.shape[1]
-    flat = ps.view(sel.shape[0], H, -1)
-
-    def at(r, c):
-        idx = (r * (NB + 1) + c).expand(sel.shape[0], H, NM, NN).reshape(sel.shape[0], H, -1)
-        return torch.gather(flat, 2, idx).view(sel.shape[0], H, NM, NN)
-
-    cnt = at(qb1 + 1, kb1 + 1) - at(qb0, kb1 + 1) - at(qb1 + 1, kb0) + at(qb0, kb0)
-    area = (qb1 - qb0 + 1) * (kb1 - kb0 + 1)
-    return cnt > 0, cnt == area
-
-
-def _compact(any_, all_):
-    """Per (b, h, m): tile list [unmasked..., masked...] (int32) and counts (…, 2) int32."""
-    NN = any_.shape[-1]
-    n = torch.arange(NN, device=any_.device, dtype=torch.int64)
-    key = torch.where(all_, n, torch.where(any_, n + NN, n + 2 * NN))
-    lst = torch.remainder(key.sort(dim=-1).values, NN).to(torch.int32)
-    cu = all_.sum(-1)
-    cm = (any_ & ~all_).sum(-1)
-    return lst.contiguous(), torch.stack([cu, cm], -1).to(torch.int32).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------
-# dynamic indices, vectorised over batch and heads (same definitions as kernels.patterns)
-# ---------------------------------------------------------------------------------------------
-
-def _logical(x, pad, L):
-    """x (B, H, L, D) slot layout -> logical layout (zeros after the real tokens)."""
-    if pad is None:
-        return x
-    B = x.shape[0]
-    idx = torch.arange(L, device=x.device).view(1, L) + pad.view(B, 1).long()
-    ok = idx < L
-    idx = idx.clamp(max=L - 1)
-    y = torch.gather(x, 2, idx.view(B, 1, L, 1).expand(B, x.shape[1], L, x.shape[3]))
-    return y * ok.view(B, 1, L, 1).to(y.dtype)
-
-
-def block_select(q, k, heads, topks, pad, lr, block):
-    """Selected blocks sel (B, len(heads), NB, NB) bool, as build_block_index defines them.
-
-    q (B, Hq, L, D), k (B, Hkv, L, D); heads: list of KV heads; topks: their topk values.
-    """
-    B, Hq, L, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    dev = q.device
-    NB = triton.cdiv(L, block)
-    hs = torch.tensor(heads, device=dev)
-    Hb = len(heads)
-    if heads == list(range(Hkv)):  # no copy of q/k when every head is dynamic
-        qg, kg = q.reshape(B, Hkv, G, L, D), k
-    else:
-        qg, kg = q.reshape(B, Hkv, G, L, D)[:, hs], k[:, hs]
-    if pad is not None:
-        qg = _logical(qg.reshape(B, Hb * G, L, D), pad, L).view(B, Hb, G, L, D)
-        kg = _logical(kg, pad, L)
-    padn = NB * block - L
-    if padn:
-        qg = torch.nn.functional.pad(qg, (0, 0, 0, padn))
-        kg = torch.nn.functional.pad(kg, (0, 0, 0, padn))
-    kb = torch.arange(NB, device=dev)
-    counts = (lr.view(B, 1) - kb.view(1, NB) * block).clamp(min=1, max=block).to(torch.float32)  # (B, NB)
-    qbar = qg.reshape(B, Hb, G, NB, block, D).sum(dim=(2, 4), dtype=torch.float32) / (counts.view(B, 1, NB, 1) * G)
-    kbar = kg.reshape(B, Hb, NB, block, D).sum(dim=3, dtype=torch.float32) / counts.view(B, 1, NB, 1)
-    score = qbar @ kbar.transpose(-1, -2)  # (B, Hb, NB, NB)
-    qb = kb.view(NB, 1)
-    cand = (kb.view(1, NB) >= 1) & (kb.view(1, NB) < qb)
-    score = torch.where(cand, score, torch.full_like(score, -math.inf))
-    sel = torch.zeros(B, Hb, NB, NB + 1, dtype=torch.bool, device=dev)
-    kmax = max(topks) if topks else 0
-    if kmax > 0 and NB > 2:
-        kk = min(kmax, NB)
-        val, idx = torch.topk(score, kk, dim=-1)
-        rank = torch.arange(kk, device=dev).view(1, 1, 1, kk)
-        tk = torch.tensor(topks, device=dev).view(1, Hb, 1, 1)
-        ok = torch.isfinite(val) & (rank < tk)
-        sel.scatter_(3, torch.where(ok, idx, torch.full_like(idx, NB)), True)
-    sel = sel[..., :NB]
-    sel[..., 0] = True
-    eye = torch.eye(NB, dtype=torch.bool, device=dev)
-    sel = sel | eye
-    return sel
-
-
-def vslash_select(q, k, heads, verts, slashes, scale, pad, lr):
-    """Vertical and slash selections for the listed KV heads, as build_vslash_index defines them.
-
-    Returns (cmask, omask) (B, Hv, L) bool over logical columns / offsets, and the sorted column
-    list cols (B, Hv, max(verts)) int64 padded with L.
-    """
-    B, Hq, L, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    dev = q.device
-    hs = torch.tensor(heads, device=dev)
-    Hv = len(heads)
-    m = min(P.LAST_Q, L)
-    ql = q.reshape(B, Hkv, G, L, D)[:, hs, :, L - m:].float()  # (B, Hv, G, m, D)
-    kf = k[:, hs].float()  # (B, Hv, L, D)
-    padv = pad.view(B, 1).long() if pad is not None else torch.zeros(B, 1, dtype=torch.long, device=dev)
-    i = torch.arange(L - m, L, device=dev).view(1, m) - padv  # (B, m) logical rows
-    j = torch.arange(L, device=dev).view(1, L) - padv  # (B, L) logical columns
-    s = torch.einsum("bhgmd,bhld->bhgml", ql, kf) * scale
-    vis = (j.view(B, 1, L) >= 0) & (j.view(B, 1, L) <= i.view(B, m, 1)) & (i.view(B, m, 1) >= 0)  # (B, m, L)
-    s = s.masked_fill(~vis.view(B, 1, 1, m, L), -math.inf)
-    p = torch.softmax(s, dim=-1)
-    p = torch.where(vis.view(B, 1, 1, m, L), p, torch.zeros_like(p)).sum(2)  # (B, Hv, m, L)
-    col_slot = p.sum(2)  # (B, Hv, L) by slot
-    d = (i.view(B, m, 1) - j.view(B, 1, L)).clamp(min=0, max=L - 1)  # slot_i - slot_j
-    diag = torch.zeros(B, Hv, L, device=dev)
-    diag.scatter_add_(2, d.view(B, 1, m * L).expand(B, Hv, m * L), p.reshape(B, Hv, m * L))
-    # slot -> logical for the columns
-    src = (torch.arange(L, device=dev).view(1, L) + padv).clamp(max=L - 1)
-    col = torch.gather(col_slot, 2, src.view(B, 1, L).expand(B, Hv, L))
-    pos = torch.arange(L, device=dev).view(1, 1, L)
-    real = pos < lr.view(B, 1, 1)
-    col = torch.where(real, col, torch.full_like(col, -math.inf))
-    diag = torch.where(real, diag, torch.full_like(diag, -math.inf))
-    col[..., 0] = math.inf
-    diag[..., 0] = math.inf
-
-    def pick(score, ns):
-        nmax = max(ns)
-        kk = min(nmax, L)
-        out = torch.full((B, Hv, max(nmax, 1)), L, dtype=torch.int64, device=dev)
-        mask = torch.zeros(B, Hv, L + 1, dtype=torch.bool, device=dev)
-        if kk > 0:
-            val, idx = torch.topk(score, kk, dim=-1)
-            rank = torch.arange(kk, device=dev).view(1, 1, kk)
-            ok = (val > -math.inf) & (rank < torch.tensor(ns, device=dev).view(1, Hv, 1))
-            idx = torch.where(ok, idx, torch.full_like(idx, L))
-            out[..., :kk] = idx.sort(dim=-1).values
-            mask.scatter_(2, idx, True)
-        return mask[..., :L], out
-
-    cmask, cols = pick(col, verts)
-    omask, _ = pick(diag, slashes)
-    return cmask, omask, cols
-
-
-def _vslash_flags(cmask, omask, cols, L, QT, BN, lr, nslash_max):
-    dev = cmask.device
-    B, Hv, _ = cmask.shape
-    NM, NN, q0, q1, k0, k1, lr4 = _geometry(L, QT, BN, lr, dev)
-    pos = torch.arange(L, device=dev)
-    S = max(1, min(nslash_max, L))
-    offs = torch.where(omask, pos, torch.full_like(pos, L + QT + 1)).sort(dim=-1).values[..., :S]  # (B,Hv,S)
-    q0v = q0.view(1, 1, NM, 1)
-    q1v = q1.view(B, 1, NM, 1)
-    o = offs.view(B, Hv, 1, S)
-    lo = (q0v - o).clamp(min=0)
-    hi = q1v - o
-    T = (QT + BN - 1) // BN + 1
-    slash = torch.zeros(B, Hv, NM, NN + 1, dtype=torch.bool, device=dev)
-    nlo = torch.div(lo, BN, rounding_mode="floor")
-    nhi = torch.div(hi, BN, rounding_mode="floor")
-    for t in range(T):
-        n = nlo + t
-        ok = (hi >= 0) & (n <= nhi) & (lo <= hi)
-        slash.scatter_(3, torch.where(ok, n, torch.full_like(n, NN)).expand(B, Hv, NM, S), True)
-    slash = slash[..., :NN]
-    # vertical columns not inside a slash tile of this query tile
-    V = cols.shape[-1]
-    c = cols.view(B, Hv, 1, V)
-    cvalid = c < L
-    ctile = torch.div(c, BN, rounding_mode="floor").clamp(max=NN - 1).expand(B, Hv, NM, V)
-    in_slash = torch.gather(slash, 3, ctile)
-    cand = cvalid & (c <= q1v) & ~in_slash
-    r = torch.arange(V, device=dev)
-    key = torch.where(cand, r, r + V).sort(dim=-1).values
-    glist = torch.gather(c.expand(B, Hv, NM, V), 3, torch.remainder(key, V))
-    gcnt = cand.sum(-1)
-    return slash, glist, gcnt
 
 
 # ---------------------------------------------------------------------------------------------

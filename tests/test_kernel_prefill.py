@@ -24,7 +24,9 @@ INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 if not CUDA and not INTERP:
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+from headplan.kernels import dynamic_index as DI  # noqa: E402
 from headplan.kernels import prefill as K  # noqa: E402
+from headplan.kernels import prefill_tiles as T  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -171,9 +173,9 @@ def test_dynamic_indices_match_reference():
     pad = torch.tensor([0, 23], device=DEV)
     lr = L - pad.long()
     topks = [1, 3, 0]
-    sel = K.block_select(q, k, [0, 1, 2], topks, pad, lr, block)
+    sel = DI.block_select(q, k, [0, 1, 2], topks, pad, lr, block)
     verts, slashes = [7, 30, 1], [5, 2, 250]
-    cm, om, cols = K.vslash_select(q, k, [0, 1, 2], verts, slashes, 0.125, pad, lr)
+    cm, om, cols = DI.vslash_select(q, k, [0, 1, 2], verts, slashes, 0.125, pad, lr)
     for b in range(B):
         p = int(pad[b])
         for h in range(Hkv):
@@ -203,7 +205,7 @@ def test_static_tile_flags_exact(QT, BN, lwin):
     table = P.make_table(rows, layer_window=lwin)
     pad = torch.tensor([0, 45])
     lr = L - pad
-    any_, all_ = K._static_flags(table.long(), L, QT, BN, lr, block, "cpu")
+    any_, all_ = T._static_flags(table.long(), L, QT, BN, lr, block, "cpu")
     pos = R.logical_positions(pad, 2, L, "cpu")
     lpos = torch.arange(L).expand(2, L)  # logical layout: row r is position r
     for b in range(2):

@@ -47,3 +47,17 @@ def test_kv_count_is_what_the_last_query_needs(lwin):
     else:
         assert P.kv_count(row, n, lwin) <= lwin
         assert P.kv_count({"kind": "full"}, n, lwin) == min(n, lwin)
+
+
+def test_one_vocabulary_kernels_and_plan_agree():
+    """Pattern kinds and the window grid are defined once (plan.py, no torch); the kernels' constants
+    (patterns.py and the Triton helpers) must equal them."""
+    from headplan import plan
+    from headplan.kernels import _triton as TT
+
+    assert P.KIND_NAMES == plan.KINDS
+    assert P.BETA_SCALE == plan.BETA_GRID
+    for name in ("C_KIND", "C_SINK", "C_ALPHA", "C_BETA", "C_STRIDE", "C_OFFSET", "C_LWIN", "BETA_SCALE"):
+        assert getattr(TT, name).value == getattr(P, name), name
+    for kind in plan.KINDS:
+        assert getattr(TT, f"K_{kind.upper()}").value == P.KIND_NAMES.index(kind)
