@@ -6,13 +6,7 @@ import torch
 from headplan.models import load_model
 from headplan.plan import plan_from_rows
 
-MIXED = [
-    {"kind": "streaming", "sink": 4, "alpha": 8, "beta": 0.125},
-    {"kind": "full"},
-    {"kind": "strided", "sink": 2, "alpha": 4, "stride": 3, "offset": 1},
-    {"kind": "streaming", "sink": 3, "alpha": 5},
-    {"kind": "skip"},
-]
+from cases import MIXED  # noqa: F401  (re-exported: the runtime tests' mixed plans)
 
 
 @functools.lru_cache(maxsize=None)

@@ -117,16 +117,17 @@ def check(out, c, ref32=None, ref_same=None):
 
 
 def mixed_heads(n_full=160, sink=4, ring=40):
-    """One head of every kind (elastic window smaller than the ring, so stale entries exist)."""
-    return [
-        dict(kind="full", cap=n_full),
-        dict(kind="streaming", sink=sink, alpha=20, beta=0.05, cap=sink + ring),
-        dict(kind="strided", sink=2, alpha=12, beta=0.0, stride=3, offset=1, cap=n_full),
-        dict(kind="skip", cap=0),
-        dict(kind="blocksparse", topk=2, cap=n_full),
-        dict(kind="vslash", vertical=4, slash=4, cap=n_full),
-        dict(kind="streaming", sink=0, alpha=9, beta=0.0, cap=16),  # pure ring, no sink
-    ]
+    """One head of every kind of the tests' registry (the streaming one with an elastic window smaller
+    than its ring, so stale entries exist), plus a pure ring with no sink."""
+    from cases import ONE_OF_EACH
+
+    heads = []
+    for kind, row in ONE_OF_EACH.items():
+        if kind == "streaming":
+            heads.append(dict(kind="streaming", sink=sink, alpha=20, beta=0.05, cap=sink + ring))
+        else:
+            heads.append(dict(row, cap=0 if kind == "skip" else n_full))
+    return heads + [dict(kind="streaming", sink=0, alpha=9, beta=0.0, cap=16)]
 
 
 # ---------------------------------------------------------------------------------------------

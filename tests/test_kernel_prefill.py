@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from headplan.kernels import patterns as P  # noqa: E402
 from headplan.kernels import reference as R  # noqa: E402
+from cases import ONE_OF_EACH, STREAM, STRIDED  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -106,30 +107,21 @@ def check(rows, B=1, G=2, L=100, D=64, dtype=torch.float16, pad=None, block=64, 
     return err
 
 
-STREAM = {"kind": "streaming", "sink": 4, "alpha": 16, "beta": 0.125}
-STRIDED = {"kind": "strided", "sink": 2, "alpha": 8, "beta": 0.05, "stride": 3, "offset": 1}
-BSP = {"kind": "blocksparse", "topk": 1}
-VSL = {"kind": "vslash", "vertical": 9, "slash": 6}
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("row", [{"kind": "full"}, STREAM, STRIDED, {"kind": "skip"}, BSP, VSL],
-                         ids=["full", "streaming", "strided", "skip", "blocksparse", "vslash"])
+@pytest.mark.parametrize("row", list(ONE_OF_EACH.values()), ids=list(ONE_OF_EACH))
 def test_each_kind(row, dtype):
     check([row, row], G=2, L=129, dtype=dtype, block=32)
 
 
 @pytest.mark.parametrize("G,L", [(1, 1), (2, 37), (3, 100), (4, 200), (8, 129)])
 def test_mixed_gqa_lengths(G, L):
-    rows = [{"kind": "full"}, STREAM, STRIDED, {"kind": "skip"}, BSP, VSL]
-    check(rows, G=G, L=L, block=32)
+    check(list(ONE_OF_EACH.values()), G=G, L=L, block=32)
 
 
 @pytest.mark.parametrize("lwin", [1, 37, 64])
 def test_layer_window_bounds_every_kind(lwin):
     """A sliding layer's own window (shorter than the sequence) bounds every head, dynamic ones too."""
-    rows = [{"kind": "full"}, STREAM, STRIDED, {"kind": "skip"}, BSP, VSL]
-    check(rows, B=2, G=2, L=150, pad=[0, 19], block=32, layer_window=lwin)
+    check(list(ONE_OF_EACH.values()), B=2, G=2, L=150, pad=[0, 19], block=32, layer_window=lwin)
 
 
 def test_mqa_padding_batch():

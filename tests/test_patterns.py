@@ -61,3 +61,6 @@ def test_one_vocabulary_kernels_and_plan_agree():
         assert getattr(TT, name).value == getattr(P, name), name
     for kind in plan.KINDS:
         assert getattr(TT, f"K_{kind.upper()}").value == P.KIND_NAMES.index(kind)
+    from cases import ONE_OF_EACH  # the tests' registry covers every kind
+
+    assert tuple(ONE_OF_EACH) == plan.KINDS
