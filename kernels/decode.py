@@ -242,7 +242,7 @@ def pick_config(D: int, dtype: torch.dtype, device) -> dict:
     if _interpret() or device.type != "cuda":
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, programs_per_sm=8, min_chunk=64, order="hb")
     big = dtype == torch.float32  # 4-byte tiles: halve the tile to keep two pipeline stages in shared memory
-    # H100 sweep (examples/bench_decode.py --sweep, D=128 bf16): BLOCK_N 128 x 2 stages ~1-3% ahead of
+    # H100 sweep (benchmarks/bench_decode.py --sweep, D=128 bf16): BLOCK_N 128 x 2 stages ~1-3% ahead of
     # 64 x 3; min_chunk 128 helps small calls; the grid order ("bh" vs "hb") is within noise.
     common = dict(num_warps=4, programs_per_sm=16, min_chunk=128, order="bh")
     if D <= 64:

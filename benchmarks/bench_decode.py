@@ -19,7 +19,7 @@ divided by R. A second column gives ``triton.testing.do_bench`` (median, L2 flus
 dirty lines the flush leaves in L2. Bandwidth counts the K and V bytes the call must read (retained
 slots only; the 4-byte slot positions are not counted). Run:
 
-    python examples/bench_decode.py --json out/bench_decode.json [--sweep] [--profile]
+    python benchmarks/bench_decode.py --json out/bench_decode.json [--sweep] [--profile]
 
 Imports only torch, triton and headplan.kernels.
 """

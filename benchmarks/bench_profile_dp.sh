@@ -2,7 +2,7 @@
 # Gradient profiling on one GPU, then data-parallel over NGPU GPUs with torchrun (NCCL), same model,
 # calibration data and seeds; prints both wall times and how far the two profiles differ.
 #
-#   bash examples/bench_profile_dp.sh OUTDIR [SAMPLES_PER_LENGTH] [NGPU] [LENGTHS]
+#   bash benchmarks/bench_profile_dp.sh OUTDIR [SAMPLES_PER_LENGTH] [NGPU] [LENGTHS]
 #
 # ANSWERS=reference profiles on the reference answers instead of the dense model's greedy answers
 # (on random weights greedy decoding flips between runs on near-tied logits, which changes samples).

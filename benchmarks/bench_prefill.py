@@ -2,7 +2,7 @@
 
 One GPU command:
 
-    python examples/bench_prefill.py --sizes 4096,8192,32768 --json out.json
+    python benchmarks/bench_prefill.py --sizes 4096,8192,32768 --json out.json
 
 Batch 1, 32 query / 8 KV heads, head_dim 128, bf16. For each plan (one layer's 8 KV heads) and
 length it times (triton.testing.do_bench, median):

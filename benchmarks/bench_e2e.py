@@ -1,6 +1,6 @@
 """End-to-end GPU check and benchmark of the headplan runtime inside a transformers model.
 
-  python examples/bench_e2e.py --json out.json [--sections correct,crossover,prefill,decode]
+  python benchmarks/bench_e2e.py --json out.json [--sections correct,crossover,prefill,decode]
 
 Sections (each prints a table and lands in the JSON):
 - correct:   a small Llama-shaped random model (bf16, 32 query / 8 KV heads, head_dim 128) runs a plan
