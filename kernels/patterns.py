@@ -63,7 +63,7 @@ def make_table(rows: list[dict], device=None, layer_window: int = 0) -> torch.Te
         t[h, C_KIND] = KIND_NAMES.index(kind) if isinstance(kind, str) else int(kind)
         t[h, C_SINK] = int(r.get("sink", 0))
         t[h, C_ALPHA] = int(r.get("alpha", 0))
-        t[h, C_BETA] = int(round(float(r.get("beta", 0.0)) * BETA_SCALE))
+        t[h, C_BETA] = beta_q(r)
         t[h, C_STRIDE] = int(r.get("stride", 1))
         t[h, C_OFFSET] = int(r.get("offset", 0))
         t[h, C_TOPK] = int(r.get("topk", 0))
@@ -235,7 +235,7 @@ def visible_count(row: dict, n: int, block: int = DEFAULT_BLOCK, lwin: int = 0) 
         # layer's own lower edge; strided heads add the keys in [max(sink, lw0), lo) whose block b has
         # b % stride == offset
         sink = int(row.get("sink", 0))
-        w = window(int(row.get("alpha", 0)), int(round(float(row.get("beta", 0.0)) * BETA_SCALE)), i + 1)
+        w = window(int(row.get("alpha", 0)), beta_q(row), i + 1)
         lw0 = (i - lwin + 1).clamp(min=0) if lwin else torch.zeros_like(i)
         lo = torch.minimum(torch.maximum((i - w + 1).clamp(min=0), lw0), i + 1)  # first key of the window
         sink_hi = torch.minimum(torch.full_like(lo, sink), lo)
@@ -261,6 +261,11 @@ def visible_count(row: dict, n: int, block: int = DEFAULT_BLOCK, lwin: int = 0) 
     raise ValueError(f"unknown pattern kind {kind!r}")
 
 
+def beta_q(row: dict) -> int:
+    """A row's beta on the integer grid (``beta * BETA_SCALE``)."""
+    return int(round(float(row.get("beta", 0.0)) * BETA_SCALE))
+
+
 def kv_count(row: dict, n: int, lwin: int = 0) -> int:
     """KV slots the head keeps after n tokens (what its decode cache must hold) in a layer whose own
     sliding window is ``lwin`` (0 = global): never more than the layer's own cache keeps."""
@@ -269,6 +274,5 @@ def kv_count(row: dict, n: int, lwin: int = 0) -> int:
         return 0
     keep = n
     if kind == "streaming":
-        keep = min(n, int(row.get("sink", 0)) + int(window(int(row.get("alpha", 0)),
-                                                             int(round(float(row.get("beta", 0.0)) * BETA_SCALE)), n)))
+        keep = min(n, int(row.get("sink", 0)) + int(window(int(row.get("alpha", 0)), beta_q(row), n)))
     return min(keep, int(lwin)) if lwin else keep

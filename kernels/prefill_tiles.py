@@ -43,7 +43,7 @@ def _static_flags(tab64, L, QT, BN, lr, block, device):
     lwb = torch.where(lw > 0, lw, torch.full_like(lw, _INF_POS))
 
     def e(q):  # lower edge of what row q sees through the window (monotone in q)
-        return q - torch.minimum(alpha + torch.div(beta * (q + 1), P.BETA_SCALE, rounding_mode="floor"), lwb)
+        return q - torch.minimum(P.window(alpha, beta, q + 1), lwb)
 
     qa = torch.maximum(q0, k0)
     exists = qa <= q1
