@@ -1,0 +1,131 @@
+"""Issue 13: no data loss, no hostile-input holes. Bad input anywhere: one line on stderr naming the
+field or flag, exit 2, no traceback, nothing half-written."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import invoke
+
+PROFILE_ARGS = ["--lengths", "256,384", "--samples", "1", "--candidates", "small"]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A tiny profile and a plan searched from it, in one folder."""
+    d = tmp_path_factory.mktemp("made")
+    r = invoke("profile", "random:llama", "--out", d / "p.safetensors", *PROFILE_ARGS)
+    assert r.exit_code == 0, r.output
+    r = invoke("search", d / "p.safetensors", "--out", d / "plan.yaml", "--density", "0.5")
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def one_line_exit2(r, *needles):
+    """The CLI rule for bad input: exit 2, one stderr line containing every needle, no traceback."""
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1, r.stderr
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    return err[0]
+
+
+def plan_dict(made):
+    return yaml.safe_load((made / "plan.yaml").read_text())
+
+
+def write_plan(path, d):
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+# -- 2: aliases, duplicate keys, unknown fields -------------------------------------------------------
+
+def test_plan_with_yaml_aliases_is_refused(made, tmp_path):
+    text = (made / "plan.yaml").read_text()
+    bomb = "".join(f"  x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9 if i else ["lol"] * 9) + "]\n"
+                   for i in range(9))
+    p = tmp_path / "plan.yaml"
+    p.write_text(text.replace("provenance:\n", "provenance:\n" + bomb, 1))
+    (tmp_path / "p.safetensors").write_bytes((made / "p.safetensors").read_bytes())
+    one_line_exit2(invoke("check", p), "YAML anchors are not allowed")
+    one_line_exit2(invoke("apply", "random:llama", p, "--out", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_alias_alone_is_refused(made, tmp_path):
+    text = (made / "plan.yaml").read_text().replace("solver: milp-highs", "solver: *x", 1)
+    p = tmp_path / "a.yaml"
+    p.write_text(text)
+    one_line_exit2(invoke("apply", "random:llama", p), "aliases are not allowed")
+
+
+def test_plan_duplicate_key_is_refused(made, tmp_path):
+    text = (made / "plan.yaml").read_text().replace("  num_layers: 2\n", "  num_layers: 2\n  num_layers: 2\n", 1)
+    p = tmp_path / "d.yaml"
+    p.write_text(text)
+    one_line_exit2(invoke("apply", "random:llama", p), "duplicate key 'num_layers'")
+
+
+@pytest.mark.parametrize("where", ["top", "model", "budget", "layer", "window"])
+def test_plan_unknown_field_is_refused(made, tmp_path, where):
+    d = plan_dict(made)
+    if where == "top":
+        d["extra"], field = 1, "plan.yaml.extra"
+    elif where == "model":
+        d["model"]["colour"], field = "red", "model.colour"
+    elif where == "budget":
+        d["budget"]["gamma"], field = 1, "budget.gamma"
+    elif where == "layer":
+        d["layers"][0]["gamma"], field = 1, "layers[0].gamma"
+    else:
+        h = next(h for layer in d["layers"] for h in layer["heads"] if "window" in h)
+        h["window"]["gamma"], field = 1, "window.gamma"
+    one_line_exit2(invoke("apply", "random:llama", write_plan(tmp_path / "plan.yaml", d)), field, "unknown field")
+
+
+# -- 4: out-of-range and mistyped plan fields -----------------------------------------------------------
+
+def _edit_head(d, key, value):
+    for layer in d["layers"]:
+        for h in layer["heads"]:
+            if key in h or (key == "alpha" and "window" in h):
+                if key == "alpha":
+                    h["window"]["alpha"] = value
+                else:
+                    h[key] = value
+                return d
+    raise AssertionError(f"no head with {key}")
+
+
+@pytest.mark.parametrize("case", ["sink", "alpha", "block_size", "achieved_scalar", "achieved_big",
+                                  "search_density", "search_lengths", "search_cost", "profile_path"])
+def test_plan_field_out_of_range_or_mistyped(made, tmp_path, case):
+    d = plan_dict(made)
+    if case == "sink":
+        _edit_head(d, "sink", 2**31)
+        field = "sink: must be <="
+    elif case == "alpha":
+        _edit_head(d, "alpha", 2**40)
+        field = "window.alpha: must be <="
+    elif case == "block_size":
+        d["block_size"], field = 2**100, "block_size"
+    elif case == "achieved_scalar":
+        d["budget"]["achieved_density"], field = 5, "budget.achieved_density: expected a list"
+    elif case == "achieved_big":
+        d["budget"]["achieved_density"], field = [5, 0.1], "budget.achieved_density[0]"
+    elif case == "search_density":
+        d["provenance"]["search"]["density"], field = "half", "provenance.search.density"
+    elif case == "search_lengths":
+        d["provenance"]["search"]["lengths"], field = 256, "provenance.search.lengths"
+    elif case == "search_cost":
+        d["provenance"]["search"]["cost_table"], field = "x.yaml", "provenance.search.cost_table"
+    else:
+        d["provenance"]["profile"]["path"], field = 5, "provenance.profile.path"
+    p = write_plan(tmp_path / "plan.yaml", d)
+    for args in (["check", p], ["apply", "random:llama", p]):
+        one_line_exit2(invoke(*args), field)
