@@ -41,12 +41,27 @@ def parse_lengths(s: str | list | tuple) -> list[int]:
     return sorted(set(out))
 
 
-def _check_out(out: Path, suffixes: tuple[str, ...], what: str) -> Path:
+def _check_out(out: Path, suffixes: tuple[str, ...], what: str, directory: bool = False) -> Path:
+    """Refuse an output path before any work: wrong suffix, a directory where a file goes (or a file
+    where a directory goes), or a place that cannot be written (a parent that is a regular file, a
+    read-only directory)."""
     out = Path(out)
     if suffixes and out.suffix.lower() not in suffixes:
         raise HeadplanError(f"{what} output must end with {' or '.join(suffixes)}: {out}")
-    if out.exists() and out.is_dir():
+    if directory:
+        if out.exists() and not out.is_dir():
+            raise HeadplanError(f"--out {out}: exists and is not a directory ({what} output is a directory)")
+    elif out.exists() and out.is_dir():
         raise HeadplanError(f"{what} output is a directory: {out}")
+    a = out if directory and out.is_dir() else out.parent
+    while not a.exists() and a != a.parent:
+        if a.is_symlink():
+            raise HeadplanError(f"--out {out}: {a} is a dangling link")
+        a = a.parent
+    if not a.is_dir():
+        raise HeadplanError(f"--out {out}: {a} is not a directory")
+    if not os.access(a, os.W_OK | os.X_OK):
+        raise HeadplanError(f"--out {out}: {a} is not writable")
     return out
 
 
@@ -199,6 +214,9 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
                          write_pareto)
 
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
+    for flag, v in (("--pareto", pareto_points), ("--tune", tune_trials)):  # before any work is written
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise HeadplanError(f"{flag} takes a whole number >= 0, got {v!r}")
     lat, mem = parse_latency(latency_budget), parse_memory(memory_budget)
     if density is None and kv_budget is None and lat is None and mem is None:
         raise HeadplanError("give a budget: --density, --kv-budget, --latency-budget and/or --memory-budget")
@@ -303,6 +321,8 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     from .models import load_model
 
     rep = reporter or Reporter()
+    if out is not None:
+        _check_out(Path(out), (), "eval", directory=True)
     given = [str(p) for p in (plan_path if isinstance(plan_path, (list, tuple)) else [plan_path])]
     if not given:
         raise HeadplanError("give a plan: --plan PLAN")
@@ -367,6 +387,7 @@ def do_baselines(plan_path: str | Path, out: str | Path, names=None, profile: st
     from .eval.baselines import build_baselines
 
     path = Path(plan_path)
+    _check_out(Path(out), (), "baselines", directory=True)
     plan = load_plan(path)
     names = _baseline_names(names or True)
     prof = _plan_profile(path, plan, profile)
@@ -383,6 +404,7 @@ def do_report(run_dir: str | Path, out: str | Path) -> dict:
     Returns {"markdown", "html", "images", "evals"}."""
     from .report_md import write_report
 
+    _check_out(Path(out), (), "report", directory=True)
     return write_report(run_dir, out)
 
 
@@ -415,9 +437,7 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
 
     rep = reporter or Reporter()
     t0 = time.time()
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HeadplanError(f"--out must be a directory: {out}")
+    out = _check_out(Path(out), (), "run", directory=True)
     load_task_file(data, "profile")
     load_task_file(eval_data, "eval")
     feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget)

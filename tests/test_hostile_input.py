@@ -129,3 +129,113 @@ def test_plan_field_out_of_range_or_mistyped(made, tmp_path, case):
     p = write_plan(tmp_path / "plan.yaml", d)
     for args in (["check", p], ["apply", "random:llama", p]):
         one_line_exit2(invoke(*args), field)
+
+
+# -- 1: apply --out never deletes what headplan did not write --------------------------------------------
+
+def test_apply_out_refuses_foreign_nonempty_dir(made, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    (tmp_path / "mine.tmp").mkdir()
+    (tmp_path / "mine.tmp" / "keep.txt").write_text("unrelated")
+    one_line_exit2(invoke("apply", "random:llama", made / "plan.yaml", "--out", out), "--force")
+    assert (out / "notes.txt").read_text() == "precious"
+    assert (tmp_path / "mine.tmp" / "keep.txt").read_text() == "unrelated"
+    # --out .. (the parent of the working folder) is refused the same way, nothing removed
+    sub = tmp_path / "work"
+    sub.mkdir()
+    r = subprocess.run([sys.executable, "-m", "headplan.cli", "apply", "random:llama", str(made / "plan.yaml"),
+                        "--out", ".."], cwd=sub, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (out / "notes.txt").exists() and sub.exists()
+    # with --force the files are added and nothing else is removed; the unrelated DIR.tmp survives
+    r = invoke("apply", "random:llama", made / "plan.yaml", "--out", out, "--force")
+    assert r.exit_code == 0, r.output
+    assert (out / "notes.txt").read_text() == "precious" and (out / "plan.yaml").is_file()
+    assert (tmp_path / "mine.tmp" / "keep.txt").read_text() == "unrelated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "mine.tmp", "work"]
+
+
+def test_apply_out_replaces_a_headplan_output(made, tmp_path):
+    out = tmp_path / "patched"
+    assert invoke("apply", "random:llama", made / "plan.yaml", "--out", out).exit_code == 0
+    assert oct((out / "plan.yaml").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    r = invoke("apply", "random:llama", made / "plan.yaml", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "plan.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["patched"]  # no temporary left behind
+
+
+def test_apply_out_onto_a_file(made, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_line_exit2(invoke("apply", "random:llama", made / "plan.yaml", "--out", f), "not a directory")
+    assert f.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+# -- 4: flags checked before any work; unusable --out for every command that writes ----------------------
+
+def test_search_bad_pareto_writes_nothing(made, tmp_path):
+    out = tmp_path / "plan.yaml"
+    one_line_exit2(invoke("search", made / "p.safetensors", "--out", out, "--pareto", "-3"), "--pareto")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _writers(made, out_file, out_dir):
+    plan, prof = made / "plan.yaml", made / "p.safetensors"
+    return {
+        "profile": ["profile", "random:llama", "--out", out_file("p.safetensors"), *PROFILE_ARGS],
+        "search": ["search", prof, "--out", out_file("x.yaml")],
+        "select": ["select", "random:llama", "--profile", prof, "--out", out_file("x.yaml")],
+        "costmodel": ["costmodel", "measure", "--out", out_file("c.yaml")],
+        "apply": ["apply", "random:llama", plan, "--out", out_dir()],
+        "eval": ["eval", "random:llama", "--plan", plan, "--out", out_dir()],
+        "baselines": ["baselines", plan, "--out", out_dir()],
+        "report": ["report", made, "--out", out_dir()],
+        "run": ["run", "random:llama", "--out", out_dir(), "--lengths", "256", "--samples", "1"],
+    }
+
+
+@pytest.mark.parametrize("cmd", ["profile", "search", "select", "costmodel", "apply", "eval", "baselines",
+                                 "report", "run"])
+def test_unusable_out_parent_is_a_file(made, tmp_path, cmd):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    args = _writers(made, lambda n: blocker / n, lambda: blocker / "d")[cmd]
+    one_line_exit2(invoke(*args), "--out", "not a directory")
+    assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+@pytest.mark.parametrize("cmd", ["profile", "search", "apply", "eval", "baselines", "report", "run"])
+def test_unusable_out_read_only_dir(made, tmp_path, cmd):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        args = _writers(made, lambda n: ro / n, lambda: ro / "d")[cmd]
+        one_line_exit2(invoke(*args), "--out", "not writable")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_write_failure_is_one_line(tmp_path, monkeypatch):
+    """A write that fails anyway (disk full, read-only file system) is one line, not a traceback."""
+    from headplan.errors import HeadplanError
+    from headplan.plan import atomic_write
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(HeadplanError, match="cannot write .*No space left"):
+        atomic_write(tmp_path / "f.yaml", "x")
+    assert list(tmp_path.iterdir()) == []

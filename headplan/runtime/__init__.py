@@ -9,7 +9,7 @@ import torch
 
 from ..errors import HeadplanError, PlanError
 from ..kernels import patterns as P
-from ..plan import Plan, load_plan, save_plan
+from ..plan import Plan, _umask, load_plan, save_plan
 from .attention import NAME, LayerRuntime, headplan_attention
 from .cache import HeadplanCache, HeadplanLayer
 
@@ -154,20 +154,69 @@ class dense:
         return False
 
 
-def save_patched(model, plan: Plan, out_dir: str | Path, tokenizer=None) -> Path:
-    """Save weights, tokenizer and plan.yaml into a directory that load_patched() restores."""
-    import shutil
+def check_patched_out(out_dir: str | Path, force: bool = False) -> Path:
+    """Refuse an ``--out`` that save_patched() must not touch: a path that exists and is not a directory,
+    or a non-empty directory that is not a headplan output (no plan.yaml headplan can read) unless
+    ``force`` (then files are written into it and nothing else there is removed)."""
+    from ..api import _check_out
 
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with dense(model):
-        model.save_pretrained(tmp)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(tmp)
-    save_plan(plan, tmp / "plan.yaml")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out = _check_out(Path(out_dir), (), "patched model", directory=True)
+    if out.is_dir() and any(out.iterdir()) and not force and not _is_patched_dir(out):
+        raise HeadplanError(f"--out {out}: directory is not empty and not a headplan output; pass --force to "
+                            "write into it (nothing else there is removed)")
+    return out
+
+
+def _is_patched_dir(d: Path) -> bool:
+    try:
+        load_plan(d / "plan.yaml")
+    except HeadplanError:
+        return False
+    return True
+
+
+def save_patched(model, plan: Plan, out_dir: str | Path, tokenizer=None, force: bool = False) -> Path:
+    """Save weights, tokenizer and plan.yaml into a directory that load_patched() restores.
+
+    Written into a fresh temporary directory beside ``out_dir``, then moved into place: a previous
+    headplan output (or an empty directory) is replaced; with ``force`` a non-empty foreign directory
+    receives the files, and nothing that headplan did not write is ever removed."""
+    import os
+    import shutil
+    import tempfile
+
+    out = check_patched_out(out_dir, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with dense(model):
+            model.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        save_plan(plan, tmp / "plan.yaml")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        if not out.exists():
+            tmp.rename(out)
+        elif not any(out.iterdir()):
+            out.rmdir()
+            tmp.rename(out)
+        elif _is_patched_dir(out):  # a previous headplan output: replaced whole
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # --force into a foreign directory: add/overwrite our files only
+            for f in sorted(tmp.iterdir()):
+                dst = out / f.name
+                if dst.is_dir() and not dst.is_symlink():
+                    raise HeadplanError(f"--out {out}: {f.name} is a directory there; cannot write the file")
+                os.replace(f, dst)
+            tmp.rmdir()
+    except OSError as e:
+        raise HeadplanError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
