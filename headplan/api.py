@@ -179,6 +179,19 @@ def _baseline_names(value) -> list[str]:
     return names
 
 
+def provenance_file(plan_path: Path, rel: str, field: str) -> Path:
+    """A file a plan's provenance names: relative to the plan's folder and inside it (an absolute path,
+    ``..`` or a link out of the folder is refused: give such a file on the command line instead)."""
+    from .plan import _short
+
+    base = Path(plan_path).resolve().parent
+    rp = Path(rel)
+    if rp.is_absolute() or ".." in rp.parts or not (base / rp).resolve().is_relative_to(base):
+        raise PlanError(f"{Path(plan_path).name}.{field}: {_short(rel)} is outside the plan's folder; "
+                        "give the file on the command line")
+    return base / rp
+
+
 def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
     """The profile a plan was searched from: ``profile`` if given, else its provenance path (relative to
     the plan's folder); refused when its digest differs from the one the plan records."""
@@ -188,10 +201,10 @@ def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
     if profile is not None:
         pp = Path(profile)
     elif "path" in pref:
-        pp = path.parent / pref["path"]
+        pp = provenance_file(path, pref["path"], "provenance.profile.path")
     else:
         raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
-    if not pp.is_file():
+    if not pp.exists():
         raise HeadplanError(f"profile not found: {pp} (pass --profile)")
     prof = load_profile(pp)
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
@@ -482,7 +495,7 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
     if profile_path is None:
         if "path" not in pref:
             raise PlanError(f"{plan_path.name}.provenance.profile.path: missing; pass --profile")
-        profile_path = plan_path.parent / pref["path"]
+        profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path")
     prof = load_profile(profile_path)
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
         raise HeadplanError(f"profile {profile_path} is not the one the plan was made from "
@@ -496,7 +509,8 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
     if s.get("cost_table"):
         ct = s["cost_table"].get("path") or "analytic"
         m = prof.model
-        cost = load_cost(ct if ct == "analytic" else str(plan_path.parent / ct), m.head_dim,
+        cost = load_cost(ct if ct == "analytic" else
+                         str(provenance_file(plan_path, ct, "provenance.search.cost_table.path")), m.head_dim,
                          m.num_query_heads // m.num_kv_heads)
     new = search(prof, settings, pref or None, cost)
     if s.get("cost_table", {}).get("path"):

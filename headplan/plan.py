@@ -306,15 +306,8 @@ def _pattern(d: dict, where: str) -> Pattern:
     return p
 
 
-def plan_from_dict(d: Any, source: str = "plan") -> Plan:
-    if not isinstance(d, dict):
-        raise PlanError(f"{source}: expected a YAML mapping at top level")
-    _keys(d, _TOP_KEYS, source)
-    sv = _int(_need(d, "schema_version", source), f"{source}.schema_version")
-    if sv != SCHEMA_VERSION:
-        raise PlanError(f"{source}.schema_version: unsupported version {sv} (this headplan reads {SCHEMA_VERSION})")
-    m = _need(d, "model", source)
-    w = f"{source}.model"
+def model_identity(m: Any, w: str) -> ModelIdentity:
+    """``model:`` of a plan (or a profile's header), validated; errors name ``w``."""
     _keys(m, tuple(f.name for f in dataclasses.fields(ModelIdentity)), w)
     model = ModelIdentity(
         architecture=str(_need(m, "architecture", w)),
@@ -328,6 +321,27 @@ def plan_from_dict(d: Any, source: str = "plan") -> Plan:
     if model.num_query_heads % model.num_kv_heads:
         raise PlanError(f"{w}.num_query_heads: {model.num_query_heads} is not a multiple of num_kv_heads "
                         f"{model.num_kv_heads}")
+    return model
+
+
+def pattern_of_row(r: Any, where: str) -> Pattern:
+    """A candidate's flat row (``Pattern.row()`` form, as profiles store them), validated like a plan's head."""
+    if not isinstance(r, dict) or "kind" not in r:
+        raise PlanError(f"{where}: expected a mapping with a kind")
+    d = {("pattern" if k == "kind" else k): v for k, v in r.items() if k not in ("alpha", "beta", "name")}
+    if "alpha" in r or "beta" in r:
+        d["window"] = {k: r[k] for k in ("alpha", "beta") if k in r}
+    return _pattern(d, where)
+
+
+def plan_from_dict(d: Any, source: str = "plan") -> Plan:
+    if not isinstance(d, dict):
+        raise PlanError(f"{source}: expected a YAML mapping at top level")
+    _keys(d, _TOP_KEYS, source)
+    sv = _int(_need(d, "schema_version", source), f"{source}.schema_version")
+    if sv != SCHEMA_VERSION:
+        raise PlanError(f"{source}.schema_version: unsupported version {sv} (this headplan reads {SCHEMA_VERSION})")
+    model = model_identity(_need(d, "model", source), f"{source}.model")
     gran = _need(d, "granularity", source)
     if gran != "kv_head":
         raise PlanError(f"{source}.granularity: only 'kv_head' is supported, got {gran!r}")

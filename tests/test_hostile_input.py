@@ -239,3 +239,130 @@ def test_write_failure_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(HeadplanError, match="cannot write .*No space left"):
         atomic_write(tmp_path / "f.yaml", "x")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- 3: provenance paths stay inside the plan's folder; no file contents in messages ----------------------
+
+SECRET = "TOPSECRET-line-of-another-file"
+
+
+@pytest.mark.parametrize("field", ["profile", "cost_table"])
+@pytest.mark.parametrize("how", ["absolute", "dotdot"])
+def test_check_refuses_provenance_paths_outside_the_plan_folder(made, tmp_path, field, how):
+    secret = tmp_path / "secret.txt"
+    secret.write_text(f"{SECRET}: [\n")
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    d = plan_dict(made)
+    target = str(secret) if how == "absolute" else "../secret.txt"
+    if field == "profile":
+        d["provenance"]["profile"]["path"] = target
+        (folder / "p.safetensors").write_bytes((made / "p.safetensors").read_bytes())
+        name = "provenance.profile.path"
+    else:
+        d["provenance"]["profile"]["path"] = "p.safetensors"
+        (folder / "p.safetensors").write_bytes((made / "p.safetensors").read_bytes())
+        d["provenance"]["search"]["cost_table"] = {"source": "analytic", "device": "x", "path": target}
+        name = "provenance.search.cost_table.path"
+    p = write_plan(folder / "plan.yaml", d)
+    r = invoke("check", p)
+    line = one_line_exit2(r, name, "outside the plan's folder")
+    assert SECRET not in r.output
+    if field == "profile":  # the same file given on the command line is read (and is no profile)
+        line = one_line_exit2(invoke("check", p, "--profile", secret), "not a safetensors profile")
+        assert SECRET not in line
+
+
+def test_cost_table_errors_do_not_echo_the_file(made, tmp_path):
+    d = plan_dict(made)
+    bad = tmp_path / "cost.yaml"
+    bad.write_text(f"{SECRET}: [\n")
+    d["provenance"]["search"]["cost_table"] = {"source": "analytic", "device": "x", "path": "cost.yaml"}
+    (tmp_path / "p.safetensors").write_bytes((made / "p.safetensors").read_bytes())
+    r = invoke("check", write_plan(tmp_path / "plan.yaml", d))
+    one_line_exit2(r, "cost.yaml", "malformed YAML")
+    assert SECRET not in r.output
+
+
+# -- 5: profiles are byte-identical across processes -------------------------------------------------------
+
+def test_profile_bytes_do_not_depend_on_the_process(tmp_path):
+    outs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"p{seed}.safetensors"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-m", "headplan.cli", "profile", "random:llama", "--out", str(out),
+                        "--lengths", "256", "--samples", "1", "--candidates", "small"], env=env, check=True,
+                       capture_output=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    from headplan.profile import load_profile
+
+    load_profile(tmp_path / "p1.safetensors")  # still a valid profile
+
+
+# -- 6: profile contents are validated on load ----------------------------------------------------------------
+
+def _redigest(src, dst, edit_header=None, edit_tensors=None):
+    """A profile whose header/tensors were changed and whose digest was recomputed (so only validation
+    can catch it)."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from headplan.profile import _digest
+
+    raw = src.read_bytes()
+    tensors = load(raw)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(json.loads(raw[8:8 + n])["__metadata__"]["headplan"])
+    if edit_header:
+        edit_header(header)
+    if edit_tensors:
+        edit_tensors(tensors)
+    meta = {"headplan": json.dumps(header, sort_keys=True), "digest": _digest(header, tensors)}
+    dst.write_bytes(save(tensors, metadata=meta))
+    return dst
+
+
+def _set(key, value):
+    def f(h):
+        h[key] = value
+    return f
+
+
+@pytest.mark.parametrize("case,field", [
+    ("lengths_type", "header.lengths"), ("negative_length", "header.lengths[0]"),
+    ("samples_type", "header.samples"), ("model_type", "header.model"),
+    ("unknown_kind", "header.candidates[1].pattern"), ("candidate_type", "header.candidates[0]"),
+    ("nan_loss", "tensor loss"), ("wrong_shape", "tensor loss"), ("density_range", "tensor density"),
+    ("signals_type", "header.signals"),
+])
+def test_search_refuses_a_redigested_bad_profile(made, tmp_path, case, field):
+    src = made / "p.safetensors"
+    eh = et = None
+    if case == "lengths_type":
+        eh = _set("lengths", "256")
+    elif case == "negative_length":
+        eh = _set("lengths", [-256, 384])
+    elif case == "samples_type":
+        eh = _set("samples", "many")
+    elif case == "model_type":
+        eh = _set("model", ["x"])
+    elif case == "unknown_kind":
+        eh = lambda h: h["candidates"][1].update(kind="zigzag")  # noqa: E731
+    elif case == "candidate_type":
+        eh = lambda h: h["candidates"].__setitem__(0, 5)  # noqa: E731
+    elif case == "nan_loss":
+        et = lambda t: t["loss"].__setitem__((0, 0, 1, 0), float("nan"))  # noqa: E731
+    elif case == "wrong_shape":
+        et = lambda t: t.__setitem__("loss", t["loss"][:1].contiguous())  # noqa: E731
+    elif case == "density_range":
+        et = lambda t: t.__setitem__("density", t["density"] * 0 + 7)  # noqa: E731
+    elif case == "signals_type":
+        eh = _set("signals", {"recall": 5})
+    bad = _redigest(src, tmp_path / "bad.safetensors", eh, et)
+    out = tmp_path / "plan.yaml"
+    one_line_exit2(invoke("search", bad, "--out", out, "--density", "0.5"), field)
+    assert not out.exists()
+

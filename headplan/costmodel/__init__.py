@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import HeadplanError
-from ..plan import Pattern, Plan, atomic_write
+from ..plan import Pattern, Plan, atomic_write, load_yaml, read_input
 
 KINDS = ("full", "streaming", "strided", "blocksparse", "vslash", "skip")
 DYNAMIC = ("blocksparse", "vslash")
@@ -86,12 +86,7 @@ class CostTable:
 
 def load_cost_table(path) -> CostTable:
     p = Path(path)
-    if not p.is_file():
-        raise HeadplanError(f"cost table not found: {p}")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise HeadplanError(f"{p}: malformed YAML: {e}") from None
+    d = load_yaml(read_input(p, "cost table", HeadplanError), str(p), HeadplanError)
     if not isinstance(d, dict) or d.get("schema_version") != SCHEMA:
         raise HeadplanError(f"{p}.schema_version: expected {SCHEMA}")
     try:
