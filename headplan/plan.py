@@ -516,11 +516,11 @@ def read_input(path: str | os.PathLike, what: str, error=PlanError, text: bool =
     if not text:
         return raw
     if b"\0" in raw:
-        raise error(f"{what} {p} is not a text file (it contains NUL bytes)")
+        raise error(f"{what} {p}: not text (it contains NUL bytes)")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise error(f"{what} {p} is not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise error(f"{what} {p}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

@@ -366,3 +366,84 @@ def test_search_refuses_a_redigested_bad_profile(made, tmp_path, case, field):
     one_line_exit2(invoke("search", bad, "--out", out, "--density", "0.5"), field)
     assert not out.exists()
 
+
+
+# -- 4: calibration mixtures and the cost model ---------------------------------------------------------------
+
+@pytest.mark.parametrize("case,needle", [
+    ("binary", "NUL"), ("nan_share", "tasks[0].share"), ("tasks_int", "tasks: expected a list"),
+    ("task_type", "tasks[0]: expected a mapping"), ("negative_share", "tasks[1].share"),
+    ("samples_type", "samples_per_length"),
+])
+def test_profile_refuses_a_bad_data_spec(tmp_path, case, needle):
+    f = tmp_path / "mix.yaml"
+    if case == "binary":
+        f.write_bytes(b"\x00\x01\x02\xff" * 50)
+    elif case == "nan_share":
+        f.write_text("tasks:\n  - {task: lm, share: .nan}\n")
+    elif case == "tasks_int":
+        f.write_text("tasks: 5\n")
+    elif case == "task_type":
+        f.write_text("tasks: [lm]\n")
+    elif case == "negative_share":
+        f.write_text("tasks:\n  - {task: lm, share: 1}\n  - {task: passkey, share: -1}\n")
+    else:
+        f.write_text("samples_per_length: many\ntasks:\n  - {task: lm}\n")
+    out = tmp_path / "p.safetensors"
+    one_line_exit2(invoke("profile", "random:llama", "--out", out, "--data", f, *PROFILE_ARGS), needle)
+    assert not out.exists()
+
+
+def test_costmodel_validate_without_gpu_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    one_line_exit2(invoke("costmodel", "validate", "--table", "analytic", "--plans", "1"), "CUDA GPU")
+
+
+# -- 7: the plan's model fields, binary text, output modes, non-regular inputs ------------------------------------
+
+@pytest.mark.parametrize("field,value", [("architecture", "MistralForCausalLM"), ("max_positions", 4096)])
+def test_apply_compares_model_fields_not_just_the_fingerprint(made, tmp_path, field, value):
+    d = plan_dict(made)
+    d["model"][field] = value
+    p = write_plan(tmp_path / "plan.yaml", d)
+    one_line_exit2(invoke("apply", "random:llama", p), f"model.{field}")
+
+
+def test_binary_text_is_refused(tmp_path):
+    t = tmp_path / "t.txt"
+    t.write_bytes(b"hello\x00world" * 100)
+    one_line_exit2(invoke("profile", "random:llama", "--out", tmp_path / "p.safetensors", "--text", t,
+                          *PROFILE_ARGS), "text file", "NUL")
+    t.write_bytes(b"caf\xe9 " * 100)
+    one_line_exit2(invoke("profile", "random:llama", "--out", tmp_path / "p.safetensors", "--text", t,
+                          *PROFILE_ARGS), "text file", "not UTF-8")
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_outputs_follow_the_umask(made, tmp_path):
+    old = os.umask(0o002)
+    try:
+        r = invoke("search", made / "p.safetensors", "--out", tmp_path / "plan.yaml", "--density", "0.5")
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "plan.yaml").stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.parametrize("what", ["plan", "profile", "text", "data"])
+@pytest.mark.parametrize("special", ["devzero", "fifo"])
+def test_non_regular_inputs_are_named_so(made, tmp_path, what, special):
+    if special == "devzero":
+        path = "/dev/zero"
+    else:
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    out = tmp_path / "o.safetensors"
+    args = {"plan": ["apply", "random:llama", path],
+            "profile": ["search", path, "--out", tmp_path / "x.yaml"],
+            "text": ["profile", "random:llama", "--out", out, "--text", path, *PROFILE_ARGS],
+            "data": ["profile", "random:llama", "--out", out, "--data", path, *PROFILE_ARGS]}[what]
+    one_line_exit2(invoke(*args), "not a regular file", str(path))

@@ -281,6 +281,11 @@ def validate(table: CostTable, n_plans: int = 20, lengths=(8192, 16384, 32768), 
     """Predicted vs measured prefill latency of random one-layer plans (8 KV heads).
 
     ``measured``: timings from an earlier run of the same seeded plans (re-predicts without a GPU)."""
+    if measured is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HeadplanError("costmodel validate needs a CUDA GPU (it times the kernels)")
     rng = random.Random(seed)
     out = []
     for i in range(n_plans):

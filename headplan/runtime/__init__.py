@@ -53,6 +53,10 @@ def check_plan_fits(model, plan: Plan) -> None:
             f"{plan.model.num_kv_heads} KV heads, fingerprint {plan.model.fingerprint}); this model is "
             f"{ident.architecture} ({ident.num_layers} layers, {ident.num_kv_heads} KV heads, "
             f"fingerprint {ident.fingerprint})")
+    for f in ("architecture", "num_layers", "num_query_heads", "num_kv_heads", "head_dim", "max_positions"):
+        want, have = getattr(plan.model, f), getattr(ident, f)
+        if want != have:
+            raise PlanError(f"plan is for another model: its model.{f} is {want!r}, this model's is {have!r}")
 
 
 def new_cache(model, max_length: int | None = None, grow: bool = True) -> HeadplanCache:
