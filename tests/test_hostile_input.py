@@ -284,6 +284,26 @@ def test_cost_table_errors_do_not_echo_the_file(made, tmp_path):
     assert SECRET not in r.output
 
 
+@pytest.mark.parametrize("extra", ["unknown_key", "bad_rate"])
+def test_cost_table_fields_are_checked_without_echo(tmp_path, extra):
+    from headplan.costmodel import SCHEMA, analytic, load_cost_table
+    from headplan.errors import HeadplanError
+
+    d = {**analytic(16, 2).to_dict(), "schema_version": SCHEMA}
+    if extra == "unknown_key":
+        d[SECRET] = 1
+    else:
+        d["per_pair_ns"]["full"] = SECRET
+    f = tmp_path / "cost.yaml"
+    f.write_text(yaml.safe_dump(d))
+    with pytest.raises(HeadplanError) as e:
+        load_cost_table(f)
+    assert SECRET not in str(e.value) and "cost.yaml" in str(e.value)
+    good = tmp_path / "good.yaml"
+    analytic(16, 2).save(good)
+    assert load_cost_table(good).head_dim == 16
+
+
 # -- 5: profiles are byte-identical across processes -------------------------------------------------------
 
 def test_profile_bytes_do_not_depend_on_the_process(tmp_path):
