@@ -161,10 +161,28 @@ def test_apply_out_replaces_a_headplan_output(made, tmp_path):
     out = tmp_path / "patched"
     assert invoke("apply", "random:llama", made / "plan.yaml", "--out", out).exit_code == 0
     assert oct((out / "plan.yaml").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    (out / "notes.txt").write_text("mine")
     r = invoke("apply", "random:llama", made / "plan.yaml", "--out", out)
     assert r.exit_code == 0, r.output
-    assert (out / "plan.yaml").is_file()
+    assert (out / "plan.yaml").is_file() and (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["patched"]  # no temporary left behind
+
+
+def test_apply_out_refuses_a_working_folder_with_a_plan(made, tmp_path):
+    """A folder holding a searched plan.yaml (and its profile) is not an `apply --out` directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for f in ("plan.yaml", "p.safetensors"):
+        (work / f).write_bytes((made / f).read_bytes())
+    one_line_exit2(invoke("apply", "random:llama", work / "plan.yaml", "--out", work), "--force")
+    r = subprocess.run([sys.executable, "-m", "headplan.cli", "apply", "random:llama", "plan.yaml", "--out", "."],
+                       cwd=work, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["p.safetensors", "plan.yaml"]
+    r = invoke("apply", "random:llama", work / "plan.yaml", "--out", work, "--force")
+    assert r.exit_code == 0, r.output
+    assert (work / "p.safetensors").read_bytes() == (made / "p.safetensors").read_bytes()
+    assert (work / "config.json").is_file() and not [p for p in work.iterdir() if p.name.startswith(".")]
 
 
 def test_apply_out_onto_a_file(made, tmp_path):

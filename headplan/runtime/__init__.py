@@ -160,8 +160,8 @@ class dense:
 
 def check_patched_out(out_dir: str | Path, force: bool = False) -> Path:
     """Refuse an ``--out`` that save_patched() must not touch: a path that exists and is not a directory,
-    or a non-empty directory that is not a headplan output (no plan.yaml headplan can read) unless
-    ``force`` (then files are written into it and nothing else there is removed)."""
+    or a non-empty directory that is not an earlier ``apply --out`` (plan.yaml headplan can read beside
+    a config.json) unless ``force``."""
     from ..api import _check_out
 
     out = _check_out(Path(out_dir), (), "patched model", directory=True)
@@ -172,6 +172,8 @@ def check_patched_out(out_dir: str | Path, force: bool = False) -> Path:
 
 
 def _is_patched_dir(d: Path) -> bool:
+    if not (d / "config.json").is_file():
+        return False
     try:
         load_plan(d / "plan.yaml")
     except HeadplanError:
@@ -182,16 +184,20 @@ def _is_patched_dir(d: Path) -> bool:
 def save_patched(model, plan: Plan, out_dir: str | Path, tokenizer=None, force: bool = False) -> Path:
     """Save weights, tokenizer and plan.yaml into a directory that load_patched() restores.
 
-    Written into a fresh temporary directory beside ``out_dir``, then moved into place: a previous
-    headplan output (or an empty directory) is replaced; with ``force`` a non-empty foreign directory
-    receives the files, and nothing that headplan did not write is ever removed."""
+    Written into a fresh temporary directory beside ``out_dir``, then moved into place: a new directory
+    is renamed into place whole; into an existing one (empty, an earlier headplan output, or any with
+    ``force``) each file is moved over its namesake, and nothing else there is ever removed."""
     import os
     import shutil
     import tempfile
 
     out = check_patched_out(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    dest = out.resolve()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as e:
+        raise HeadplanError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         with dense(model):
             model.save_pretrained(tmp)
@@ -199,23 +205,14 @@ def save_patched(model, plan: Plan, out_dir: str | Path, tokenizer=None, force: 
             tokenizer.save_pretrained(tmp)
         save_plan(plan, tmp / "plan.yaml")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if not out.exists():
-            tmp.rename(out)
-        elif not any(out.iterdir()):
-            out.rmdir()
-            tmp.rename(out)
-        elif _is_patched_dir(out):  # a previous headplan output: replaced whole
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:  # --force into a foreign directory: add/overwrite our files only
+        if not dest.exists():
+            tmp.rename(dest)
+        else:
             for f in sorted(tmp.iterdir()):
-                dst = out / f.name
-                if dst.is_dir() and not dst.is_symlink():
+                there = dest / f.name
+                if there.is_dir() and not there.is_symlink():
                     raise HeadplanError(f"--out {out}: {f.name} is a directory there; cannot write the file")
-                os.replace(f, dst)
-            tmp.rmdir()
+                os.replace(f, there)
     except OSError as e:
         raise HeadplanError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
