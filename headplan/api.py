@@ -179,7 +179,7 @@ def _baseline_names(value) -> list[str]:
     return names
 
 
-def provenance_file(plan_path: Path, rel: str, field: str) -> Path:
+def provenance_file(plan_path: Path, rel: str, field: str, hint: str = "give the file on the command line") -> Path:
     """A file a plan's provenance names: relative to the plan's folder and inside it (an absolute path,
     ``..`` or a link out of the folder is refused: give such a file on the command line instead)."""
     from .plan import _short
@@ -187,8 +187,7 @@ def provenance_file(plan_path: Path, rel: str, field: str) -> Path:
     base = Path(plan_path).resolve().parent
     rp = Path(rel)
     if rp.is_absolute() or ".." in rp.parts or not (base / rp).resolve().is_relative_to(base):
-        raise PlanError(f"{Path(plan_path).name}.{field}: {_short(rel)} is outside the plan's folder; "
-                        "give the file on the command line")
+        raise PlanError(f"{Path(plan_path).name}.{field}: {_short(rel)} is outside the plan's folder; {hint}")
     return base / rp
 
 
@@ -201,7 +200,7 @@ def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
     if profile is not None:
         pp = Path(profile)
     elif "path" in pref:
-        pp = provenance_file(path, pref["path"], "provenance.profile.path")
+        pp = provenance_file(path, pref["path"], "provenance.profile.path", "pass --profile")
     else:
         raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
     if not pp.exists():
@@ -495,7 +494,7 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
     if profile_path is None:
         if "path" not in pref:
             raise PlanError(f"{plan_path.name}.provenance.profile.path: missing; pass --profile")
-        profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path")
+        profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path", "pass --profile")
     prof = load_profile(profile_path)
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
         raise HeadplanError(f"profile {profile_path} is not the one the plan was made from "

@@ -237,6 +237,12 @@ def _int(v: Any, where: str, lo: int | None = None, hi: int | None = INT32_MAX) 
     return v
 
 
+def _str(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise PlanError(f"{where}: expected a string, got {_short(v)}")
+    return v
+
+
 def _short(v: Any) -> str:
     """A value for an error message: never more than a few dozen characters."""
     r = repr(v)
@@ -310,13 +316,13 @@ def model_identity(m: Any, w: str) -> ModelIdentity:
     """``model:`` of a plan (or a profile's header), validated; errors name ``w``."""
     _keys(m, tuple(f.name for f in dataclasses.fields(ModelIdentity)), w)
     model = ModelIdentity(
-        architecture=str(_need(m, "architecture", w)),
+        architecture=_str(_need(m, "architecture", w), f"{w}.architecture"),
         num_layers=_int(_need(m, "num_layers", w), f"{w}.num_layers", 1),
         num_query_heads=_int(_need(m, "num_query_heads", w), f"{w}.num_query_heads", 1),
         num_kv_heads=_int(_need(m, "num_kv_heads", w), f"{w}.num_kv_heads", 1),
         head_dim=_int(_need(m, "head_dim", w), f"{w}.head_dim", 1),
         max_positions=_int(_need(m, "max_positions", w), f"{w}.max_positions", 1),
-        fingerprint=str(_need(m, "fingerprint", w)),
+        fingerprint=_str(_need(m, "fingerprint", w), f"{w}.fingerprint"),
     )
     if model.num_query_heads % model.num_kv_heads:
         raise PlanError(f"{w}.num_query_heads: {model.num_query_heads} is not a multiple of num_kv_heads "

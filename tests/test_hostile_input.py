@@ -103,7 +103,8 @@ def _edit_head(d, key, value):
 
 
 @pytest.mark.parametrize("case", ["sink", "alpha", "block_size", "achieved_scalar", "achieved_big",
-                                  "search_density", "search_lengths", "search_cost", "profile_path"])
+                                  "search_density", "search_lengths", "search_cost", "profile_path",
+                                  "architecture"])
 def test_plan_field_out_of_range_or_mistyped(made, tmp_path, case):
     d = plan_dict(made)
     if case == "sink":
@@ -124,6 +125,8 @@ def test_plan_field_out_of_range_or_mistyped(made, tmp_path, case):
         d["provenance"]["search"]["lengths"], field = 256, "provenance.search.lengths"
     elif case == "search_cost":
         d["provenance"]["search"]["cost_table"], field = "x.yaml", "provenance.search.cost_table"
+    elif case == "architecture":
+        d["model"]["architecture"], field = ["LlamaForCausalLM"], "model.architecture: expected a string"
     else:
         d["provenance"]["profile"]["path"], field = 5, "provenance.profile.path"
     p = write_plan(tmp_path / "plan.yaml", d)
