@@ -41,12 +41,27 @@ def parse_lengths(s: str | list | tuple) -> list[int]:
     return sorted(set(out))
 
 
-def _check_out(out: Path, suffixes: tuple[str, ...], what: str) -> Path:
+def _check_out(out: Path, suffixes: tuple[str, ...], what: str, directory: bool = False) -> Path:
+    """Refuse an output path before any work: wrong suffix, a directory where a file goes (or a file
+    where a directory goes), or a place that cannot be written (a parent that is a regular file, a
+    read-only directory)."""
     out = Path(out)
     if suffixes and out.suffix.lower() not in suffixes:
         raise HeadplanError(f"{what} output must end with {' or '.join(suffixes)}: {out}")
-    if out.exists() and out.is_dir():
+    if directory:
+        if out.exists() and not out.is_dir():
+            raise HeadplanError(f"--out {out}: exists and is not a directory ({what} output is a directory)")
+    elif out.exists() and out.is_dir():
         raise HeadplanError(f"{what} output is a directory: {out}")
+    a = out if directory and out.is_dir() else out.parent
+    while not a.exists() and a != a.parent:
+        if a.is_symlink():
+            raise HeadplanError(f"--out {out}: {a} is a dangling link")
+        a = a.parent
+    if not a.is_dir():
+        raise HeadplanError(f"--out {out}: {a} is not a directory")
+    if not os.access(a, os.W_OK | os.X_OK):
+        raise HeadplanError(f"--out {out}: {a} is not writable")
     return out
 
 
@@ -164,6 +179,18 @@ def _baseline_names(value) -> list[str]:
     return names
 
 
+def provenance_file(plan_path: Path, rel: str, field: str, hint: str = "give the file on the command line") -> Path:
+    """A file a plan's provenance names: relative to the plan's folder and inside it (an absolute path,
+    ``..`` or a link out of the folder is refused: give such a file on the command line instead)."""
+    from .plan import _short
+
+    base = Path(plan_path).resolve().parent
+    rp = Path(rel)
+    if rp.is_absolute() or ".." in rp.parts or not (base / rp).resolve().is_relative_to(base):
+        raise PlanError(f"{Path(plan_path).name}.{field}: {_short(rel)} is outside the plan's folder; {hint}")
+    return base / rp
+
+
 def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
     """The profile a plan was searched from: ``profile`` if given, else its provenance path (relative to
     the plan's folder); refused when its digest differs from the one the plan records."""
@@ -173,10 +200,10 @@ def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
     if profile is not None:
         pp = Path(profile)
     elif "path" in pref:
-        pp = path.parent / pref["path"]
+        pp = provenance_file(path, pref["path"], "provenance.profile.path", "pass --profile")
     else:
         raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
-    if not pp.is_file():
+    if not pp.exists():
         raise HeadplanError(f"profile not found: {pp} (pass --profile)")
     prof = load_profile(pp)
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
@@ -199,6 +226,9 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
                          write_pareto)
 
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
+    for flag, v in (("--pareto", pareto_points), ("--tune", tune_trials)):  # before any work is written
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise HeadplanError(f"{flag} takes a whole number >= 0, got {v!r}")
     lat, mem = parse_latency(latency_budget), parse_memory(memory_budget)
     if density is None and kv_budget is None and lat is None and mem is None:
         raise HeadplanError("give a budget: --density, --kv-budget, --latency-budget and/or --memory-budget")
@@ -303,6 +333,8 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     from .models import load_model
 
     rep = reporter or Reporter()
+    if out is not None:
+        _check_out(Path(out), (), "eval", directory=True)
     given = [str(p) for p in (plan_path if isinstance(plan_path, (list, tuple)) else [plan_path])]
     if not given:
         raise HeadplanError("give a plan: --plan PLAN")
@@ -367,6 +399,7 @@ def do_baselines(plan_path: str | Path, out: str | Path, names=None, profile: st
     from .eval.baselines import build_baselines
 
     path = Path(plan_path)
+    _check_out(Path(out), (), "baselines", directory=True)
     plan = load_plan(path)
     names = _baseline_names(names or True)
     prof = _plan_profile(path, plan, profile)
@@ -383,6 +416,7 @@ def do_report(run_dir: str | Path, out: str | Path) -> dict:
     Returns {"markdown", "html", "images", "evals"}."""
     from .report_md import write_report
 
+    _check_out(Path(out), (), "report", directory=True)
     return write_report(run_dir, out)
 
 
@@ -419,9 +453,7 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
 
     rep = reporter or Reporter()
     t0 = time.time()
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HeadplanError(f"--out must be a directory: {out}")
+    out = _check_out(Path(out), (), "run", directory=True)
     load_task_file(data, "profile")
     load_task_file(eval_data, "eval")
     feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget)
@@ -467,7 +499,7 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
     if profile_path is None:
         if "path" not in pref:
             raise PlanError(f"{plan_path.name}.provenance.profile.path: missing; pass --profile")
-        profile_path = plan_path.parent / pref["path"]
+        profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path", "pass --profile")
     prof = load_profile(profile_path)
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
         raise HeadplanError(f"profile {profile_path} is not the one the plan was made from "
@@ -481,7 +513,8 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
     if s.get("cost_table"):
         ct = s["cost_table"].get("path") or "analytic"
         m = prof.model
-        cost = load_cost(ct if ct == "analytic" else str(plan_path.parent / ct), m.head_dim,
+        cost = load_cost(ct if ct == "analytic" else
+                         str(provenance_file(plan_path, ct, "provenance.search.cost_table.path")), m.head_dim,
                          m.num_query_heads // m.num_kv_heads)
     new = search(prof, settings, pref or None, cost)
     if s.get("cost_table", {}).get("path"):

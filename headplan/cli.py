@@ -165,9 +165,10 @@ def costmodel_measure(out: Path = typer.Option(Path("cost.yaml"), "--out", "-o")
                       group: int = typer.Option(4, "--group", help="Query heads per KV head"),
                       lengths: str = typer.Option("4096,16384,32768")):
     """Time the kernels on this GPU over a grid and fit the cost table."""
-    from .api import parse_lengths
+    from .api import _check_out, parse_lengths
     from .costmodel import measure
 
+    _check_out(out, (".yaml", ".yml"), "cost table")
     t = measure(head_dim, group, parse_lengths(lengths), _reporter())
     t.save(out)
     _console().print(f"cost table for {t.device.get('name')} -> {out}")
@@ -198,6 +199,9 @@ def apply(model: str = ModelArg,
           prompt: Optional[str] = typer.Option(None, help="Generate from this prompt, dense and with the plan"),
           max_new_tokens: int = typer.Option(32, help="Tokens to generate with --prompt"),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Save the patched model (dir)"),
+          force: bool = typer.Option(False, "--force", help="With --out: write into a non-empty directory that "
+                                                            "is not a headplan output (nothing else there is "
+                                                            "removed)"),
           dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Patch MODEL to run PLAN; optionally generate text and save the patched model."""
     import torch
@@ -205,9 +209,11 @@ def apply(model: str = ModelArg,
     from .models import load_model
     from .plan import load_plan
     from .runtime import apply as apply_plan
-    from .runtime import check_plan_fits, dense, save_patched
+    from .runtime import check_patched_out, check_plan_fits, dense, save_patched
 
     p = load_plan(plan)
+    if out is not None:
+        check_patched_out(out, force)
     lm = load_model(model, dtype=dtype, device=device, progress=_reporter().log)
     check_plan_fits(lm.model, p)
     apply_plan(lm.model, p)
@@ -230,7 +236,7 @@ def apply(model: str = ModelArg,
         con.print(f"[bold]dense:[/bold] {tok.decode(gd.tolist(), skip_special_tokens=True)}")
         con.print(f"[bold]plan :[/bold] {tok.decode(gp.tolist(), skip_special_tokens=True)}")
     if out is not None:
-        save_patched(lm.model, p, out, lm.tokenizer)
+        save_patched(lm.model, p, out, lm.tokenizer, force=force)
         con.print(f"patched model -> {out} (load with headplan.load_patched('{out}'))")
     if prompt is None and out is None:
         con.print(f"plan {plan} fits {model}: {p.counts()} (use --prompt to generate, --out to save)")

@@ -10,6 +10,7 @@ grid so every implementation computes the same integer window.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -19,9 +20,11 @@ from typing import Any
 
 import yaml
 
-from .errors import PlanError
+from .errors import HeadplanError, PlanError
 
 SCHEMA_VERSION = 1
+INT32_MAX = 2**31 - 1  # the runtime head table is int32: every pattern integer must fit
+MAX_BLOCK = 4096
 KINDS = ("full", "streaming", "strided", "blocksparse", "vslash", "skip")
 BETA_GRID = 4096
 
@@ -141,28 +144,7 @@ class ModelIdentity:
     @staticmethod
     def from_dict(m: Any, where: str = "model") -> "ModelIdentity":
         """Parse and validate (PlanError naming the field)."""
-        if not isinstance(m, dict):
-            raise PlanError(f"{where}: expected a mapping")
-        lw = m.get("layer_windows", []) or []
-        if not isinstance(lw, list):
-            raise PlanError(f"{where}.layer_windows: expected a list of integers (0 = a global layer)")
-        ident = ModelIdentity(
-            architecture=str(_need(m, "architecture", where)),
-            num_layers=_int(_need(m, "num_layers", where), f"{where}.num_layers", 1),
-            num_query_heads=_int(_need(m, "num_query_heads", where), f"{where}.num_query_heads", 1),
-            num_kv_heads=_int(_need(m, "num_kv_heads", where), f"{where}.num_kv_heads", 1),
-            head_dim=_int(_need(m, "head_dim", where), f"{where}.head_dim", 1),
-            max_positions=_int(_need(m, "max_positions", where), f"{where}.max_positions", 1),
-            fingerprint=str(_need(m, "fingerprint", where)),
-            layer_windows=tuple(_int(x, f"{where}.layer_windows[{i}]", 0) for i, x in enumerate(lw)),
-        )
-        if ident.layer_windows and len(ident.layer_windows) != ident.num_layers:
-            raise PlanError(f"{where}.layer_windows: has {len(ident.layer_windows)} entries, num_layers is "
-                            f"{ident.num_layers}")
-        if ident.num_query_heads % ident.num_kv_heads:
-            raise PlanError(f"{where}.num_query_heads: {ident.num_query_heads} is not a multiple of num_kv_heads "
-                            f"{ident.num_kv_heads}")
-        return ident
+        return model_identity(m, where)
 
 
 @dataclass(frozen=True)
@@ -266,11 +248,39 @@ def _need(d: Any, key: str, where: str) -> Any:
     return d[key]
 
 
-def _int(v: Any, where: str, lo: int | None = None) -> int:
+def _int(v: Any, where: str, lo: int | None = None, hi: int | None = INT32_MAX) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise PlanError(f"{where}: expected an integer, got {v!r}")
+        raise PlanError(f"{where}: expected an integer, got {_short(v)}")
     if lo is not None and v < lo:
         raise PlanError(f"{where}: must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise PlanError(f"{where}: must be <= {hi}, got {_short(v)}")
+    return v
+
+
+def _str(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise PlanError(f"{where}: expected a string, got {_short(v)}")
+    return v
+
+
+def _short(v: Any) -> str:
+    """A value for an error message: never more than a few dozen characters."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _keys(d: Any, allowed, where: str) -> None:
+    """Reject keys of mapping ``d`` outside ``allowed`` (naming the first one)."""
+    if isinstance(d, dict):
+        for k in d:
+            if k not in allowed:
+                raise PlanError(f"{where}.{k}: unknown field (known: {', '.join(allowed)})")
+
+
+def _list(v: Any, where: str) -> list:
+    if not isinstance(v, list):
+        raise PlanError(f"{where}: expected a list, got {type(v).__name__}")
     return v
 
 
@@ -278,7 +288,7 @@ def _float(v: Any, where: str, lo: float | None = None, hi: float | None = None,
     if v is None and none_ok:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-        raise PlanError(f"{where}: expected a number, got {v!r}")
+        raise PlanError(f"{where}: expected a number, got {_short(v)}")
     v = float(v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise PlanError(f"{where}: must be in [{lo}, {hi}], got {v}")
@@ -298,6 +308,7 @@ def _pattern(d: dict, where: str) -> Pattern:
     window = None
     if "window" in d:
         w = d["window"]
+        _keys(w, ("alpha", "beta"), f"{where}.window")
         alpha = _int(_need(w, "alpha", f"{where}.window"), f"{where}.window.alpha", 1)
         beta = _float(w.get("beta", 0.0), f"{where}.window.beta", 0.0, 1.0)
         if abs(beta * BETA_GRID - round(beta * BETA_GRID)) > 1e-6:
@@ -322,21 +333,57 @@ def _pattern(d: dict, where: str) -> Pattern:
     return p
 
 
+def model_identity(m: Any, w: str) -> ModelIdentity:
+    """``model:`` of a plan (or a profile's header), validated; errors name ``w``."""
+    _keys(m, tuple(f.name for f in dataclasses.fields(ModelIdentity)), w)
+    lw = m.get("layer_windows", []) or []
+    if not isinstance(lw, list):
+        raise PlanError(f"{w}.layer_windows: expected a list of integers (0 = a global layer)")
+    model = ModelIdentity(
+        architecture=_str(_need(m, "architecture", w), f"{w}.architecture"),
+        num_layers=_int(_need(m, "num_layers", w), f"{w}.num_layers", 1),
+        num_query_heads=_int(_need(m, "num_query_heads", w), f"{w}.num_query_heads", 1),
+        num_kv_heads=_int(_need(m, "num_kv_heads", w), f"{w}.num_kv_heads", 1),
+        head_dim=_int(_need(m, "head_dim", w), f"{w}.head_dim", 1),
+        max_positions=_int(_need(m, "max_positions", w), f"{w}.max_positions", 1),
+        fingerprint=_str(_need(m, "fingerprint", w), f"{w}.fingerprint"),
+        layer_windows=tuple(_int(x, f"{w}.layer_windows[{i}]", 0, INT32_MAX) for i, x in enumerate(lw)),
+    )
+    if model.layer_windows and len(model.layer_windows) != model.num_layers:
+        raise PlanError(f"{w}.layer_windows: has {len(model.layer_windows)} entries, num_layers is {model.num_layers}")
+    if model.num_query_heads % model.num_kv_heads:
+        raise PlanError(f"{w}.num_query_heads: {model.num_query_heads} is not a multiple of num_kv_heads "
+                        f"{model.num_kv_heads}")
+    return model
+
+
+def pattern_of_row(r: Any, where: str) -> Pattern:
+    """A candidate's flat row (``Pattern.row()`` form, as profiles store them), validated like a plan's head."""
+    if not isinstance(r, dict) or "kind" not in r:
+        raise PlanError(f"{where}: expected a mapping with a kind")
+    d = {("pattern" if k == "kind" else k): v for k, v in r.items() if k not in ("alpha", "beta", "name")}
+    if "alpha" in r or "beta" in r:
+        d["window"] = {k: r[k] for k in ("alpha", "beta") if k in r}
+    return _pattern(d, where)
+
+
 def plan_from_dict(d: Any, source: str = "plan") -> Plan:
     if not isinstance(d, dict):
         raise PlanError(f"{source}: expected a YAML mapping at top level")
+    _keys(d, _TOP_KEYS, source)
     sv = _int(_need(d, "schema_version", source), f"{source}.schema_version")
     if sv != SCHEMA_VERSION:
         raise PlanError(f"{source}.schema_version: unsupported version {sv} (this headplan reads {SCHEMA_VERSION})")
-    model = ModelIdentity.from_dict(_need(d, "model", source), f"{source}.model")
+    model = model_identity(_need(d, "model", source), f"{source}.model")
     gran = _need(d, "granularity", source)
     if gran != "kv_head":
         raise PlanError(f"{source}.granularity: only 'kv_head' is supported, got {gran!r}")
-    block = _int(d.get("block_size", 64), f"{source}.block_size", 16)
+    block = _int(d.get("block_size", 64), f"{source}.block_size", 16, MAX_BLOCK)
     if block & (block - 1):
         raise PlanError(f"{source}.block_size: must be a power of two, got {block}")
     b = _need(d, "budget", source)
     wb = f"{source}.budget"
+    _keys(b, tuple(f.name for f in dataclasses.fields(Budget)), wb)
     lengths = _need(b, "lengths", wb)
     if not isinstance(lengths, list) or not lengths:
         raise PlanError(f"{wb}.lengths: expected a non-empty list of integers")
@@ -345,13 +392,15 @@ def plan_from_dict(d: Any, source: str = "plan") -> Plan:
         kv_budget=_float(b.get("kv_budget"), f"{wb}.kv_budget", 0.0, 1.0, none_ok=True),
         lengths=tuple(_int(x, f"{wb}.lengths[{i}]", 1) for i, x in enumerate(lengths)),
         achieved_density=tuple(_float(x, f"{wb}.achieved_density[{i}]", 0.0, 1.0)
-                               for i, x in enumerate(b.get("achieved_density", []))),
-        achieved_kv=tuple(_float(x, f"{wb}.achieved_kv[{i}]", 0.0, 1.0) for i, x in enumerate(b.get("achieved_kv", []))),
+                               for i, x in enumerate(_list(b.get("achieved_density", []), f"{wb}.achieved_density"))),
+        achieved_kv=tuple(_float(x, f"{wb}.achieved_kv[{i}]", 0.0, 1.0)
+                          for i, x in enumerate(_list(b.get("achieved_kv", []), f"{wb}.achieved_kv"))),
         expected_loss=_float(b.get("expected_loss", 0.0), f"{wb}.expected_loss"),
     )
     prov = d.get("provenance", {}) or {}
     if not isinstance(prov, dict):
         raise PlanError(f"{source}.provenance: expected a mapping")
+    _provenance(prov, f"{source}.provenance")
     layers_raw = _need(d, "layers", source)
     if not isinstance(layers_raw, list):
         raise PlanError(f"{source}.layers: expected a list")
@@ -360,6 +409,7 @@ def plan_from_dict(d: Any, source: str = "plan") -> Plan:
     layers = []
     for li, layer in enumerate(layers_raw):
         wl = f"{source}.layers[{li}]"
+        _keys(layer, ("layer", "heads"), wl)
         if _int(_need(layer, "layer", wl), f"{wl}.layer") != li:
             raise PlanError(f"{wl}.layer: expected {li}, got {layer['layer']}")
         heads = _need(layer, "heads", wl)
@@ -376,38 +426,169 @@ def plan_from_dict(d: Any, source: str = "plan") -> Plan:
                 provenance=prov, schema_version=sv)
 
 
-def load_plan(path: str | os.PathLike) -> Plan:
-    p = Path(path)
-    if not p.is_file():
-        raise PlanError(f"plan file not found: {p}")
+_TOP_KEYS = ("schema_version", "model", "granularity", "block_size", "budget", "provenance", "layers")
+
+
+def _provenance(prov: dict, where: str) -> None:
+    """The provenance fields headplan itself reads back (profile reference, search settings) have the
+    types it writes; the rest is a free-form record."""
+    ref = prov.get("profile")
+    if ref is not None:
+        if not isinstance(ref, dict):
+            raise PlanError(f"{where}.profile: expected a mapping, got {type(ref).__name__}")
+        for k in ("path", "sha256"):
+            if k in ref and not isinstance(ref[k], str):
+                raise PlanError(f"{where}.profile.{k}: expected a string, got {_short(ref[k])}")
+    s = prov.get("search")
+    if s is None:
+        return
+    if not isinstance(s, dict):
+        raise PlanError(f"{where}.search: expected a mapping, got {type(s).__name__}")
+    ws = f"{where}.search"
+    for k in ("density", "kv_budget"):
+        _float(s.get(k), f"{ws}.{k}", 0.0, 1.0, none_ok=True)
+    for k in ("lengths", "validate_lengths"):
+        if s.get(k) is not None:
+            for i, x in enumerate(_list(s[k], f"{ws}.{k}")):
+                _int(x, f"{ws}.{k}[{i}]", 1)
+    for k in ("max_patterns_per_layer", "full_heads"):
+        if s.get(k) is not None:
+            _int(s[k], f"{ws}.{k}", 0)
+    if s.get("exclude_kinds") is not None:
+        for i, x in enumerate(_list(s["exclude_kinds"], f"{ws}.exclude_kinds")):
+            if x not in KINDS:
+                raise PlanError(f"{ws}.exclude_kinds[{i}]: unknown pattern kind {_short(x)}")
+    for k in ("signals", "keep"):
+        if s.get(k) is not None:
+            if not isinstance(s[k], dict):
+                raise PlanError(f"{ws}.{k}: expected a mapping, got {type(s[k]).__name__}")
+            for name, v in s[k].items():
+                _float(v, f"{ws}.{k}.{name}", 0.0)
+    for k, fields in (("latency_budget", {"ms": _float, "length": _int}),
+                      ("memory_budget", {"gb": _float, "batch": _int, "length": _int})):
+        v = s.get(k)
+        if v is None:
+            continue
+        for f, check in fields.items():
+            check(_need(v, f, f"{ws}.{k}"), f"{ws}.{k}.{f}", 0)
+    ct = s.get("cost_table")
+    if ct is not None:
+        if not isinstance(ct, dict):
+            raise PlanError(f"{ws}.cost_table: expected a mapping, got {type(ct).__name__}")
+        if "path" in ct and not isinstance(ct["path"], str):
+            raise PlanError(f"{ws}.cost_table.path: expected a string, got {_short(ct['path'])}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without anchors/aliases (a few KB of aliases can expand to gigabytes when the data is
+    written back) and without duplicate mapping keys (the later one would silently win)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            raise PlanError(f"{self._source}: YAML aliases are not allowed (line {ev.start_mark.line + 1})")
+        ev = self.peek_event()
+        if getattr(ev, "anchor", None) is not None:
+            raise PlanError(f"{self._source}: YAML anchors are not allowed (line {ev.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=True)
+            try:
+                dup = key in seen
+            except TypeError:
+                dup = False
+            if dup:
+                raise PlanError(f"{self._source}: duplicate key {_short(key)} (line {k.start_mark.line + 1})")
+            try:
+                seen.add(key)
+            except TypeError:
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str, error=PlanError) -> Any:
+    """Parse YAML written by or for headplan (plans, data specs, cost tables): safe types only, no
+    anchors or aliases, no duplicate keys. Errors are one line naming ``source`` and the line, never
+    the file's contents."""
+    loader = _StrictLoader(text)
+    loader._source = source
     try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PlanError(f"cannot read plan {p}: {e}") from None
-    try:
-        d = yaml.safe_load(text)
+        return loader.get_single_data()
+    except PlanError as e:
+        raise error(str(e)) from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
-        raise PlanError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
-    return plan_from_dict(d, source=p.name)
+        raise error(f"{source}: malformed YAML{where}: {getattr(e, 'problem', None) or 'cannot parse'}") from None
+    finally:
+        loader.dispose()
+
+
+def read_input(path: str | os.PathLike, what: str, error=PlanError, text: bool = True) -> str | bytes:
+    """The contents of an input file, refusing what is not a regular file (a FIFO, /dev/zero, a
+    directory) before opening it; text must be UTF-8 without NUL bytes. Errors name ``what`` and the
+    path, never the contents."""
+    import stat
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise error(f"{what} not found: {p}") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {p}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} is not a regular file: {p}")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {what} {p}: {e.strerror or e}") from None
+    if not text:
+        return raw
+    if b"\0" in raw:
+        raise error(f"{what} {p}: not text (it contains NUL bytes)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {p}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    p = Path(path)
+    text = read_input(p, "plan file")
+    return plan_from_dict(load_yaml(text, str(p)), source=p.name)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write to a temporary file beside ``path`` and rename, so no half-written file is left."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    except OSError as e:
+        raise HeadplanError(f"cannot write {p}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: honour the umask instead
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise HeadplanError(f"cannot write {p}: {e.strerror or e}") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:

@@ -82,7 +82,7 @@ def test_cli_select_writes_the_rule_s_choice_and_check_reproduces_it(prof_file, 
     assert {"dense", "search", "windows", "full1"} <= set(table) and sel["chosen"] in table
     assert sel["chosen"] == choose(table, sel["tolerance"])
     assert "* " + sel["chosen"] in r.output
-    r = invoke("check", out)
+    r = invoke("check", out, "--profile", path)  # the profile is outside the plan's folder: named here
     assert r.exit_code == 0, r.output
     # bad input: one line, exit 2, nothing written
     bad = tmp_path / "bad.yaml"

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import HeadplanError
-from ..plan import Pattern, Plan, atomic_write
+from ..plan import Pattern, Plan, atomic_write, load_yaml, read_input
 
 KINDS = ("full", "streaming", "strided", "blocksparse", "vslash", "skip")
 DYNAMIC = ("blocksparse", "vslash")
@@ -89,18 +89,40 @@ class CostTable:
 
 def load_cost_table(path) -> CostTable:
     p = Path(path)
-    if not p.is_file():
-        raise HeadplanError(f"cost table not found: {p}")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise HeadplanError(f"{p}: malformed YAML: {e}") from None
+    d = load_yaml(read_input(p, "cost table", HeadplanError), str(p), HeadplanError)
     if not isinstance(d, dict) or d.get("schema_version") != SCHEMA:
         raise HeadplanError(f"{p}.schema_version: expected {SCHEMA}")
-    try:
-        return CostTable(**{k: v for k, v in d.items() if k != "schema_version"})
-    except TypeError as e:
-        raise HeadplanError(f"{p}: not a cost table ({e})") from None
+    _check_table(d, str(p))
+    return CostTable(**{k: v for k, v in d.items() if k != "schema_version"})
+
+
+_TYPES = {"dict": dict, "int": int, "float": (int, float), "str": str, "list": list}
+
+
+def _check_table(d: dict, where: str) -> None:
+    """Every field of a cost table has its type (rates: finite numbers >= 0 per known pattern kind);
+    errors name the field, never a value or a key the file made up."""
+    fields = {f.name: f for f in dataclasses.fields(CostTable)}
+    extra = [k for k in d if k != "schema_version" and k not in fields]
+    if extra:
+        raise HeadplanError(f"{where}: not a cost table ({len(extra)} unknown field(s))")
+    for name, f in fields.items():
+        if name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise HeadplanError(f"{where}.{name}: missing field")
+            continue
+        v = d[name]
+        if isinstance(v, bool) or not isinstance(v, _TYPES[str(f.type).split()[0]]) or \
+                (isinstance(v, float) and not math.isfinite(v)):
+            raise HeadplanError(f"{where}.{name}: expected {str(f.type).split()[0]}, got {type(v).__name__}")
+        if name in ("per_pair_ns", "dyn_ns_per_token", "dyn_fixed_us"):
+            for k, x in v.items():
+                if k not in KINDS:
+                    raise HeadplanError(f"{where}.{name}: unknown pattern kind")
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+                    raise HeadplanError(f"{where}.{name}.{k}: expected a finite number >= 0")
+    if "full" not in d["per_pair_ns"]:
+        raise HeadplanError(f"{where}.per_pair_ns.full: missing field")
 
 
 def check_fits(table: CostTable, head_dim: int, group: int) -> None:
@@ -289,6 +311,11 @@ def validate(table: CostTable, n_plans: int = 20, lengths=(8192, 16384, 32768), 
     """Predicted vs measured prefill latency of random one-layer plans (8 KV heads).
 
     ``measured``: timings from an earlier run of the same seeded plans (re-predicts without a GPU)."""
+    if measured is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HeadplanError("costmodel validate needs a CUDA GPU (it times the kernels)")
     rng = random.Random(seed)
     out = []
     for i in range(n_plans):

@@ -45,7 +45,7 @@ import torch
 
 from .. import __version__
 from ..candidates import Candidate, density, kv_share
-from ..errors import HeadplanError, ProfileError
+from ..errors import HeadplanError, PlanError, ProfileError
 from ..kernels import patterns as P
 from ..plan import ModelIdentity, atomic_write
 from ..report import Reporter
@@ -100,69 +100,136 @@ def _digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_profile(prof: Profile, path: str | Path) -> str:
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes that depend only on the contents: the JSON header is re-written with sorted keys
+    (the library's own header order varies from process to process); the tensor data is unchanged."""
     from safetensors.torch import save
 
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    head = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + data[8 + n:]
+
+
+def save_profile(prof: Profile, path: str | Path) -> str:
     tensors = {"loss": prof.loss.float().contiguous(), "density": prof.density.double().contiguous(),
                "kv": prof.kv.double().contiguous()}
     for name, t in prof.parts.items():
         tensors[f"loss.{name}"] = t.float().contiguous()
     header = prof.header()
     meta = {"headplan": json.dumps(header, sort_keys=True), "digest": _digest(header, tensors)}
-    data = save(tensors, metadata=meta)
+    data = _safetensors_bytes(tensors, meta)
     atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
 def load_profile(path: str | Path) -> Profile:
-    """Load and verify a profile (safetensors; never pickle). Reads recall-only profiles too."""
-    from safetensors import safe_open
+    """Load and verify a profile (safetensors; never pickle). Reads recall-only profiles too.
+
+    Every header field and tensor is checked (types, ranges, shapes, finite values); errors name the
+    field, never the file's contents."""
     from safetensors.torch import load
 
+    from ..plan import read_input
+
     p = Path(path)
-    if not p.is_file():
-        raise ProfileError(f"profile not found: {p}")
-    raw = p.read_bytes()
+    raw = read_input(p, "profile", ProfileError, text=False)
     try:
         tensors = load(raw)
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several error types
-        raise ProfileError(f"{p}: not a safetensors profile ({e})") from None
-    if "headplan" not in meta or "digest" not in meta:
+        n = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8:8 + n]).get("__metadata__") or {}
+    except Exception:  # noqa: BLE001 - safetensors raises several error types
+        raise ProfileError(f"{p}: not a safetensors profile") from None
+    if not isinstance(meta, dict) or "headplan" not in meta or "digest" not in meta:
         raise ProfileError(f"{p}: safetensors file has no headplan profile header")
     try:
         header = json.loads(meta["headplan"])
-    except json.JSONDecodeError:
+    except (TypeError, json.JSONDecodeError):
         raise ProfileError(f"{p}: profile header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ProfileError(f"{p}: profile header is not a mapping")
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-        raise ProfileError(f"{p}: unsupported profile format {header.get('format')!r} v{header.get('format_version')}")
+        raise ProfileError(f"{p}: unsupported profile format (format, format_version)")
     for k in ("loss", "density", "kv"):
         if k not in tensors:
             raise ProfileError(f"{p}: profile lacks tensor {k!r}")
     if _digest(header, tensors) != meta["digest"]:
         raise ProfileError(f"{p}: profile header or tensors were modified (digest mismatch)")
-    signals = header.get("signals", {})
-    if not isinstance(signals, dict) or any(s not in SIGNALS for s in signals):
-        raise ProfileError(f"{p}: profile header field signals is malformed: {signals!r}")
-    parts = {k[len("loss."):]: v for k, v in tensors.items() if k.startswith("loss.")}
     try:
-        prof = Profile(
-            model=ModelIdentity.from_dict(header["model"], "model"), model_spec=header["model_spec"], method=header["method"],
-            lengths=tuple(header["lengths"]), candidates=tuple(Candidate.from_dict(c) for c in header["candidates"]),
-            block_size=int(header["block_size"]), data=header["data"], samples=int(header["samples"]),
-            loss=tensors["loss"], density=tensors["density"], kv=tensors["kv"], versions=header["versions"],
-            sha256=hashlib.sha256(raw).hexdigest(), signals=signals, parts=parts)
-    except (KeyError, TypeError) as e:
-        raise ProfileError(f"{p}: profile header lacks or mistypes field {e}") from None
-    m = prof.model
-    want = (m.num_layers, m.num_kv_heads, len(prof.candidates), len(prof.lengths))
-    for name, t in [("loss", prof.loss)] + [(f"loss.{k}", v) for k, v in parts.items()]:
-        if tuple(t.shape) != want:
-            raise ProfileError(f"{p}: {name} tensor has shape {tuple(t.shape)}, header implies {want}")
+        prof = _checked_profile(header, tensors, hashlib.sha256(raw).hexdigest())
+    except PlanError as e:
+        raise ProfileError(f"{p}: {e}") from None
     return prof
+
+
+def _checked_profile(header: dict, tensors: dict[str, torch.Tensor], sha256: str) -> Profile:
+    """A Profile from a verified header and tensors, every field checked (PlanError naming the field)."""
+    from ..plan import MAX_BLOCK, _float, _int, _keys, _list, _need, _short, model_identity, pattern_of_row
+
+    known = ("format", "format_version", "method", "model", "model_spec", "lengths", "candidates", "block_size",
+             "data", "samples", "versions", "signals")
+    _keys(header, known, "header")
+    model = model_identity(_need(header, "model", "header"), "header.model")
+    lengths = tuple(_int(x, f"header.lengths[{i}]", 1)
+                    for i, x in enumerate(_list(_need(header, "lengths", "header"), "header.lengths")))
+    if not lengths or list(lengths) != sorted(set(lengths)):
+        raise PlanError("header.lengths: expected increasing distinct lengths")
+    cands = []
+    for i, c in enumerate(_list(_need(header, "candidates", "header"), "header.candidates")):
+        name = _need(c, "name", f"header.candidates[{i}]")
+        if not isinstance(name, str) or not name:
+            raise PlanError(f"header.candidates[{i}].name: expected a name, got {_short(name)}")
+        if any(x.name == name for x in cands):
+            raise PlanError(f"header.candidates[{i}].name: {_short(name)} appears twice")
+        cands.append(Candidate(name, pattern_of_row(c, f"header.candidates[{i}]")))
+    if not cands:
+        raise PlanError("header.candidates: empty")
+    block = _int(_need(header, "block_size", "header"), "header.block_size", 16, MAX_BLOCK)
+    samples = _int(_need(header, "samples", "header"), "header.samples", 1)
+    for k in ("method", "model_spec"):
+        if not isinstance(_need(header, k, "header"), str):
+            raise PlanError(f"header.{k}: expected a string, got {_short(header[k])}")
+    for k in ("data", "versions"):
+        if not isinstance(_need(header, k, "header"), dict):
+            raise PlanError(f"header.{k}: expected a mapping, got {type(header[k]).__name__}")
+    signals = header.get("signals", {})
+    if not isinstance(signals, dict):
+        raise PlanError(f"header.signals: expected a mapping, got {type(signals).__name__}")
+    for s, v in signals.items():
+        if s not in SIGNALS:
+            raise PlanError(f"header.signals.{s}: unknown signal (known: {', '.join(SIGNALS)})")
+        _keys(v, ("weight", "scale"), f"header.signals.{s}")
+        for k in ("weight", "scale"):
+            if _float(_need(v, k, f"header.signals.{s}"), f"header.signals.{s}.{k}") <= 0:
+                raise PlanError(f"header.signals.{s}.{k}: must be positive")
+    L, H, C, N = model.num_layers, model.num_kv_heads, len(cands), len(lengths)
+    parts = {}
+    for k, t in tensors.items():
+        if k in ("loss", "density", "kv"):
+            continue
+        name = k[len("loss."):] if k.startswith("loss.") else None
+        if name not in SIGNALS and name not in DERIVED:
+            raise PlanError(f"tensor {_short(k)}: not a profile tensor")
+        parts[name] = t
+    for k, t, shape, dtype in ([("loss", tensors["loss"], (L, H, C, N), torch.float32),
+                                ("density", tensors["density"], (C, N), torch.float64),
+                                ("kv", tensors["kv"], (C, N), torch.float64)]
+                               + [(f"loss.{n}", t, (L, H, C, N), torch.float32) for n, t in parts.items()]):
+        if tuple(t.shape) != shape:
+            raise PlanError(f"tensor {k}: has shape {tuple(t.shape)}, the header implies {shape}")
+        if t.dtype != dtype:
+            raise PlanError(f"tensor {k}: expected {dtype}, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise PlanError(f"tensor {k}: holds NaN or infinite values")
+        if k in ("density", "kv") and not bool(((t >= 0) & (t <= 1)).all()):
+            raise PlanError(f"tensor {k}: values must be in [0, 1]")
+        if k == "loss" and bool((t < 0).any()):
+            raise PlanError("tensor loss: values must be >= 0")
+    return Profile(model=model, model_spec=header["model_spec"], method=header["method"], lengths=lengths,
+                   candidates=tuple(cands), block_size=block, data=header["data"], samples=samples,
+                   loss=tensors["loss"], density=tensors["density"], kv=tensors["kv"], versions=header["versions"],
+                   sha256=sha256, signals=signals, parts=parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,11 +481,9 @@ class _StateDir:
         return t, smeta
 
     def save(self, n: int, i: int, stats: dict[str, torch.Tensor], meta: dict) -> None:
-        from safetensors.torch import save
-
         self.dir.mkdir(parents=True, exist_ok=True)
-        data = save({k: v.contiguous() for k, v in stats.items()},
-                    metadata={"key": self.key, "sample": json.dumps(meta, sort_keys=True, default=str)})
+        data = _safetensors_bytes({k: v.contiguous() for k, v in stats.items()},
+                                  metadata={"key": self.key, "sample": json.dumps(meta, sort_keys=True, default=str)})
         atomic_write(self._file(n, i), data)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import HeadplanError, PlanError
 from ..kernels import patterns as P
-from ..plan import Pattern, Plan, load_plan, save_plan
+from ..plan import Pattern, Plan, _umask, load_plan, save_plan
 from .attention import NAME, LayerRuntime, headplan_attention
 from .cache import HeadplanCache, HeadplanLayer
 
@@ -67,6 +67,11 @@ def check_plan_fits(model, plan: Plan) -> None:
             f"{plan.model.num_kv_heads} KV heads, fingerprint {plan.model.fingerprint}); this model is "
             f"{ident.architecture} ({ident.num_layers} layers, {ident.num_kv_heads} KV heads, "
             f"fingerprint {ident.fingerprint})")
+    for f in ("architecture", "num_layers", "num_query_heads", "num_kv_heads", "head_dim", "max_positions",
+              "layer_windows"):
+        want, have = getattr(plan.model, f), getattr(ident, f)
+        if want != have:
+            raise PlanError(f"plan is for another model: its model.{f} is {want!r}, this model's is {have!r}")
 
 
 def new_cache(model, max_length: int | None = None, grow: bool = True) -> HeadplanCache:
@@ -178,20 +183,66 @@ class dense:
         return False
 
 
-def save_patched(model, plan: Plan, out_dir: str | Path, tokenizer=None) -> Path:
-    """Save weights, tokenizer and plan.yaml into a directory that load_patched() restores."""
-    import shutil
+def check_patched_out(out_dir: str | Path, force: bool = False) -> Path:
+    """Refuse an ``--out`` that save_patched() must not touch: a path that exists and is not a directory,
+    or a non-empty directory that is not an earlier ``apply --out`` (plan.yaml headplan can read beside
+    a config.json) unless ``force``."""
+    from ..api import _check_out
 
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with dense(model):
-        model.save_pretrained(tmp)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(tmp)
-    save_plan(plan, tmp / "plan.yaml")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out = _check_out(Path(out_dir), (), "patched model", directory=True)
+    if out.is_dir() and any(out.iterdir()) and not force and not _is_patched_dir(out):
+        raise HeadplanError(f"--out {out}: directory is not empty and not a headplan output; pass --force to "
+                            "write into it (nothing else there is removed)")
+    return out
+
+
+def _is_patched_dir(d: Path) -> bool:
+    if not (d / "config.json").is_file():
+        return False
+    try:
+        load_plan(d / "plan.yaml")
+    except HeadplanError:
+        return False
+    return True
+
+
+def save_patched(model, plan: Plan, out_dir: str | Path, tokenizer=None, force: bool = False) -> Path:
+    """Save weights, tokenizer and plan.yaml into a directory that load_patched() restores.
+
+    Written into a fresh temporary directory beside ``out_dir``, then moved into place: a new directory
+    is renamed into place whole; into an existing one (empty, an earlier headplan output, or any with
+    ``force``) each file is moved over its namesake, and nothing else there is ever removed."""
+    import os
+    import shutil
+    import tempfile
+
+    out = check_patched_out(out_dir, force)
+    dest = out.resolve()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as e:
+        raise HeadplanError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        with dense(model):
+            model.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        save_plan(plan, tmp / "plan.yaml")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        if not dest.exists():
+            tmp.rename(dest)
+        else:
+            for f in sorted(tmp.iterdir()):
+                there = dest / f.name
+                if there.is_dir() and not there.is_symlink():
+                    raise HeadplanError(f"--out {out}: {f.name} is a directory there; cannot write the file")
+                os.replace(f, there)
+    except OSError as e:
+        raise HeadplanError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
