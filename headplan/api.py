@@ -22,20 +22,26 @@ DEFAULT_DENSITY = 0.25
 DEFAULT_RUN_METHOD = "recall"  # the profiling signal(s) of `headplan run`
 
 
+def parse_length(v, what: str = "length") -> int:
+    """One length: an integer, or N with a 'k' suffix meaning N x 1024 ('2k' -> 2048, '32K' -> 32768).
+    The one parser of lengths for every flag (--lengths, --latency-budget, --memory-budget...)."""
+    t = str(v).strip().lower()
+    try:
+        n = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+    except ValueError:
+        raise HeadplanError(f"not a {what}: {v!r} (use e.g. 1024,2048 or 2k,4k; k = 1024)") from None
+    if n <= 0:
+        raise HeadplanError(f"{what}s must be positive, got {n}")
+    return n
+
+
 def parse_lengths(s: str | list | tuple) -> list[int]:
+    """'1024,2k' (or a list) -> sorted distinct lengths, each read by parse_length."""
     if isinstance(s, (list, tuple)):
         vals = list(s)
     else:
         vals = [x for x in str(s).replace(" ", "").split(",") if x]
-    out = []
-    for v in vals:
-        try:
-            n = int(str(v).lower().replace("k", "000")) if str(v).lower().endswith("k") else int(v)
-        except ValueError:
-            raise HeadplanError(f"not a length: {v!r} (use e.g. 1024,2048 or 2k,4k)") from None
-        if n <= 0:
-            raise HeadplanError(f"lengths must be positive, got {n}")
-        out.append(n)
+    out = [parse_length(v) for v in vals]
     if not out:
         raise HeadplanError("no lengths given")
     return sorted(set(out))

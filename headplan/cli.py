@@ -25,6 +25,29 @@ DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16
 DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N")
 
 
+def Flag(default: bool | None, decls: str, help: str, **kw):
+    """A boolean option as an on/off flag pair (``--x/--no-x``), shown without a value in --help."""
+    return typer.Option(default, decls, help=help, metavar="", **kw)
+
+
+def _version(value: bool):
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("headplan")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            from . import __version__ as v
+        typer.echo(f"headplan {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = Flag(False, "--version", "Print the version and exit", callback=_version,
+                                 is_eager=True)):
+    """Per-head sparse attention plans: profile -> search -> apply -> eval."""
+
+
 def _err(msg: str) -> None:
     sys.stderr.write(f"headplan: error: {msg}\n")
 
@@ -70,13 +93,13 @@ def profile(model: str = ModelArg,
                                                                    "gradient,recall or gradient=0.7,recall=0.3"),
             resume: Optional[Path] = typer.Option(None, "--resume", help="Directory for per-sample statistics: a "
                                                   "killed run started with the same --resume continues"),
-            plot: bool = typer.Option(False, "--plot", help="Write a PNG heat map (layers x KV heads) beside --out "
-                                      "and print the most retrieval-like heads"),
+            plot: bool = Flag(False, "--plot/--no-plot", "Write a PNG heat map (layers x KV heads) beside --out "
+                              "and print the most retrieval-like heads"),
             device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread the model over the "
                                                                                  "available devices (accelerate)"),
-            checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
-                                                         help="Gradient checkpointing for --method gradient "
-                                                              "(default: on for CUDA)"),
+            checkpointing: Optional[bool] = Flag(None, "--checkpointing/--no-checkpointing",
+                                                 "Gradient checkpointing for --method gradient "
+                                                 "(default: on for CUDA)"),
             dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Measure what every KV head would cost under each candidate pattern, at several lengths.
 
@@ -177,7 +200,8 @@ def costmodel_measure(out: Path = typer.Option(Path("cost.yaml"), "--out", "-o")
 @handles_errors
 def costmodel_validate(table: str = typer.Option(..., "--table", help="Cost table YAML or 'analytic'"),
                        plans: int = typer.Option(20, "--plans"), head_dim: int = typer.Option(128, "--head-dim"),
-                       group: int = typer.Option(4, "--group"), as_json: bool = typer.Option(False, "--json")):
+                       group: int = typer.Option(4, "--group"),
+                       as_json: bool = Flag(False, "--json/--no-json", "Print JSON instead of a summary")):
     """Predicted vs measured prefill latency on random plans (needs the GPU)."""
     from .api import load_cost
     from .costmodel import summary, validate
@@ -290,16 +314,15 @@ def eval_cmd(model: str = ModelArg,
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for eval.json (and baselines/)"),
              data: Optional[str] = typer.Option(None, help="Eval spec YAML (path or name in calibration_data/)"),
              text: Optional[list[str]] = TextOpt,
-             baselines: bool = typer.Option(False, "--baselines", help="Also evaluate streaming, duo, moa and random "
-                                                                       "plans built from the same profile at the "
-                                                                       "same budget"),
+             baselines: bool = Flag(False, "--baselines/--no-baselines", "Also evaluate streaming, duo, moa and "
+                                    "random plans built from the same profile at the same budget"),
              baseline_names: Optional[str] = typer.Option(None, "--baseline-names",
                                                           help="Comma-separated subset of streaming,duo,moa,random "
                                                                "(implies --baselines)"),
              profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile for --baselines (default: "
                                                                                  "the plan's provenance.profile.path)"),
              seed: int = typer.Option(0, "--seed", help="Seed of the random baseline"),
-             as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+             as_json: bool = Flag(False, "--json/--no-json", "Print JSON instead of a table"),
              dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Dense vs plan on held-out samples: perplexity, KL, top-1, retrieval grids; --baselines adds
     streaming, duo, moa and random plans at the same budget, side by side."""
@@ -397,8 +420,8 @@ def run(model: str = ModelArg,
         candidates: str = typer.Option("default", help="Candidate set: default | small"),
         method: Optional[str] = typer.Option(None, "--method", help="Profiling signal(s), as for `headplan "
                                                                     "profile` (default: recall)"),
-        select: bool = typer.Option(False, "--select", help="Choose the plan as `headplan select` does: a family "
-                                                            "of plans measured on validation samples"),
+        select: bool = Flag(False, "--select/--no-select", "Choose the plan as `headplan select` does: a family "
+                            "of plans measured on validation samples"),
         tolerance: float = typer.Option(0.02, "--tolerance", help="With --select: relative perplexity slack"),
         dtype: str = DtypeOpt, device: str = DeviceOpt):
     """The whole pipeline: profile, search (or --select), eval; writes everything into --out."""
