@@ -59,3 +59,51 @@ def test_every_bool_option_is_an_on_off_flag():
             r = invoke(*sub, "--help")
             assert all("<bool>" not in line for line in r.output.splitlines() if "--help" not in line), r.output
     assert seen >= 6
+
+
+# -- item 4: noise --------------------------------------------------------------------------------
+def test_loading_prints_no_progress_bars(tmp_path, capfd):
+    from headplan.models import load_model
+
+    d = tmp_path / "m"
+    load_model("random:llama").model.save_pretrained(d)
+    capfd.readouterr()
+    load_model(str(d))
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err
+    from transformers.utils import logging as tlog
+
+    assert tlog.is_progress_bar_enabled()  # restored for the caller
+
+
+def test_generate_with_a_plan_raises_no_cache_warning():
+    import warnings
+
+    import headplan
+    from headplan.eval import _generate
+    from helpers import ids, mixed_plan
+
+    lm = headplan.load_model("random:llama")
+    headplan.apply(lm.model, mixed_plan(lm))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        lm.model.generate(ids(40), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        mem = {}
+        _generate(lm.model, ids(40), 3, None, mem)
+        with headplan.dense(lm.model):
+            _generate(lm.model, ids(40), 3, None, mem)
+        headplan.runtime.prefill_chunked(lm.model, ids(40), headplan.new_cache(lm.model, 64), 16)
+    assert mem["plan"] > 0 and mem["dense"] > 0
+
+
+def test_readme_python_snippet_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "smollm2-135m" in block
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(block.replace("smollm2-135m", "random:llama"), "README.md", "exec"), ns)
+    assert ns["ok"] and ns["out"].shape[1] > ns["ids"].shape[1]

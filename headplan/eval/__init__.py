@@ -51,12 +51,12 @@ def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None
     """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan)."""
     from transformers import DynamicCache
 
-    from ..runtime import NAME, new_cache
+    from ..runtime import NAME, cache_kwarg, new_cache
 
     plan_mode = model.config._attn_implementation == NAME
     cache = new_cache(model, ids.shape[1] + n_new + 1) if plan_mode else DynamicCache()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
-                         pad_token_id=eos if eos is not None else 0, past_key_values=cache)
+                         pad_token_id=eos if eos is not None else 0, **{cache_kwarg(model): cache})
     if mem is not None:
         if plan_mode:
             b = cache.kv_bytes()

@@ -65,8 +65,21 @@ def new_cache(model, max_length: int | None = None, grow: bool = True) -> Headpl
     return HeadplanCache(model._headplan_tables, int(max_length), grow)
 
 
+def cache_kwarg(model) -> str:
+    """The keyword under which the installed transformers takes a KV cache in ``forward`` and ``generate``:
+    ``cache`` where the model's forward names it so (transformers >= 5.2x; ``past_key_values`` is then
+    deprecated there and warns), else ``past_key_values`` (5.17, 5.18)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _generate(orig, model, *args, **kwargs):
-    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) \
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is None and kwargs.get("use_cache", True) \
             and model.config._attn_implementation == NAME:
         ids = kwargs.get("input_ids", args[0] if args else None)
         n = ids.shape[1] if ids is not None else 0
@@ -79,7 +92,7 @@ def _generate(orig, model, *args, **kwargs):
             raise HeadplanError("beam search is not supported with streaming heads (evicted tokens cannot be "
                                 "re-ordered back); use greedy or sampling")
         cache = new_cache(model, n + int(new) + 1)
-        kwargs["past_key_values"] = cache
+        kwargs[cache_kwarg(model)] = cache
         chunk = getattr(model, "_headplan_prefill_chunk", None)
         if chunk and ids is not None and n > chunk:
             prefill_chunked(model, ids, cache, chunk, kwargs.get("attention_mask"), upto=n - 1)
@@ -98,7 +111,7 @@ def prefill_chunked(model, ids: torch.Tensor, cache: HeadplanCache, chunk: int, 
     for s in range(0, end, chunk):
         e = min(end, s + chunk)
         am = attention_mask[:, :e] if attention_mask is not None else None
-        out = model(ids[:, s:e], attention_mask=am, past_key_values=cache, use_cache=True).logits
+        out = model(ids[:, s:e], attention_mask=am, use_cache=True, **{cache_kwarg(model): cache}).logits
     return out
 
 
