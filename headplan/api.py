@@ -254,8 +254,8 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
     """Search a family of plans at one budget, run each on validation samples, save the one the rule
     picks (``headplan.eval.select``); its provenance records every candidate's measured losses.
     Returns (plan, {name: {lm_nll, answer_nll, ppl_vs_dense, counts}})."""
-    from .data import load_task_file
-    from .eval.select import build_family, check_tolerance, choose, validate
+    from .data import load_task_file, load_texts
+    from .eval.select import build_family, check_arguments, choose, validate
     from .models import load_model
     from .profile import load_profile
     from .search import SearchSettings, profile_ref
@@ -264,12 +264,13 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
     if density is None and kv_budget is None:
         raise HeadplanError("give a budget: --density and/or --kv-budget")
-    check_tolerance(tolerance)  # before the model loads
-    prof = load_profile(profile_path)
     spec = load_task_file(data, "select")
+    check_arguments(spec, samples, tolerance)  # everything that needs no model or profile, first
+    load_texts(texts)
     base = SearchSettings(density=density, kv_budget=kv_budget,
                           lengths=tuple(parse_lengths(lengths)) if lengths else None,
                           signals=_signal_weights(signals, "--signals"))
+    prof = load_profile(profile_path)
     plans = build_family(prof, base, profile_ref(profile_path, out, prof.sha256))
     if lm is None:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)

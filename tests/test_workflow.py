@@ -107,3 +107,25 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile(block.replace("smollm2-135m", "random:llama"), "README.md", "exec"), ns)
     assert ns["ok"] and ns["out"].shape[1] > ns["ids"].shape[1]
+
+
+# -- item 1: select checks what depends only on its arguments before any work -------------------
+@pytest.mark.parametrize("args,msg", [
+    (["--samples", "1"], "pass --samples 2 or more"),
+    (["--samples", "0"], "--samples must be at least 1"),
+    (["--lengths", "2x"], "not a length"),
+    (["--signals", "nope=1"], "--signals"),
+])
+def test_select_refuses_bad_arguments_before_loading(tmp_path, monkeypatch, args, msg):
+    import headplan.models
+    import headplan.profile
+
+    def boom(*a, **k):
+        raise AssertionError("loaded something before checking the arguments")
+
+    monkeypatch.setattr(headplan.models, "load_model", boom)
+    monkeypatch.setattr(headplan.profile, "load_profile", boom)
+    out = tmp_path / "p.yaml"
+    r = invoke("select", "random:llama", "--profile", tmp_path / "none.safetensors", "--out", out, *args)
+    _one_line_exit_2(r, msg)
+    assert not out.exists()
