@@ -6,7 +6,6 @@ writes outputs atomically (temporary file + rename).
 
 from __future__ import annotations
 
-import difflib
 import os
 import json
 import time
@@ -171,8 +170,8 @@ def _baseline_names(value) -> list[str]:
 
 
 def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
-    """The profile a plan was searched from: ``profile`` if given, else its provenance path (relative to
-    the plan's folder); refused when its digest differs from the one the plan records."""
+    """The profile a plan was searched from, and its path: ``profile`` if given, else its provenance path
+    (relative to the plan's folder); refused when its digest differs from the one the plan records."""
     from .profile import load_profile
 
     pref = (plan.provenance or {}).get("profile") or {}
@@ -188,7 +187,15 @@ def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
         raise HeadplanError(f"profile {pp} is not the one the plan was made from "
                             f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
-    return prof
+    return prof, pp
+
+
+def _save_baseline(plan: Plan, out: Path, profile_path: Path, sha256: str) -> None:
+    """Save a baseline plan, its provenance.profile.path made relative to the baseline's own folder."""
+    from .search import profile_ref
+
+    plan.provenance["profile"] = profile_ref(profile_path, out, sha256)
+    save_plan(plan, out)
 
 
 def do_search(profile_path: str | Path, out: str | Path, density: float | None = DEFAULT_DENSITY,
@@ -334,7 +341,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
         tag = f"{b.density:g}" if b.density is not None else f"kv{b.kv_budget:g}"
         return f"{name}@{tag}" if multi else name
 
-    methods, files = {}, {}
+    methods, files, sources = {}, {}, {}
     for given_name, path, plan in zip(names_given, paths, plans):
         m = given_name or label("headplan", plan)
         if m in methods:
@@ -342,14 +349,15 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
         methods[m] = plan
         files[m] = str(path.resolve())
         if names:
-            prof = _plan_profile(path, plan, profile)
+            prof, pp = _plan_profile(path, plan, profile)
             for name, bp in build_baselines(prof, plan, names, seed).items():
                 methods[label(name, bp)] = bp
+                sources[label(name, bp)] = (pp, prof.sha256)
     if out is not None:
         for m, bp in methods.items():
             if m not in files:
                 f = Path(out) / "baselines" / f"{m}.yaml"
-                save_plan(bp, f)
+                _save_baseline(bp, f, *sources[m])
                 files[m] = str(f.resolve())
     if lm is None:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
@@ -376,11 +384,11 @@ def do_baselines(plan_path: str | Path, out: str | Path, names=None, profile: st
     path = Path(plan_path)
     plan = load_plan(path)
     names = _baseline_names(names or True)
-    prof = _plan_profile(path, plan, profile)
+    prof, pp = _plan_profile(path, plan, profile)
     files = {}
     for name, bp in build_baselines(prof, plan, names, seed).items():
         f = Path(out) / f"{name}.yaml"
-        save_plan(bp, f)
+        _save_baseline(bp, f, pp, prof.sha256)
         files[name] = f
     return files
 
@@ -457,10 +465,52 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
     return summary
 
 
+def _flat(d, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def plan_diff(old: Plan, new: Plan) -> list[str]:
+    """What differs between two plans as data (formatting ignored): one line per KV head whose pattern
+    changed (``layer 3 kv_head 1: sink64+win256 -> full``), then one per other changed field
+    (``budget.achieved_density: [0.25] -> [0.24]``). [] when they are the same plan."""
+    def label(e, other):
+        name = e.candidate or e.pattern.kind
+        if other is not None and name == (other.candidate or other.pattern.kind):
+            name += " " + json.dumps(e.pattern.row(), sort_keys=True)  # same name, other parameters
+        return name
+
+    lines = []
+    if len(old.layers) == len(new.layers) and all(len(a) == len(b) for a, b in zip(old.layers, new.layers)):
+        for li, (la, lb) in enumerate(zip(old.layers, new.layers)):
+            for a, b in zip(la, lb):
+                if a != b:
+                    lines.append(f"layer {li} kv_head {a.kv_head}: {label(a, b)} -> {label(b, a)}")
+    else:
+        lines.append(f"layers: {[len(x) for x in old.layers]} KV heads -> {[len(x) for x in new.layers]}")
+    fa, fb = ({k: v for k, v in _flat(p.to_dict()).items() if k != "layers"} for p in (old, new))
+    for k in list(fa) + [k for k in fb if k not in fa]:
+        if fa.get(k, "(absent)") != fb.get(k, "(absent)"):
+            show = [json.dumps(x.get(k), sort_keys=True, default=str) if k in x else "(absent)" for x in (fa, fb)]
+            lines.append(f"{k}: {show[0]} -> {show[1]}")
+    return lines
+
+
 def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> tuple[bool, str]:
-    """Regenerate a plan from its recorded provenance; (True, "") if identical, else (False, diff)."""
+    """Regenerate a plan from its recorded provenance (a baseline plan, ``provenance.baseline``, as that
+    baseline) and compare the two as data (parsed and validated: formatting, key order and comments do
+    not count). (True, "") if they are the same plan, else (False, plan_diff's lines)."""
+    import yaml
+
+    from .plan import plan_from_dict
     from .profile import load_profile
-    from .search import SearchSettings, search
 
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
@@ -474,6 +524,23 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
         raise HeadplanError(f"profile {profile_path} is not the one the plan was made from "
                             f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+    if prov.get("baseline"):
+        from .eval.baselines import regenerate
+
+        new = regenerate(prof, plan)
+    else:
+        new = _regenerate_search(plan_path, plan, prof, pref)
+    new = plan_from_dict(yaml.safe_load(new.to_yaml()), plan_path.name)  # the plan as save_plan would write it
+    lines = plan_diff(plan, new)
+    if not lines:
+        return True, ""
+    return False, "".join(f"{line}\n" for line in [f"{plan_path} (committed) -> regenerated:", *lines])
+
+
+def _regenerate_search(plan_path: Path, plan: Plan, prof, pref: dict) -> Plan:
+    from .search import SearchSettings, search
+
+    prov = plan.provenance or {}
     s = prov.get("search") or {}
     try:
         settings = SearchSettings.from_dict(s)
@@ -490,10 +557,4 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
         new.provenance["search"]["cost_table"]["path"] = s["cost_table"]["path"]
     if "selection" in prov:  # `headplan select`'s measurements need the model: kept as recorded, the plan is
         new.provenance["selection"] = prov["selection"]  # regenerated from the chosen candidate's settings
-    old_text = plan_path.read_text()
-    new_text = new.to_yaml()
-    if old_text == new_text:
-        return True, ""
-    diff = "".join(difflib.unified_diff(old_text.splitlines(True), new_text.splitlines(True),
-                                        fromfile=f"{plan_path} (committed)", tofile=f"{plan_path} (regenerated)"))
-    return False, diff
+    return new

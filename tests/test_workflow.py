@@ -129,3 +129,56 @@ def test_select_refuses_bad_arguments_before_loading(tmp_path, monkeypatch, args
     r = invoke("select", "random:llama", "--profile", tmp_path / "none.safetensors", "--out", out, *args)
     _one_line_exit_2(r, msg)
     assert not out.exists()
+
+
+# -- items 2, 3: check compares plans as data; baseline plans regenerate as baselines ------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from helpers import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("wf") / "out")
+
+
+def test_check_ignores_formatting_and_names_the_changed_head(run_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    shutil.copy(run_dir / "profile.safetensors", tmp_path / "profile.safetensors")
+    d = yaml.safe_load((run_dir / "plan.yaml").read_text())
+    redumped = tmp_path / "plan.yaml"
+    redumped.write_text(yaml.safe_dump(d))  # same plan, another tool's formatting
+    assert redumped.read_text() != (run_dir / "plan.yaml").read_text()
+    r = invoke("check", redumped)
+    assert r.exit_code == 0, r.output
+    head = d["layers"][1]["heads"][1]
+    was = head["candidate"]
+    assert was != "full"
+    head.clear()
+    head.update({"kv_head": 1, "candidate": "full", "pattern": "full", "kv": "all"})
+    redumped.write_text(yaml.safe_dump(d))
+    r = invoke("check", redumped)
+    assert r.exit_code == 1
+    assert f"layer 1 kv_head 1: full -> {was}" in r.stdout
+    assert len(r.stdout.splitlines()) < 10, r.stdout  # the head, and the budget figures it moved
+
+
+def test_baseline_plans_resolve_their_profile_and_check_as_baselines(run_dir, tmp_path):
+    from headplan.plan import load_plan
+
+    r = invoke("baselines", run_dir / "plan.yaml", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    grid = tmp_path / "g.yaml"
+    grid.write_text("perplexity: {lengths: [256], samples: 1}\n")
+    r = invoke("eval", "random:llama", "--plan", run_dir / "plan.yaml", "--baselines", "--data", grid,
+               "--out", tmp_path / "ev")
+    assert r.exit_code == 0, r.output
+    files = sorted((tmp_path / "b").glob("*.yaml")) + sorted((tmp_path / "ev" / "baselines").glob("*.yaml"))
+    assert len(files) == 8
+    for f in files:
+        p = load_plan(f)
+        assert (f.parent / p.provenance["profile"]["path"]).resolve() == (run_dir / "profile.safetensors").resolve()
+        r = invoke("check", f)
+        assert r.exit_code == 0, (f, r.output)
+        r = invoke("check", f, "--profile", run_dir / "profile.safetensors")
+        assert r.exit_code == 0, (f, r.output)
