@@ -46,6 +46,28 @@ def parse_lengths(s: str | list | tuple) -> list[int]:
     return sorted(set(out))
 
 
+def fit_lengths(lengths, max_positions: int, flag: str = "--lengths", reporter: Reporter | None = None,
+                default=DEFAULT_LENGTHS) -> list[int]:
+    """The lengths to run at on a model of ``max_positions`` positions. Given lengths (a string or a list)
+    must fit: one that does not is refused with what to pass instead. ``None`` means ``default``: the
+    default lengths that do not fit are dropped (when none fits: half the positions and all of them),
+    and the reporter says so in one line."""
+    mp = int(max_positions)
+    if lengths is not None:
+        lens = parse_lengths(lengths)
+        bad = [n for n in lens if n > mp]
+        if bad:
+            ok = [n for n in lens if n <= mp] or [mp // 2, mp]
+            raise HeadplanError(f"length {bad[0]} exceeds the model's {mp} positions: pass {flag} "
+                                f"{','.join(map(str, ok))} (every length at most {mp})")
+        return lens
+    lens = [n for n in parse_lengths(default) if n <= mp] or sorted({max(64, mp // 2), mp})
+    if lens != parse_lengths(default):
+        (reporter or Reporter()).log(f"default {flag} {','.join(map(str, parse_lengths(default)))} does not fit "
+                                     f"the model's {mp} positions: using {','.join(map(str, lens))}")
+    return lens
+
+
 def _check_out(out: Path, suffixes: tuple[str, ...], what: str) -> Path:
     out = Path(out)
     if suffixes and out.suffix.lower() not in suffixes:
@@ -66,7 +88,7 @@ class ProfileResult(tuple):
         return self
 
 
-def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: int | None = None,
+def do_profile(model: str, out: str | Path, lengths=None, samples: int | None = None,
                data: str | None = None, texts: list[str] | None = None, candidates: str = "default",
                dtype: str = "float32", device: str = "cpu", block: int = 64, reporter: Reporter | None = None,
                lm=None, method: str = "recall", resume: str | Path | None = None, plot: str | Path | bool | None = None,
@@ -90,7 +112,8 @@ def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: in
     weights = parse_method(method)
     spec = load_task_file(data, "gradient" if "gradient" in weights else "profile")
     cands = candidate_set(candidates)
-    lens = parse_lengths(lengths)
+    if lengths is not None:
+        parse_lengths(lengths)  # bad syntax fails before the model loads
     plot_path = None
     if plot:
         plot_path = out.with_suffix(".png") if plot is True else Path(plot)
@@ -115,6 +138,7 @@ def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: in
             m = lm.model
             dmap = infer_auto_device_map(m, no_split_module_classes=getattr(m, "_no_split_modules", None) or [])
             lm.model = dispatch_model(m, device_map=dmap)
+    lens = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
     prof = profile(lm, lens, cands, spec, texts, samples, block, rep, method=weights, resume=resume,
                    checkpointing=checkpointing)
     heads = retrieval_heads(prof, top_heads) if any(c.pattern.kind == "streaming" for c in cands) else []
@@ -303,16 +327,17 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
 def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = None, data: str | None = None,
             texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
             reporter: Reporter | None = None, lm=None, baselines: bool | str | list | None = None,
-            profile: str | Path | None = None, seed: int = 0) -> dict:
+            profile: str | Path | None = None, seed: int = 0, lengths=None, samples: int | None = None) -> dict:
     """Dense vs the plan (and its baselines at the same budget) on held-out samples.
 
     plan_path: one plan, or a list (several budgets in one run: methods are named ``name@density``).
     baselines: True (all of streaming, duo, moa, random), a comma-separated string or a list of names;
     built from ``profile`` (default: the plan's provenance.profile.path, relative to the plan's folder)
-    and saved as ``OUT/baselines/<name>.yaml``. Writes ``OUT/eval.json``.
+    and saved as ``OUT/baselines/<name>.yaml``. Writes ``OUT/eval.json``. ``lengths`` / ``samples`` replace
+    the eval spec's lengths and samples (``headplan.eval.spec_for``).
     """
     from .data import load_task_file
-    from .eval import evaluate
+    from .eval import evaluate, spec_for
     from .eval.baselines import build_baselines
     from .models import load_model
 
@@ -332,7 +357,8 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
             names_given.append(None)
             paths.append(Path(g))
     plans = [load_plan(p) for p in paths]
-    spec = load_task_file(data, "eval")
+    spec = spec_for(load_task_file(data, "eval"), min(p.model.max_positions for p in plans), lengths, samples,
+                    given=data is not None, reporter=rep)
     names = _baseline_names(baselines)
     multi = len(plans) > 1
 
@@ -419,7 +445,7 @@ def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budge
 
 
 def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_budget: float | None = None,
-           lengths=DEFAULT_LENGTHS, samples: int | None = None, data: str | None = None,
+           lengths=None, samples: int | None = None, data: str | None = None,
            eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
            device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
            method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02) -> dict:
@@ -435,8 +461,9 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
         raise HeadplanError(f"--out must be a directory: {out}")
     load_task_file(data, "profile")
     load_task_file(eval_data, "eval")
-    feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget)
+    feasible_or_raise(candidate_set(candidates), parse_lengths(lengths or DEFAULT_LENGTHS), density, kv_budget)
     lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    lengths = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
     t_load = time.time() - t0
     prof_path = out / "profile.safetensors"
     plan_path = out / "plan.yaml"

@@ -82,7 +82,8 @@ def _console():
 @handles_errors
 def profile(model: str = ModelArg,
             out: Path = typer.Option(Path("profile.safetensors"), "--out", "-o", help="Output .safetensors"),
-            lengths: str = typer.Option("2048,4096", help="Comma-separated lengths, e.g. 1024,2048 or 2k,4k"),
+            lengths: Optional[str] = typer.Option(None, help="Comma-separated lengths, e.g. 1024,2048 or 2k,4k "
+                                                  "(k = 1024; default 2048,4096, those that fit the model)"),
             samples: Optional[int] = typer.Option(None, help="Samples per length (default: from the data spec)"),
             data: Optional[str] = typer.Option(None, help="Calibration mixture YAML (path or name in "
                                                "calibration_data/; default: gradient.yaml with --method gradient, "
@@ -322,6 +323,10 @@ def eval_cmd(model: str = ModelArg,
              profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile for --baselines (default: "
                                                                                  "the plan's provenance.profile.path)"),
              seed: int = typer.Option(0, "--seed", help="Seed of the random baseline"),
+             lengths: Optional[str] = typer.Option(None, "--lengths", help="Replace the eval spec's lengths "
+                                                   "(every task), e.g. 1k,2k (k = 1024)"),
+             samples: Optional[int] = typer.Option(None, "--samples", help="Replace the eval spec's samples "
+                                                   "(per length, or per length x depth cell)"),
              as_json: bool = Flag(False, "--json/--no-json", "Print JSON instead of a table"),
              dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Dense vs plan on held-out samples: perplexity, KL, top-1, retrieval grids; --baselines adds
@@ -330,7 +335,7 @@ def eval_cmd(model: str = ModelArg,
 
     which = baseline_names if baseline_names else (True if baselines else None)
     res = do_eval(model, plan if len(plan) > 1 else plan[0], out, data, text, dtype, device, reporter=_reporter(),
-                  baselines=which, profile=profile_path, seed=seed)
+                  baselines=which, profile=profile_path, seed=seed, lengths=lengths, samples=samples)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
     else:
@@ -412,7 +417,8 @@ def run(model: str = ModelArg,
         out: Path = typer.Option(Path("headplan-run"), "--out", "-o", help="Output directory"),
         density: float = typer.Option(0.25, help="Attention density budget"),
         kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="KV share budget"),
-        lengths: str = typer.Option("2048,4096", help="Profiled lengths"),
+        lengths: Optional[str] = typer.Option(None, help="Profiled lengths, e.g. 2k,4k (k = 1024; default "
+                                              "2048,4096, those that fit the model)"),
         samples: Optional[int] = typer.Option(None, help="Calibration samples per length"),
         data: Optional[str] = typer.Option(None, help="Calibration mixture YAML"),
         eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Eval spec YAML"),

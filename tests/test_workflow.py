@@ -182,3 +182,34 @@ def test_baseline_plans_resolve_their_profile_and_check_as_baselines(run_dir, tm
         assert r.exit_code == 0, (f, r.output)
         r = invoke("check", f, "--profile", run_dir / "profile.safetensors")
         assert r.exit_code == 0, (f, r.output)
+
+
+# -- item 6: defaults fit the model; explicit lengths that do not are refused with what to pass --
+def test_run_defaults_fit_a_2048_position_model(tmp_path):
+    import json
+
+    r = invoke("run", "random:llama", "--out", tmp_path / "r", "--density", "0.4", "--samples", "1",
+               "--candidates", "small", "--eval-data", "eval-small")
+    assert r.exit_code == 0, r.output
+    assert "does not fit the model's 2048 positions: using 2048" in r.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["profiled_lengths"] == [2048]
+
+
+def test_explicit_lengths_too_long_say_what_to_pass(tmp_path):
+    out = tmp_path / "p.safetensors"
+    r = invoke("profile", "random:llama", "--lengths", "1k,4k", "--out", out)
+    _one_line_exit_2(r, "length 4096 exceeds the model's 2048 positions: pass --lengths 1024")
+    assert not out.exists()
+
+
+def test_eval_lengths_and_samples_override_the_spec(run_dir, tmp_path):
+    import json
+
+    r = invoke("eval", "random:llama", "--plan", run_dir / "plan.yaml", "--data", "eval-small-grid",
+               "--lengths", "512", "--samples", "1", "--out", tmp_path / "ev")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert {x["length"] for x in res["perplexity"] + res["retrieval"]} == {512}
+    assert {x["samples"] for x in res["perplexity"]} == {1}
+    r = invoke("eval", "random:llama", "--plan", run_dir / "plan.yaml", "--lengths", "3k")
+    _one_line_exit_2(r, "length 3072 exceeds the model's 2048 positions: pass --lengths 1024,2048")

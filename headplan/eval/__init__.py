@@ -73,6 +73,45 @@ GRID_TASKS = {"passkey": ("passkey", {}), "multikey": ("passkey", {"keys": 4}), 
               "kv_retrieval": ("kv_retrieval", {})}
 
 
+def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None = None, given: bool = True,
+             reporter: Reporter | None = None) -> dict:
+    """The eval spec to run on a model of ``max_positions`` positions. ``lengths`` / ``samples`` (``eval
+    --lengths/--samples``) replace the lengths and samples of every task the spec has. Lengths must fit:
+    in a spec the user ``given`` (or given ``lengths``) one that does not is refused with what to pass;
+    from the default spec it is dropped, and the reporter says so in one line."""
+    import copy
+
+    from ..api import fit_lengths
+
+    mp = int(max_positions)
+    s = copy.deepcopy(spec)
+    if samples is not None and int(samples) < 1:
+        raise HeadplanError(f"--samples must be at least 1, got {samples}")
+    keys = [k for k in ("perplexity", *GRID_TASKS) if isinstance(s.get(k), dict)]
+    for k in keys:
+        if lengths is not None:
+            s[k]["lengths"] = fit_lengths(lengths, mp)
+        if samples is not None:
+            s[k]["samples"] = int(samples)
+    dropped = []
+    for k in keys:
+        lens = [int(n) for n in s[k].get("lengths") or []]
+        if given or lengths is not None:
+            if lens:
+                fit_lengths(lens, mp)
+        else:
+            dropped += [n for n in lens if n > mp]
+            s[k]["lengths"] = [n for n in lens if n <= mp]
+    c = s.get("continuations")
+    if isinstance(c, dict) and int(c.get("length", 512)) + int(c.get("tokens", 32)) > mp and not given:
+        dropped.append(int(c.get("length", 512)))
+        c["length"] = mp - int(c.get("tokens", 32))
+    if dropped:
+        (reporter or Reporter()).log(f"eval spec {s.get('name', '')}: lengths {','.join(map(str, sorted(set(dropped))))} "
+                                     f"do not fit the model's {mp} positions; left out")
+    return s
+
+
 def method_info(name: str, plan: Plan, lengths: list[int], base: str | None = None) -> dict:
     return {"name": name, "base": base or name.split("@")[0], "density_budget": plan.budget.density,
             "kv_budget": plan.budget.kv_budget, "counts": plan.counts(),
