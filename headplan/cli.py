@@ -261,48 +261,51 @@ def apply(model: str = ModelArg,
         con.print(f"plan {plan} fits {model}: {p.counts()} (use --prompt to generate, --out to save)")
 
 
+def _vs_dense(v: float, d: float) -> str:
+    """Relative change against dense, e.g. +36%."""
+    return f"{100 * (v / d - 1):+.0f}%" if d else ""
+
+
 def _eval_table(res: dict):
+    """Dense and every evaluated method, columns named by method; perplexity and answer NLL also relative
+    to dense (a `vs dense` column with one method, in the cells with several)."""
     from rich.table import Table
 
-    names = [m["name"] for m in res.get("methods", [])] or ["plan"]
-    if len(names) <= 1:
-        t = Table(title="dense vs plan")
-        for c in ("metric", "length", "dense", "plan"):
-            t.add_column(c, justify="right" if c != "metric" else "left")
-        for r in res["perplexity"]:
-            t.add_row("perplexity", str(r["length"]), f"{r['ppl_dense']:.3f}", f"{r['ppl_plan']:.3f}")
-            t.add_row("KL(dense||plan) / top-1 agree", str(r["length"]), "", f"{r['kl']:.4f} / {r['top1_agree']:.3f}")
-        for r in res["retrieval"]:
-            t.add_row(f"{r['task']} accuracy", str(r["length"]), f"{r['acc_dense']:.2f}", f"{r['acc_plan']:.2f}")
-            if r.get("answer_nll"):
-                nl = r["answer_nll"]
-                t.add_row(f"{r['task']} answer NLL", str(r["length"]), f"{nl['dense']:.3f}", f"{nl[res['primary']]:.3f}")
-        for r in res["budget"]:
-            t.add_row("density / KV kept", str(r["length"]), "1.000 / 1.000", f"{r['density']:.3f} / {r['kv_share']:.3f}")
-        for r in res.get("kv_cache_measured", []):
-            if r.get("kv_bytes_dense") and r.get("kv_bytes_plan") is not None:
-                t.add_row("KV cache held (MB, measured)", str(r["length"]), f"{r['kv_bytes_dense'] / 1e6:.1f}",
-                          f"{r['kv_bytes_plan'] / 1e6:.1f}")
-        return t
-    t = Table(title="dense vs plan vs baselines (same budget)")
-    for c in ("metric", "length", "dense", *names):
+    names = [m["name"] for m in res["methods"]]
+    one = len(names) == 1
+    t = Table(title="dense vs " + ", ".join(names) + ("" if one else " (same budget)"))
+    for c in ("metric", "length", "dense", *names, *(["vs dense"] if one else [])):
         t.add_column(c, justify="right" if c != "metric" else "left")
+
+    def row(metric, n, dense, vals, fmt, rel=False):
+        cells = [fmt.format(vals[m]) for m in names]
+        extra = []
+        if rel and one:
+            extra = [_vs_dense(vals[names[0]], dense)]
+        elif rel:
+            cells = [f"{c} ({_vs_dense(vals[m], dense)})" for c, m in zip(cells, names)]
+        elif one:
+            extra = [""]
+        t.add_row(metric, str(n), dense if isinstance(dense, str) else fmt.format(dense), *cells, *extra)
+
     for r in res["perplexity"]:
         by = r["methods"]
-        t.add_row("perplexity", str(r["length"]), f"{r['ppl_dense']:.3f}", *[f"{by[m]['ppl']:.3f}" for m in names])
-        t.add_row("KL(dense||method)", str(r["length"]), "0", *[f"{by[m]['kl']:.4f}" for m in names])
-        t.add_row("top-1 agreement", str(r["length"]), "1", *[f"{by[m]['top1_agree']:.3f}" for m in names])
+        row("perplexity", r["length"], r["ppl_dense"], {m: by[m]["ppl"] for m in names}, "{:.3f}", rel=True)
+        row("KL(dense||method)", r["length"], "0", {m: by[m]["kl"] for m in names}, "{:.4f}")
+        row("top-1 agreement", r["length"], "1", {m: by[m]["top1_agree"] for m in names}, "{:.3f}")
     for r in res["retrieval"]:
-        a = r["acc"]
-        t.add_row(f"{r['task']} accuracy (n={r['samples']})", str(r["length"]), f"{a['dense']:.2f}",
-                  *[f"{a[m]:.2f}" for m in names])
+        row(f"{r['task']} accuracy (n={r['samples']})", r["length"], r["acc"]["dense"], r["acc"], "{:.2f}")
         if r.get("answer_nll"):
-            nl = r["answer_nll"]
-            t.add_row(f"{r['task']} answer NLL", str(r["length"]), f"{nl['dense']:.3f}", *[f"{nl[m]:.3f}" for m in names])
+            row(f"{r['task']} answer NLL", r["length"], r["answer_nll"]["dense"], r["answer_nll"], "{:.3f}", rel=True)
     info = {m["name"]: m for m in res["methods"]}
     for j, b in enumerate(res["budget"]):
-        t.add_row("density / KV kept", str(b["length"]), "1.000 / 1.000",
-                  *[f"{info[m]['budget'][j]['density']:.3f} / {info[m]['budget'][j]['kv_share']:.3f}" for m in names])
+        row("density / KV kept", b["length"], "1.000 / 1.000",
+            {m: f"{info[m]['budget'][j]['density']:.3f} / {info[m]['budget'][j]['kv_share']:.3f}" for m in names}, "{}")
+    for r in res.get("kv_cache_measured", []):
+        kb = r.get("kv_bytes") or {}
+        if kb.get("dense") and all(kb.get(m) is not None for m in names):
+            row("KV cache held (MB, measured)", r["length"], kb["dense"] / 1e6, {m: kb[m] / 1e6 for m in names},
+                "{:.1f}")
     return t
 
 
@@ -443,7 +446,7 @@ def run(model: str = ModelArg,
     t = Table(title=f"headplan run: {model}")
     t.add_column("item")
     t.add_column("value")
-    t.add_row("plan", ", ".join(f"{k} {v}" for k, v in s["plan_counts"].items()))
+    t.add_row("plan heads", ", ".join(f"{k} {v}" for k, v in s["plan_counts"].items()))
     t.add_row("profiled with", s["method"])
     if s.get("selection"):
         t.add_row("chosen by validation", s["selection"]["chosen"])
@@ -453,7 +456,7 @@ def run(model: str = ModelArg,
     t.add_row("wall time", f"{s['seconds']['total']:.0f} s (load {s['seconds']['load']:.0f} s, "
                            f"profile {s['seconds']['profile']:.0f} s)")
     for k, v in s["files"].items():
-        t.add_row(k, v)
+        t.add_row(f"{k} file", v)
     con.print(t)
 
 

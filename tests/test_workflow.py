@@ -213,3 +213,61 @@ def test_eval_lengths_and_samples_override_the_spec(run_dir, tmp_path):
     assert {x["samples"] for x in res["perplexity"]} == {1}
     r = invoke("eval", "random:llama", "--plan", run_dir / "plan.yaml", "--lengths", "3k")
     _one_line_exit_2(r, "length 3072 exceeds the model's 2048 positions: pass --lengths 1024,2048")
+
+
+# -- item 5: summaries ----------------------------------------------------------------------------
+def test_run_summary_rows_are_unique_and_eval_says_how_far_from_dense(run_dir):
+    import json
+
+    from rich.console import Console
+
+    from headplan.cli import _eval_table
+
+    res = json.loads((run_dir / "eval.json").read_text())
+    con = Console(width=200, record=True)
+    con.print(_eval_table(res))
+    text = con.export_text()
+    assert "headplan" in text.splitlines()[0] + text and "vs dense" in text
+    ppl = res["perplexity"][0]
+    want = f"{100 * (ppl['methods']['headplan']['ppl'] / ppl['ppl_dense'] - 1):+.0f}%"
+    line = next(x for x in text.splitlines() if x.strip().startswith("│ perplexity") or "perplexity " in x)
+    assert want in line, (want, line)
+    r = invoke("run", "random:llama", "--out", run_dir.parent / "again", "--density", "0.4",
+               "--lengths", "384,512", "--samples", "2", "--candidates", "small", "--eval-data", "eval-small")
+    assert r.exit_code == 0, r.output
+    items = [x.split("│")[1].strip() for x in r.stdout.split("headplan run:")[1].splitlines()
+             if x.count("│") >= 3 and x.split("│")[1].strip()]
+    assert len(items) == len(set(items)), items
+
+
+def test_eval_progress_bar_covers_all_the_work(run_dir, monkeypatch):
+    """Every forward pass happens before the bar's last step, and the steps add up to its total."""
+    import contextlib
+
+    import headplan.eval as ev
+    from headplan.plan import load_plan
+    from headplan.report import Reporter
+
+    events = []
+    for fn in ("_logits", "_generate"):
+        orig = getattr(ev, fn)
+        monkeypatch.setattr(ev, fn, lambda *a, _o=orig, **k: (events.append("work"), _o(*a, **k))[1])
+
+    class Rec(Reporter):
+        @contextlib.contextmanager
+        def task(self, description, total):
+            self.total = total
+            yield lambda n=1: events.extend(["step"] * n)
+
+    rep = Rec()
+    spec = {"seed": 1, "perplexity": {"lengths": [256], "samples": 1},
+            "passkey": {"lengths": [512], "depths": [0.5]}, "continuations": {"length": 64, "samples": 1, "tokens": 2}}
+    import headplan
+
+    lm = headplan.load_model("random:llama")
+    ev.evaluate(lm, load_plan(run_dir / "plan.yaml"), spec, reporter=rep)
+    assert events.count("step") == rep.total
+    spec.pop("continuations")
+    events.clear()
+    ev.evaluate(lm, load_plan(run_dir / "plan.yaml"), spec, reporter=rep)
+    assert events.count("step") == rep.total and events[-1] == "step", events[-6:]

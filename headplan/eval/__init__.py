@@ -167,9 +167,9 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
 
     n_ppl = int(ppl_spec.get("samples", 2))
     tail = float(ppl_spec.get("tail", 0.5))
-    per = len(names) + 1
-    jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl
-                  + sum(len(g["lengths"]) * len(cells(t, g)) for t, g in grids.items())
+    per = len(names) + 1  # steps of the bar: one forward (or generation) of dense and of each method
+    jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl  # retrieval: generation + teacher-forced answer
+                  + 2 * sum(len(g["lengths"]) * len(cells(t, g)) for t, g in grids.items())
                   + (int(cont_spec.get("samples", 2)) if cont_spec else 0))
     memory: dict = {}
     with rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) as advance:
@@ -249,12 +249,16 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                         tgt = full[0, -na:]
                         with dense(model):
                             nll["dense"] = _answer_nll(model, full, tgt)
+                        advance()
                         for m in names:
                             apply(model, methods[m], check=False)
                             nll[m] = _answer_nll(model, full, tgt)
+                            advance()
                         for m, v in nll.items():
                             nll_sum[m] = nll_sum.get(m, 0.0) + v
                         nll_n += 1
+                    else:
+                        advance(per)
                     memory.setdefault(n, {})
                     for key, val in mem.items():
                         memory[n][key] = max(memory[n].get(key, 0), val)
