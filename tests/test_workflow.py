@@ -271,3 +271,61 @@ def test_eval_progress_bar_covers_all_the_work(run_dir, monkeypatch):
     events.clear()
     ev.evaluate(lm, load_plan(run_dir / "plan.yaml"), spec, reporter=rep)
     assert events.count("step") == rep.total and events[-1] == "step", events[-6:]
+
+
+def test_kv_report_uses_the_model_dtype_and_matches_a_full_cache():
+    import torch
+
+    import headplan
+    from helpers import ids, plan_for
+
+    lm = headplan.load_model("random:llama")
+    full = plan_for(lm, lambda li, h: {"kind": "full"})
+    headplan.apply(lm.model, full)
+    cache = headplan.new_cache(lm.model, 64)
+    with torch.no_grad():
+        lm.model(ids(64), use_cache=True, **{headplan.runtime.cache_kwarg(lm.model): cache})
+    rep = headplan.kv_report(full, 64, model=lm.model)
+    assert rep["dtype_bytes"] == 4 and rep["dense_bytes"] == rep["plan_bytes"]
+    assert rep["dense_bytes"] <= cache.kv_bytes() < 1.1 * rep["dense_bytes"]  # the cache pads a little
+    assert headplan.kv_report(full, 64)["dtype_bytes"] == 2  # no model: the bf16 default, said in the result
+
+
+def test_report_figures_legends_titles_and_quality_axis(run_dir, monkeypatch, tmp_path):
+    import json
+
+    import headplan.report_md as rm
+    from headplan.plan import load_plan
+
+    figs = {}
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        figs[path.name] = fig
+        return path
+
+    monkeypatch.setattr(rm, "_save", keep)
+    res = json.loads((run_dir / "eval.json").read_text())
+    plan = load_plan(run_dir / "plan.yaml")
+    rm.plot_head_maps([("a", plan), ("b", plan)], tmp_path / "h.png")
+    fig = figs["h.png"]
+    leg = fig.legends[0].get_window_extent()
+    assert not any(leg.overlaps(ax.get_window_extent()) for ax in fig.axes), "legend covers head-map cells"
+    res["grid"] = [{"task": "passkey", "length": n, "depth": d, "samples": 1, "acc": {"dense": 1, "headplan": 0}}
+                   for n in (384, 512) for d in (0.2, 0.8)]
+    rm.plot_heatmaps(res, "passkey", tmp_path / "p.png", "passkey accuracy (length x depth)")
+    fig = figs["p.png"]
+    sup = fig._suptitle.get_window_extent()
+    assert not any(sup.overlaps(ax.title.get_window_extent()) for ax in fig.axes if ax.get_title())
+    other = json.loads(json.dumps(res))
+    other["texts"] = [{"source": "mine.txt", "sha256": "x"}]
+    pts = rm.method_points(res)
+    assert [p["density_budget"] for p in pts] == [1.0, 0.4]  # the budget, not the mean over eval lengths
+    rm.plot_quality_vs_density([(".", pts), ("b", rm.method_points(other))], tmp_path / "q.png")
+    ax = figs["q.png"].axes[0]
+    lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("dense")]
+    assert len(lines) == 2 and {tuple(ln.get_xdata()) for ln in lines} == {(0.4,)}
+    assert "budget" in ax.get_xlabel()
+    q = figs["q.png"]
+    leg = q.legends[0].get_window_extent()
+    assert not any(leg.overlaps(a.get_window_extent()) for a in q.axes)

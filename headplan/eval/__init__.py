@@ -313,8 +313,9 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
         for n, m in sorted(memory.items())]
     for n in lengths:
         d, k = _plan_budget(plan, n)
-        kvr = kv_report(plan, n)
-        results["budget"].append({"length": n, "density": d, "kv_share": k, "kv_bytes_dense_bf16": kvr["dense_bytes"],
-                                  "kv_bytes_plan_bf16": kvr["plan_bytes"],
-                                  "kv_bytes_per_layer_bf16": [(x["dense_bytes"], x["plan_bytes"]) for x in kvr["layers"]]})
+        kvr = kv_report(plan, n, model=model)  # predicted at n tokens in the model's dtype; kv_cache_measured
+        results["budget"].append({"length": n, "density": d, "kv_share": k,  # holds what the caches allocated
+                                  "kv_dtype_bytes": kvr["dtype_bytes"], "kv_bytes_dense": kvr["dense_bytes"],
+                                  "kv_bytes_plan": kvr["plan_bytes"],
+                                  "kv_bytes_per_layer": [(x["dense_bytes"], x["plan_bytes"]) for x in kvr["layers"]]})
     return results

@@ -196,11 +196,19 @@ def load_patched(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     return lm
 
 
-def kv_report(plan: Plan, length: int, dtype_bytes: int = 2) -> dict:
-    """KV bytes per layer (dense vs plan) for one sequence of ``length`` tokens."""
+def kv_report(plan: Plan, length: int, dtype_bytes: int | None = None, model=None) -> dict:
+    """KV bytes per layer (dense vs plan) for one sequence of ``length`` tokens, as the plan predicts them:
+    the tokens each head keeps at ``length`` (``kv_share``) x ``dtype_bytes`` per element — the element size
+    of ``model``'s weights when a model is given, else ``dtype_bytes``, else 2 (bf16).
+
+    Not the same figure as ``HeadplanCache.kv_bytes()``: the cache reports the buffers it holds, in the
+    model's dtype and preallocated for its ``max_length`` (prompt + new tokens), so a float32 model holds
+    twice a bf16 prediction, and a cache made for more tokens than ``length`` holds more."""
     from ..candidates import kv_share
 
-    per_tok = 2 * plan.model.head_dim * dtype_bytes  # K and V, one head
+    if dtype_bytes is None:
+        dtype_bytes = next(model.parameters()).element_size() if model is not None else 2
+    per_tok = 2 * plan.model.head_dim * int(dtype_bytes)  # K and V, one head
     layers = []
     for heads in plan.layers:
         dense_b = len(heads) * length * per_tok
@@ -208,5 +216,5 @@ def kv_report(plan: Plan, length: int, dtype_bytes: int = 2) -> dict:
         layers.append({"dense_bytes": dense_b, "plan_bytes": plan_b})
     tot_d = sum(x["dense_bytes"] for x in layers)
     tot_p = sum(x["plan_bytes"] for x in layers)
-    return {"length": length, "layers": layers, "dense_bytes": tot_d, "plan_bytes": tot_p,
-            "kv_share": tot_p / tot_d if tot_d else 0.0}
+    return {"length": length, "dtype_bytes": int(dtype_bytes), "layers": layers, "dense_bytes": tot_d,
+            "plan_bytes": tot_p, "kv_share": tot_p / tot_d if tot_d else 0.0}
