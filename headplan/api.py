@@ -103,7 +103,7 @@ def do_profile(model: str, out: str | Path, lengths=None, samples: int | None = 
     """
     import os
 
-    from .data import load_task_file
+    from .data import load_task_file, load_texts
     from .models import load_model
     from .profile import parse_method, plot_profile, profile, retrieval_heads, save_profile
 
@@ -114,6 +114,7 @@ def do_profile(model: str, out: str | Path, lengths=None, samples: int | None = 
     cands = candidate_set(candidates)
     if lengths is not None:
         parse_lengths(lengths)  # bad syntax fails before the model loads
+    load_texts(texts)  # a missing or empty text file too
     plot_path = None
     if plot:
         plot_path = out.with_suffix(".png") if plot is True else Path(plot)
@@ -357,8 +358,8 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
             names_given.append(None)
             paths.append(Path(g))
     plans = [load_plan(p) for p in paths]
-    spec = spec_for(load_task_file(data, "eval"), min(p.model.max_positions for p in plans), lengths, samples,
-                    given=data is not None, reporter=rep)
+    spec, note = spec_for(load_task_file(data, "eval"), min(p.model.max_positions for p in plans), lengths, samples,
+                          given=data is not None)
     names = _baseline_names(baselines)
     multi = len(plans) > 1
 
@@ -387,6 +388,8 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
                 files[m] = str(f.resolve())
     if lm is None:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    if note:  # said once the inputs are known good
+        rep.log(note)
     first = next(iter(methods))
     t0 = time.time()
     res = evaluate(lm, methods[first], spec, texts, rep, {k: v for k, v in methods.items() if k != first}, first)

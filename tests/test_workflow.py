@@ -329,3 +329,14 @@ def test_report_figures_legends_titles_and_quality_axis(run_dir, monkeypatch, tm
     q = figs["q.png"]
     leg = q.legends[0].get_window_extent()
     assert not any(leg.overlaps(a.get_window_extent()) for a in q.axes)
+
+
+def test_default_eval_spec_fits_the_model_answers_included():
+    from headplan.data import load_task_file
+    from headplan.eval import spec_for
+
+    spec, note = spec_for(load_task_file(None, "eval"), 2048, given=False)
+    assert spec["perplexity"]["lengths"] == [2048]
+    assert spec["passkey"]["lengths"] == [1024]  # 2048 + the generated answer would pass 2048 positions
+    assert "2048" in note and "\n" not in note
+    assert spec_for(load_task_file(None, "eval"), 8192, given=False) == (load_task_file(None, "eval"), None)

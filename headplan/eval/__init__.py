@@ -73,12 +73,15 @@ GRID_TASKS = {"passkey": ("passkey", {}), "multikey": ("passkey", {"keys": 4}), 
               "kv_retrieval": ("kv_retrieval", {})}
 
 
-def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None = None, given: bool = True,
-             reporter: Reporter | None = None) -> dict:
+GEN_ROOM = 32  # positions a default-spec retrieval case keeps free for its generated answer
+
+
+def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None = None,
+             given: bool = True) -> tuple[dict, str | None]:
     """The eval spec to run on a model of ``max_positions`` positions. ``lengths`` / ``samples`` (``eval
     --lengths/--samples``) replace the lengths and samples of every task the spec has. Lengths must fit:
     in a spec the user ``given`` (or given ``lengths``) one that does not is refused with what to pass;
-    from the default spec it is dropped, and the reporter says so in one line."""
+    from the default spec it is dropped. Returns (spec, the one line that says what was dropped, or None)."""
     import copy
 
     from ..api import fit_lengths
@@ -99,17 +102,19 @@ def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None =
         if given or lengths is not None:
             if lens:
                 fit_lengths(lens, mp)
-        else:
-            dropped += [n for n in lens if n > mp]
-            s[k]["lengths"] = [n for n in lens if n <= mp]
+        else:  # retrieval also generates the answer: room for it past the prompt
+            room = 0 if k == "perplexity" else GEN_ROOM
+            dropped += [n for n in lens if n + room > mp]
+            s[k]["lengths"] = [n for n in lens if n + room <= mp]
     c = s.get("continuations")
     if isinstance(c, dict) and int(c.get("length", 512)) + int(c.get("tokens", 32)) > mp and not given:
         dropped.append(int(c.get("length", 512)))
         c["length"] = mp - int(c.get("tokens", 32))
+    note = None
     if dropped:
-        (reporter or Reporter()).log(f"eval spec {s.get('name', '')}: lengths {','.join(map(str, sorted(set(dropped))))} "
-                                     f"do not fit the model's {mp} positions; left out")
-    return s
+        note = (f"eval spec {s.get('name', '')}: lengths {','.join(map(str, sorted(set(dropped))))} do not fit the "
+                f"model's {mp} positions (retrieval keeps {GEN_ROOM} for the answer); left out")
+    return s, note
 
 
 def method_info(name: str, plan: Plan, lengths: list[int], base: str | None = None) -> dict:
