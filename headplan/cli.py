@@ -304,7 +304,7 @@ def _eval_table(res: dict):
     for r in res.get("kv_cache_measured", []):
         kb = r.get("kv_bytes") or {}
         if kb.get("dense") and all(kb.get(m) is not None for m in names):
-            row("KV cache held (MB, measured: allocated buffers, model dtype)", r["length"], kb["dense"] / 1e6, {m: kb[m] / 1e6 for m in names},
+            row("KV cache held (MB, allocated)", r["length"], kb["dense"] / 1e6, {m: kb[m] / 1e6 for m in names},
                 "{:.1f}")
     return t
 
