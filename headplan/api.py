@@ -6,7 +6,6 @@ writes outputs atomically (temporary file + rename).
 
 from __future__ import annotations
 
-import difflib
 import os
 import json
 import time
@@ -22,23 +21,51 @@ DEFAULT_DENSITY = 0.25
 DEFAULT_RUN_METHOD = "recall"  # the profiling signal(s) of `headplan run`
 
 
+def parse_length(v, what: str = "length") -> int:
+    """One length: an integer, or N with a 'k' suffix meaning N x 1024 ('2k' -> 2048, '32K' -> 32768).
+    The one parser of lengths for every flag (--lengths, --latency-budget, --memory-budget...)."""
+    t = str(v).strip().lower()
+    try:
+        n = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+    except ValueError:
+        raise HeadplanError(f"not a {what}: {v!r} (use e.g. 1024,2048 or 2k,4k; k = 1024)") from None
+    if n <= 0:
+        raise HeadplanError(f"{what}s must be positive, got {n}")
+    return n
+
+
 def parse_lengths(s: str | list | tuple) -> list[int]:
+    """'1024,2k' (or a list) -> sorted distinct lengths, each read by parse_length."""
     if isinstance(s, (list, tuple)):
         vals = list(s)
     else:
         vals = [x for x in str(s).replace(" ", "").split(",") if x]
-    out = []
-    for v in vals:
-        try:
-            n = int(str(v).lower().replace("k", "000")) if str(v).lower().endswith("k") else int(v)
-        except ValueError:
-            raise HeadplanError(f"not a length: {v!r} (use e.g. 1024,2048 or 2k,4k)") from None
-        if n <= 0:
-            raise HeadplanError(f"lengths must be positive, got {n}")
-        out.append(n)
+    out = [parse_length(v) for v in vals]
     if not out:
         raise HeadplanError("no lengths given")
     return sorted(set(out))
+
+
+def fit_lengths(lengths, max_positions: int, flag: str = "--lengths", reporter: Reporter | None = None,
+                default=DEFAULT_LENGTHS) -> list[int]:
+    """The lengths to run at on a model of ``max_positions`` positions. Given lengths (a string or a list)
+    must fit: one that does not is refused with what to pass instead. ``None`` means ``default``: the
+    default lengths that do not fit are dropped (when none fits: half the positions and all of them),
+    and the reporter says so in one line."""
+    mp = int(max_positions)
+    if lengths is not None:
+        lens = parse_lengths(lengths)
+        bad = [n for n in lens if n > mp]
+        if bad:
+            ok = [n for n in lens if n <= mp] or [mp // 2, mp]
+            raise HeadplanError(f"length {bad[0]} exceeds the model's {mp} positions: pass {flag} "
+                                f"{','.join(map(str, ok))} (every length at most {mp})")
+        return lens
+    lens = [n for n in parse_lengths(default) if n <= mp] or sorted({max(64, mp // 2), mp})
+    if lens != parse_lengths(default):
+        (reporter or Reporter()).log(f"default {flag} {','.join(map(str, parse_lengths(default)))} does not fit "
+                                     f"the model's {mp} positions: using {','.join(map(str, lens))}")
+    return lens
 
 
 def _check_out(out: Path, suffixes: tuple[str, ...], what: str, directory: bool = False) -> Path:
@@ -76,7 +103,7 @@ class ProfileResult(tuple):
         return self
 
 
-def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: int | None = None,
+def do_profile(model: str, out: str | Path, lengths=None, samples: int | None = None,
                data: str | None = None, texts: list[str] | None = None, candidates: str = "default",
                dtype: str = "float32", device: str = "cpu", block: int = 64, reporter: Reporter | None = None,
                lm=None, method: str = "recall", resume: str | Path | None = None, plot: str | Path | bool | None = None,
@@ -91,7 +118,7 @@ def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: in
     """
     import os
 
-    from .data import load_task_file
+    from .data import load_task_file, load_texts
     from .models import load_model
     from .profile import parse_method, plot_profile, profile, retrieval_heads, save_profile
 
@@ -100,7 +127,9 @@ def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: in
     weights = parse_method(method)
     spec = load_task_file(data, "gradient" if "gradient" in weights else "profile")
     cands = candidate_set(candidates)
-    lens = parse_lengths(lengths)
+    if lengths is not None:
+        parse_lengths(lengths)  # bad syntax fails before the model loads
+    load_texts(texts)  # a missing or empty text file too
     plot_path = None
     if plot:
         plot_path = out.with_suffix(".png") if plot is True else Path(plot)
@@ -125,6 +154,7 @@ def do_profile(model: str, out: str | Path, lengths=DEFAULT_LENGTHS, samples: in
             m = lm.model
             dmap = infer_auto_device_map(m, no_split_module_classes=getattr(m, "_no_split_modules", None) or [])
             lm.model = dispatch_model(m, device_map=dmap)
+    lens = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
     prof = profile(lm, lens, cands, spec, texts, samples, block, rep, method=weights, resume=resume,
                    checkpointing=checkpointing)
     heads = retrieval_heads(prof, top_heads) if any(c.pattern.kind == "streaming" for c in cands) else []
@@ -179,21 +209,28 @@ def _baseline_names(value) -> list[str]:
     return names
 
 
-def provenance_file(plan_path: Path, rel: str, field: str, hint: str = "give the file on the command line") -> Path:
-    """A file a plan's provenance names: relative to the plan's folder and inside it (an absolute path,
-    ``..`` or a link out of the folder is refused: give such a file on the command line instead)."""
+def provenance_file(plan_path: Path, rel: str, field: str, hint: str = "give the file on the command line",
+                    root: str | Path | None = None) -> Path:
+    """A file a plan's provenance names, relative to the plan's folder. It must lie inside the plan's
+    folder, or inside ``root`` when one is given (e.g. the repository a CI job checks out); an absolute
+    path or one leading out of that folder (``..``, a link) is refused: give such a file on the command
+    line instead."""
     from .plan import _short
 
-    base = Path(plan_path).resolve().parent
+    here = Path(plan_path).resolve().parent
+    base = Path(root).resolve() if root is not None else here
+    if not here.is_relative_to(base):
+        raise HeadplanError(f"--root {root}: the plan {plan_path} is not inside it")
     rp = Path(rel)
-    if rp.is_absolute() or ".." in rp.parts or not (base / rp).resolve().is_relative_to(base):
-        raise PlanError(f"{Path(plan_path).name}.{field}: {_short(rel)} is outside the plan's folder; {hint}")
-    return base / rp
+    where = "the plan's folder" if root is None else f"--root {root}"
+    if rp.is_absolute() or (root is None and ".." in rp.parts) or not (here / rp).resolve().is_relative_to(base):
+        raise PlanError(f"{Path(plan_path).name}.{field}: {_short(rel)} is outside {where}; {hint}")
+    return here / rp
 
 
 def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
-    """The profile a plan was searched from: ``profile`` if given, else its provenance path (relative to
-    the plan's folder); refused when its digest differs from the one the plan records."""
+    """The profile a plan was searched from, and its path: ``profile`` if given, else its provenance path
+    (relative to the plan's folder); refused when its digest differs from the one the plan records."""
     from .profile import load_profile
 
     pref = (plan.provenance or {}).get("profile") or {}
@@ -209,7 +246,15 @@ def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
         raise HeadplanError(f"profile {pp} is not the one the plan was made from "
                             f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
-    return prof
+    return prof, pp
+
+
+def _save_baseline(plan: Plan, out: Path, profile_path: Path, sha256: str) -> None:
+    """Save a baseline plan, its provenance.profile.path made relative to the baseline's own folder."""
+    from .search import profile_ref
+
+    plan.provenance["profile"] = profile_ref(profile_path, out, sha256)
+    save_plan(plan, out)
 
 
 def do_search(profile_path: str | Path, out: str | Path, density: float | None = DEFAULT_DENSITY,
@@ -278,8 +323,8 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
     """Search a family of plans at one budget, run each on validation samples, save the one the rule
     picks (``headplan.eval.select``); its provenance records every candidate's measured losses.
     Returns (plan, {name: {lm_nll, answer_nll, ppl_vs_dense, counts}})."""
-    from .data import load_task_file
-    from .eval.select import build_family, check_tolerance, choose, validate
+    from .data import load_task_file, load_texts
+    from .eval.select import build_family, check_arguments, choose, validate
     from .models import load_model
     from .profile import load_profile
     from .search import SearchSettings, profile_ref
@@ -288,12 +333,13 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
     if density is None and kv_budget is None:
         raise HeadplanError("give a budget: --density and/or --kv-budget")
-    check_tolerance(tolerance)  # before the model loads
-    prof = load_profile(profile_path)
     spec = load_task_file(data, "select")
+    check_arguments(spec, samples, tolerance)  # everything that needs no model or profile, first
+    load_texts(texts)
     base = SearchSettings(density=density, kv_budget=kv_budget,
                           lengths=tuple(parse_lengths(lengths)) if lengths else None,
                           signals=_signal_weights(signals, "--signals"))
+    prof = load_profile(profile_path)
     plans = build_family(prof, base, profile_ref(profile_path, out, prof.sha256))
     if lm is None:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
@@ -319,16 +365,17 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
 def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = None, data: str | None = None,
             texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
             reporter: Reporter | None = None, lm=None, baselines: bool | str | list | None = None,
-            profile: str | Path | None = None, seed: int = 0) -> dict:
+            profile: str | Path | None = None, seed: int = 0, lengths=None, samples: int | None = None) -> dict:
     """Dense vs the plan (and its baselines at the same budget) on held-out samples.
 
     plan_path: one plan, or a list (several budgets in one run: methods are named ``name@density``).
     baselines: True (all of streaming, duo, moa, random), a comma-separated string or a list of names;
     built from ``profile`` (default: the plan's provenance.profile.path, relative to the plan's folder)
-    and saved as ``OUT/baselines/<name>.yaml``. Writes ``OUT/eval.json``.
+    and saved as ``OUT/baselines/<name>.yaml``. Writes ``OUT/eval.json``. ``lengths`` / ``samples`` replace
+    the eval spec's lengths and samples (``headplan.eval.spec_for``).
     """
     from .data import load_task_file
-    from .eval import evaluate
+    from .eval import evaluate, spec_for
     from .eval.baselines import build_baselines
     from .models import load_model
 
@@ -350,7 +397,8 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
             names_given.append(None)
             paths.append(Path(g))
     plans = [load_plan(p) for p in paths]
-    spec = load_task_file(data, "eval")
+    spec, note = spec_for(load_task_file(data, "eval"), min(p.model.max_positions for p in plans), lengths, samples,
+                          given=data is not None)
     names = _baseline_names(baselines)
     multi = len(plans) > 1
 
@@ -359,7 +407,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
         tag = f"{b.density:g}" if b.density is not None else f"kv{b.kv_budget:g}"
         return f"{name}@{tag}" if multi else name
 
-    methods, files = {}, {}
+    methods, files, sources = {}, {}, {}
     for given_name, path, plan in zip(names_given, paths, plans):
         m = given_name or label("headplan", plan)
         if m in methods:
@@ -367,17 +415,20 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
         methods[m] = plan
         files[m] = str(path.resolve())
         if names:
-            prof = _plan_profile(path, plan, profile)
+            prof, pp = _plan_profile(path, plan, profile)
             for name, bp in build_baselines(prof, plan, names, seed).items():
                 methods[label(name, bp)] = bp
+                sources[label(name, bp)] = (pp, prof.sha256)
     if out is not None:
         for m, bp in methods.items():
             if m not in files:
                 f = Path(out) / "baselines" / f"{m}.yaml"
-                save_plan(bp, f)
+                _save_baseline(bp, f, *sources[m])
                 files[m] = str(f.resolve())
     if lm is None:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    if note:  # said once the inputs are known good
+        rep.log(note)
     first = next(iter(methods))
     t0 = time.time()
     res = evaluate(lm, methods[first], spec, texts, rep, {k: v for k, v in methods.items() if k != first}, first)
@@ -402,11 +453,11 @@ def do_baselines(plan_path: str | Path, out: str | Path, names=None, profile: st
     _check_out(Path(out), (), "baselines", directory=True)
     plan = load_plan(path)
     names = _baseline_names(names or True)
-    prof = _plan_profile(path, plan, profile)
+    prof, pp = _plan_profile(path, plan, profile)
     files = {}
     for name, bp in build_baselines(prof, plan, names, seed).items():
         f = Path(out) / f"{name}.yaml"
-        save_plan(bp, f)
+        _save_baseline(bp, f, pp, prof.sha256)
         files[name] = f
     return files
 
@@ -442,7 +493,7 @@ def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budge
 
 
 def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_budget: float | None = None,
-           lengths=DEFAULT_LENGTHS, samples: int | None = None, data: str | None = None,
+           lengths=None, samples: int | None = None, data: str | None = None,
            eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
            device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
            method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02) -> dict:
@@ -456,8 +507,9 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
     out = _check_out(Path(out), (), "run", directory=True)
     load_task_file(data, "profile")
     load_task_file(eval_data, "eval")
-    feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget)
+    feasible_or_raise(candidate_set(candidates), parse_lengths(lengths or DEFAULT_LENGTHS), density, kv_budget)
     lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    lengths = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
     feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget, lm.identity)
     t_load = time.time() - t0
     prof_path = out / "profile.safetensors"
@@ -487,10 +539,54 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
     return summary
 
 
-def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> tuple[bool, str]:
-    """Regenerate a plan from its recorded provenance; (True, "") if identical, else (False, diff)."""
+def _flat(d, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def plan_diff(old: Plan, new: Plan) -> list[str]:
+    """What differs between two plans as data (formatting ignored): one line per KV head whose pattern
+    changed (``layer 3 kv_head 1: sink64+win256 -> full``), then one per other changed field
+    (``budget.achieved_density: [0.25] -> [0.24]``). [] when they are the same plan."""
+    def label(e, other):
+        name = e.candidate or e.pattern.kind
+        if other is not None and name == (other.candidate or other.pattern.kind):
+            name += " " + json.dumps(e.pattern.row(), sort_keys=True)  # same name, other parameters
+        return name
+
+    lines = []
+    if len(old.layers) == len(new.layers) and all(len(a) == len(b) for a, b in zip(old.layers, new.layers)):
+        for li, (la, lb) in enumerate(zip(old.layers, new.layers)):
+            for a, b in zip(la, lb):
+                if a != b:
+                    lines.append(f"layer {li} kv_head {a.kv_head}: {label(a, b)} -> {label(b, a)}")
+    else:
+        lines.append(f"layers: {[len(x) for x in old.layers]} KV heads -> {[len(x) for x in new.layers]}")
+    fa, fb = ({k: v for k, v in _flat(p.to_dict()).items() if k != "layers"} for p in (old, new))
+    for k in list(fa) + [k for k in fb if k not in fa]:
+        if fa.get(k, "(absent)") != fb.get(k, "(absent)"):
+            show = [json.dumps(x.get(k), sort_keys=True, default=str) if k in x else "(absent)" for x in (fa, fb)]
+            lines.append(f"{k}: {show[0]} -> {show[1]}")
+    return lines
+
+
+def do_check(plan_path: str | Path, profile_path: str | Path | None = None, *,
+             root: str | Path | None = None) -> tuple[bool, str]:
+    """Regenerate a plan from its recorded provenance (a baseline plan, ``provenance.baseline``, as that
+    baseline) and compare the two as data (parsed and validated: formatting, key order and comments do
+    not count). (True, "") if they are the same plan, else (False, plan_diff's lines). Files the
+    provenance names must lie in the plan's folder, or under ``root`` when given."""
+    import yaml
+
+    from .plan import plan_from_dict
     from .profile import load_profile
-    from .search import SearchSettings, search
 
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
@@ -499,11 +595,28 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
     if profile_path is None:
         if "path" not in pref:
             raise PlanError(f"{plan_path.name}.provenance.profile.path: missing; pass --profile")
-        profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path", "pass --profile")
+        profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path", "pass --profile", root)
     prof = load_profile(profile_path)
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
         raise HeadplanError(f"profile {profile_path} is not the one the plan was made from "
                             f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+    if prov.get("baseline"):
+        from .eval.baselines import regenerate
+
+        new = regenerate(prof, plan)
+    else:
+        new = _regenerate_search(plan_path, plan, prof, pref, root)
+    new = plan_from_dict(yaml.safe_load(new.to_yaml()), plan_path.name)  # the plan as save_plan would write it
+    lines = plan_diff(plan, new)
+    if not lines:
+        return True, ""
+    return False, "".join(f"{line}\n" for line in [f"{plan_path} (committed) -> regenerated:", *lines])
+
+
+def _regenerate_search(plan_path: Path, plan: Plan, prof, pref: dict, root=None) -> Plan:
+    from .search import SearchSettings, search
+
+    prov = plan.provenance or {}
     s = prov.get("search") or {}
     try:
         settings = SearchSettings.from_dict(s)
@@ -514,17 +627,11 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None) -> t
         ct = s["cost_table"].get("path") or "analytic"
         m = prof.model
         cost = load_cost(ct if ct == "analytic" else
-                         str(provenance_file(plan_path, ct, "provenance.search.cost_table.path")), m.head_dim,
+                         str(provenance_file(plan_path, ct, "provenance.search.cost_table.path", root=root)), m.head_dim,
                          m.num_query_heads // m.num_kv_heads)
     new = search(prof, settings, pref or None, cost)
     if s.get("cost_table", {}).get("path"):
         new.provenance["search"]["cost_table"]["path"] = s["cost_table"]["path"]
     if "selection" in prov:  # `headplan select`'s measurements need the model: kept as recorded, the plan is
         new.provenance["selection"] = prov["selection"]  # regenerated from the chosen candidate's settings
-    old_text = plan_path.read_text()
-    new_text = new.to_yaml()
-    if old_text == new_text:
-        return True, ""
-    diff = "".join(difflib.unified_diff(old_text.splitlines(True), new_text.splitlines(True),
-                                        fromfile=f"{plan_path} (committed)", tofile=f"{plan_path} (regenerated)"))
-    return False, diff
+    return new

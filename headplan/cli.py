@@ -25,6 +25,29 @@ DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16
 DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N")
 
 
+def Flag(default: bool | None, decls: str, help: str, **kw):
+    """A boolean option as an on/off flag pair (``--x/--no-x``), shown without a value in --help."""
+    return typer.Option(default, decls, help=help, metavar="", **kw)
+
+
+def _version(value: bool):
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("headplan")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            from . import __version__ as v
+        typer.echo(f"headplan {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = Flag(False, "--version", "Print the version and exit", callback=_version,
+                                 is_eager=True)):
+    """Per-head sparse attention plans: profile -> search -> apply -> eval."""
+
+
 def _err(msg: str) -> None:
     sys.stderr.write(f"headplan: error: {msg}\n")
 
@@ -59,7 +82,8 @@ def _console():
 @handles_errors
 def profile(model: str = ModelArg,
             out: Path = typer.Option(Path("profile.safetensors"), "--out", "-o", help="Output .safetensors"),
-            lengths: str = typer.Option("2048,4096", help="Comma-separated lengths, e.g. 1024,2048 or 2k,4k"),
+            lengths: Optional[str] = typer.Option(None, help="Comma-separated lengths, e.g. 1024,2048 or 2k,4k "
+                                                  "(k = 1024; default 2048,4096, those that fit the model)"),
             samples: Optional[int] = typer.Option(None, help="Samples per length (default: from the data spec)"),
             data: Optional[str] = typer.Option(None, help="Calibration mixture YAML (path or name in "
                                                "calibration_data/; default: gradient.yaml with --method gradient, "
@@ -70,13 +94,13 @@ def profile(model: str = ModelArg,
                                                                    "gradient,recall or gradient=0.7,recall=0.3"),
             resume: Optional[Path] = typer.Option(None, "--resume", help="Directory for per-sample statistics: a "
                                                   "killed run started with the same --resume continues"),
-            plot: bool = typer.Option(False, "--plot", help="Write a PNG heat map (layers x KV heads) beside --out "
-                                      "and print the most retrieval-like heads"),
+            plot: bool = Flag(False, "--plot/--no-plot", "Write a PNG heat map (layers x KV heads) beside --out "
+                              "and print the most retrieval-like heads"),
             device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread the model over the "
                                                                                  "available devices (accelerate)"),
-            checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
-                                                         help="Gradient checkpointing for --method gradient "
-                                                              "(default: on for CUDA)"),
+            checkpointing: Optional[bool] = Flag(None, "--checkpointing/--no-checkpointing",
+                                                 "Gradient checkpointing for --method gradient "
+                                                 "(default: on for CUDA)"),
             dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Measure what every KV head would cost under each candidate pattern, at several lengths.
 
@@ -178,7 +202,8 @@ def costmodel_measure(out: Path = typer.Option(Path("cost.yaml"), "--out", "-o")
 @handles_errors
 def costmodel_validate(table: str = typer.Option(..., "--table", help="Cost table YAML or 'analytic'"),
                        plans: int = typer.Option(20, "--plans"), head_dim: int = typer.Option(128, "--head-dim"),
-                       group: int = typer.Option(4, "--group"), as_json: bool = typer.Option(False, "--json")):
+                       group: int = typer.Option(4, "--group"),
+                       as_json: bool = Flag(False, "--json/--no-json", "Print JSON instead of a summary")):
     """Predicted vs measured prefill latency on random plans (needs the GPU)."""
     from .api import load_cost
     from .costmodel import summary, validate
@@ -199,9 +224,8 @@ def apply(model: str = ModelArg,
           prompt: Optional[str] = typer.Option(None, help="Generate from this prompt, dense and with the plan"),
           max_new_tokens: int = typer.Option(32, help="Tokens to generate with --prompt"),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Save the patched model (dir)"),
-          force: bool = typer.Option(False, "--force", help="With --out: write into a non-empty directory that "
-                                                            "is not a headplan output (nothing else there is "
-                                                            "removed)"),
+          force: bool = Flag(False, "--force/--no-force", "With --out: write into a non-empty directory that is "
+                             "not a headplan output (nothing else there is removed)"),
           dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Patch MODEL to run PLAN; optionally generate text and save the patched model."""
     import torch
@@ -242,48 +266,51 @@ def apply(model: str = ModelArg,
         con.print(f"plan {plan} fits {model}: {p.counts()} (use --prompt to generate, --out to save)")
 
 
+def _vs_dense(v: float, d: float) -> str:
+    """Relative change against dense, e.g. +36%."""
+    return f"{100 * (v / d - 1):+.0f}%" if d else ""
+
+
 def _eval_table(res: dict):
+    """Dense and every evaluated method, columns named by method; perplexity and answer NLL also relative
+    to dense (a `vs dense` column with one method, in the cells with several)."""
     from rich.table import Table
 
-    names = [m["name"] for m in res.get("methods", [])] or ["plan"]
-    if len(names) <= 1:
-        t = Table(title="dense vs plan")
-        for c in ("metric", "length", "dense", "plan"):
-            t.add_column(c, justify="right" if c != "metric" else "left")
-        for r in res["perplexity"]:
-            t.add_row("perplexity", str(r["length"]), f"{r['ppl_dense']:.3f}", f"{r['ppl_plan']:.3f}")
-            t.add_row("KL(dense||plan) / top-1 agree", str(r["length"]), "", f"{r['kl']:.4f} / {r['top1_agree']:.3f}")
-        for r in res["retrieval"]:
-            t.add_row(f"{r['task']} accuracy", str(r["length"]), f"{r['acc_dense']:.2f}", f"{r['acc_plan']:.2f}")
-            if r.get("answer_nll"):
-                nl = r["answer_nll"]
-                t.add_row(f"{r['task']} answer NLL", str(r["length"]), f"{nl['dense']:.3f}", f"{nl[res['primary']]:.3f}")
-        for r in res["budget"]:
-            t.add_row("density / KV kept", str(r["length"]), "1.000 / 1.000", f"{r['density']:.3f} / {r['kv_share']:.3f}")
-        for r in res.get("kv_cache_measured", []):
-            if r.get("kv_bytes_dense") and r.get("kv_bytes_plan") is not None:
-                t.add_row("KV cache held (MB, measured)", str(r["length"]), f"{r['kv_bytes_dense'] / 1e6:.1f}",
-                          f"{r['kv_bytes_plan'] / 1e6:.1f}")
-        return t
-    t = Table(title="dense vs plan vs baselines (same budget)")
-    for c in ("metric", "length", "dense", *names):
+    names = [m["name"] for m in res["methods"]]
+    one = len(names) == 1
+    t = Table(title="dense vs " + ", ".join(names) + ("" if one else " (same budget)"))
+    for c in ("metric", "length", "dense", *names, *(["vs dense"] if one else [])):
         t.add_column(c, justify="right" if c != "metric" else "left")
+
+    def row(metric, n, dense, vals, fmt, rel=False):
+        cells = [fmt.format(vals[m]) for m in names]
+        extra = []
+        if rel and one:
+            extra = [_vs_dense(vals[names[0]], dense)]
+        elif rel:
+            cells = [f"{c} ({_vs_dense(vals[m], dense)})" for c, m in zip(cells, names)]
+        elif one:
+            extra = [""]
+        t.add_row(metric, str(n), dense if isinstance(dense, str) else fmt.format(dense), *cells, *extra)
+
     for r in res["perplexity"]:
         by = r["methods"]
-        t.add_row("perplexity", str(r["length"]), f"{r['ppl_dense']:.3f}", *[f"{by[m]['ppl']:.3f}" for m in names])
-        t.add_row("KL(dense||method)", str(r["length"]), "0", *[f"{by[m]['kl']:.4f}" for m in names])
-        t.add_row("top-1 agreement", str(r["length"]), "1", *[f"{by[m]['top1_agree']:.3f}" for m in names])
+        row("perplexity", r["length"], r["ppl_dense"], {m: by[m]["ppl"] for m in names}, "{:.3f}", rel=True)
+        row("KL(dense||method)", r["length"], "0", {m: by[m]["kl"] for m in names}, "{:.4f}")
+        row("top-1 agreement", r["length"], "1", {m: by[m]["top1_agree"] for m in names}, "{:.3f}")
     for r in res["retrieval"]:
-        a = r["acc"]
-        t.add_row(f"{r['task']} accuracy (n={r['samples']})", str(r["length"]), f"{a['dense']:.2f}",
-                  *[f"{a[m]:.2f}" for m in names])
+        row(f"{r['task']} accuracy (n={r['samples']})", r["length"], r["acc"]["dense"], r["acc"], "{:.2f}")
         if r.get("answer_nll"):
-            nl = r["answer_nll"]
-            t.add_row(f"{r['task']} answer NLL", str(r["length"]), f"{nl['dense']:.3f}", *[f"{nl[m]:.3f}" for m in names])
+            row(f"{r['task']} answer NLL", r["length"], r["answer_nll"]["dense"], r["answer_nll"], "{:.3f}", rel=True)
     info = {m["name"]: m for m in res["methods"]}
     for j, b in enumerate(res["budget"]):
-        t.add_row("density / KV kept", str(b["length"]), "1.000 / 1.000",
-                  *[f"{info[m]['budget'][j]['density']:.3f} / {info[m]['budget'][j]['kv_share']:.3f}" for m in names])
+        row("density / KV kept", b["length"], "1.000 / 1.000",
+            {m: f"{info[m]['budget'][j]['density']:.3f} / {info[m]['budget'][j]['kv_share']:.3f}" for m in names}, "{}")
+    for r in res.get("kv_cache_measured", []):
+        kb = r.get("kv_bytes") or {}
+        if kb.get("dense") and all(kb.get(m) is not None for m in names):
+            row("KV cache held (MB, allocated)", r["length"], kb["dense"] / 1e6, {m: kb[m] / 1e6 for m in names},
+                "{:.1f}")
     return t
 
 
@@ -296,16 +323,19 @@ def eval_cmd(model: str = ModelArg,
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for eval.json (and baselines/)"),
              data: Optional[str] = typer.Option(None, help="Eval spec YAML (path or name in calibration_data/)"),
              text: Optional[list[str]] = TextOpt,
-             baselines: bool = typer.Option(False, "--baselines", help="Also evaluate streaming, duo, moa and random "
-                                                                       "plans built from the same profile at the "
-                                                                       "same budget"),
+             baselines: bool = Flag(False, "--baselines/--no-baselines", "Also evaluate streaming, duo, moa and "
+                                    "random plans built from the same profile at the same budget"),
              baseline_names: Optional[str] = typer.Option(None, "--baseline-names",
                                                           help="Comma-separated subset of streaming,duo,moa,random "
                                                                "(implies --baselines)"),
              profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile for --baselines (default: "
                                                                                  "the plan's provenance.profile.path)"),
              seed: int = typer.Option(0, "--seed", help="Seed of the random baseline"),
-             as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+             lengths: Optional[str] = typer.Option(None, "--lengths", help="Replace the eval spec's lengths "
+                                                   "(every task), e.g. 1k,2k (k = 1024)"),
+             samples: Optional[int] = typer.Option(None, "--samples", help="Replace the eval spec's samples "
+                                                   "(per length, or per length x depth cell)"),
+             as_json: bool = Flag(False, "--json/--no-json", "Print JSON instead of a table"),
              dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Dense vs plan on held-out samples: perplexity, KL, top-1, retrieval grids; --baselines adds
     streaming, duo, moa and random plans at the same budget, side by side."""
@@ -313,7 +343,7 @@ def eval_cmd(model: str = ModelArg,
 
     which = baseline_names if baseline_names else (True if baselines else None)
     res = do_eval(model, plan if len(plan) > 1 else plan[0], out, data, text, dtype, device, reporter=_reporter(),
-                  baselines=which, profile=profile_path, seed=seed)
+                  baselines=which, profile=profile_path, seed=seed, lengths=lengths, samples=samples)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
     else:
@@ -395,7 +425,8 @@ def run(model: str = ModelArg,
         out: Path = typer.Option(Path("headplan-run"), "--out", "-o", help="Output directory"),
         density: float = typer.Option(0.25, help="Attention density budget"),
         kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="KV share budget"),
-        lengths: str = typer.Option("2048,4096", help="Profiled lengths"),
+        lengths: Optional[str] = typer.Option(None, help="Profiled lengths, e.g. 2k,4k (k = 1024; default "
+                                              "2048,4096, those that fit the model)"),
         samples: Optional[int] = typer.Option(None, help="Calibration samples per length"),
         data: Optional[str] = typer.Option(None, help="Calibration mixture YAML"),
         eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Eval spec YAML"),
@@ -403,8 +434,8 @@ def run(model: str = ModelArg,
         candidates: str = typer.Option("default", help="Candidate set: default | small"),
         method: Optional[str] = typer.Option(None, "--method", help="Profiling signal(s), as for `headplan "
                                                                     "profile` (default: recall)"),
-        select: bool = typer.Option(False, "--select", help="Choose the plan as `headplan select` does: a family "
-                                                            "of plans measured on validation samples"),
+        select: bool = Flag(False, "--select/--no-select", "Choose the plan as `headplan select` does: a family "
+                            "of plans measured on validation samples"),
         tolerance: float = typer.Option(0.02, "--tolerance", help="With --select: relative perplexity slack"),
         dtype: str = DtypeOpt, device: str = DeviceOpt):
     """The whole pipeline: profile, search (or --select), eval; writes everything into --out."""
@@ -420,7 +451,7 @@ def run(model: str = ModelArg,
     t = Table(title=f"headplan run: {model}")
     t.add_column("item")
     t.add_column("value")
-    t.add_row("plan", ", ".join(f"{k} {v}" for k, v in s["plan_counts"].items()))
+    t.add_row("plan heads", ", ".join(f"{k} {v}" for k, v in s["plan_counts"].items()))
     t.add_row("profiled with", s["method"])
     if s.get("selection"):
         t.add_row("chosen by validation", s["selection"]["chosen"])
@@ -430,18 +461,20 @@ def run(model: str = ModelArg,
     t.add_row("wall time", f"{s['seconds']['total']:.0f} s (load {s['seconds']['load']:.0f} s, "
                            f"profile {s['seconds']['profile']:.0f} s)")
     for k, v in s["files"].items():
-        t.add_row(k, v)
+        t.add_row(f"{k} file", v)
     con.print(t)
 
 
 @app.command()
 @handles_errors
 def check(plan: Path = typer.Argument(..., help="Plan .yaml to regenerate"),
-          profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile (default: from provenance)")):
+          profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile (default: from provenance)"),
+          root: Optional[Path] = typer.Option(None, "--root", help="Files the provenance names may lie anywhere under "
+                                              "this folder (default: the plan's own folder), e.g. the repository")):
     """Regenerate PLAN from its recorded provenance; exit 1 with a diff if it drifted."""
     from .api import do_check
 
-    ok, diff = do_check(plan, profile_path)
+    ok, diff = do_check(plan, profile_path, root=root)
     if ok:
         _console().print(f"{plan}: up to date")
         return

@@ -12,6 +12,7 @@ MODEL is one of:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.metadata
@@ -233,6 +234,22 @@ def identity_of(config) -> ModelIdentity:
                          fingerprint=f"sha256:{fp}", layer_windows=windows)
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' "Loading weights" progress bars off while headplan loads a model (restored after:
+    headplan reports its own progress)."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
+@_quiet_loading()
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", seed: int = 0,
                progress=None) -> LoadedModel:
     """Resolve MODEL and load it in eval mode with SDPA attention (the dense baseline)."""

@@ -335,6 +335,8 @@ def _pattern(d: dict, where: str) -> Pattern:
 
 def model_identity(m: Any, w: str) -> ModelIdentity:
     """``model:`` of a plan (or a profile's header), validated; errors name ``w``."""
+    if not isinstance(m, dict):
+        raise PlanError(f"{w}: expected a mapping")
     _keys(m, tuple(f.name for f in dataclasses.fields(ModelIdentity)), w)
     lw = m.get("layer_windows", []) or []
     if not isinstance(lw, list):

@@ -27,7 +27,7 @@ class RichReporter(Reporter):
         self.console = Console(stderr=True, emoji=False)
 
     def log(self, msg: str) -> None:
-        self.console.print(f"[dim]{msg}[/dim]")
+        self.console.print(f"[dim]{msg}[/dim]", soft_wrap=True)  # one message, one line
 
     @contextlib.contextmanager
     def task(self, description: str, total: int):

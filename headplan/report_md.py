@@ -101,8 +101,18 @@ def _label(res: dict, path: Path, run_dir: Path) -> str:
     return "." if str(rel) == "." else str(rel)
 
 
+def data_source(res: dict) -> str:
+    """Which samples an evaluation ran on: its haystack text(s) and eval spec (results on other data are
+    not points of one curve)."""
+    texts = ", ".join(f"{t.get('source')}" for t in res.get("texts") or []) or "?"
+    spec = (res.get("eval_spec") or {}).get("name")
+    return texts + (f" / {spec}" if spec else "")
+
+
 def method_points(res: dict) -> list[dict]:
-    """Per method: mean density and KV share over the evaluated lengths, perplexity ratio, retrieval."""
+    """Per method: mean density and KV share over the evaluated lengths, the plan's density budget (what
+    quality vs density plots: the density it was searched to, not the mean over eval lengths), perplexity
+    ratio, retrieval, and the data source."""
     pts = []
     for m in res["methods"]:
         name = m["name"]
@@ -111,9 +121,12 @@ def method_points(res: dict) -> list[dict]:
         pts.append({"name": name, "base": m.get("base", name.split("@")[0]),
                     "density": _mean([b["density"] for b in m.get("budget", [])]),
                     "kv": _mean([b["kv_share"] for b in m.get("budget", [])]),
-                    "ppl_ratio": _mean(ppl), "acc": _mean(acc)})
+                    "density_budget": m.get("density_budget"), "ppl_ratio": _mean(ppl), "acc": _mean(acc)})
     dacc = _mean([c["acc"]["dense"] for c in res["grid"] if "dense" in c["acc"]])
-    pts.insert(0, {"name": "dense", "base": "dense", "density": 1.0, "kv": 1.0, "ppl_ratio": 1.0, "acc": dacc})
+    pts.insert(0, {"name": "dense", "base": "dense", "density": 1.0, "kv": 1.0, "density_budget": 1.0,
+                   "ppl_ratio": 1.0, "acc": dacc})
+    for p in pts:
+        p["source"] = data_source(res)
     return pts
 
 
@@ -132,7 +145,7 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")  # legends placed outside the axes stay in
     _plt().close(fig)
     atomic_write(path, buf.getvalue())
     return path
@@ -148,8 +161,8 @@ def plot_heatmaps(res: dict, task: str, path: Path, title: str) -> Path | None:
     depths = sorted({c["depth"] for c in cells}, key=lambda d: (d is None, d or 0))
     cols = min(len(names), 4)
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.2, 0.45 * len(lengths) * rows + 1.3 * rows),
-                             dpi=110, squeeze=False, gridspec_kw={"wspace": 0.45, "hspace": 0.7})
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.2, 0.45 * len(lengths) * rows + 1.3 * rows + 0.4),
+                             dpi=110, squeeze=False, layout="constrained")  # room for the suptitle
     im = None
     for k, name in enumerate(names):
         ax = axes[k // cols][k % cols]
@@ -182,32 +195,48 @@ def plot_heatmaps(res: dict, task: str, path: Path, title: str) -> Path | None:
     return _save(fig, path)
 
 
+def _x(p: dict):
+    """Quality vs density's x: the plan's density budget; a plan searched without one (KV budget only) at its
+    mean density over the eval lengths."""
+    return p["density_budget"] if p.get("density_budget") is not None else p["density"]
+
+
 def plot_quality_vs_density(groups: list[tuple[str, list[dict]]], path: Path) -> Path:
+    """One line per method and data source (evaluations on other texts or specs are not joined)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), dpi=110)
-    by: dict[str, list[dict]] = {}
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), dpi=110, layout="constrained")
+    by: dict[tuple[str, str], list[dict]] = {}
     for _, pts in groups:
         for p in pts:
-            if p["density"] is not None:
-                by.setdefault(p["base"], []).append(p)
+            if _x(p) is not None:
+                by.setdefault((p["base"], p.get("source", "")), []).append(p)
+    sources = sorted({src for _, src in by})
+    marks = "osv^<>pP"
     for ax, key, lab in ((axes[0], "ppl_ratio", "perplexity / dense perplexity"),
                          (axes[1], "acc", "retrieval accuracy (mean over grid)")):
-        for base, pts in by.items():
-            pts = sorted([p for p in pts if p[key] is not None], key=lambda p: p["density"])
+        for (base, src), pts in by.items():
+            pts = sorted([p for p in pts if p[key] is not None], key=_x)
             if not pts:
                 continue
-            style = dict(marker="o", color=METHOD_COLOURS.get(base))
+            style = dict(marker=marks[sources.index(src) % len(marks)], color=METHOD_COLOURS.get(base),
+                         linestyle=("-", "--", ":", "-.")[sources.index(src) % 4])
             if base == "dense":
-                style = dict(marker="*", markersize=12, color="black")
+                style.update(marker="*", markersize=12, color="black")
             elif base == "headplan":
-                style = dict(marker="D", linewidth=2.2, color=METHOD_COLOURS["headplan"])
-            ax.plot([p["density"] for p in pts], [p[key] for p in pts], label=base, **style)
-        ax.set_xlabel("attention density (mean over eval lengths)")
+                style.update(linewidth=2.2, color=METHOD_COLOURS["headplan"])
+            ax.plot([_x(p) for p in pts], [p[key] for p in pts],
+                    label=base if len(sources) == 1 else f"{base} ({src})", **style)
+        ax.set_xlabel("density budget")
         ax.set_ylabel(lab)
         ax.grid(alpha=0.3)
     axes[1].set_ylim(-0.05, 1.05)
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    h, labels = axes[0].get_legend_handles_labels()
+    h2, l2 = axes[1].get_legend_handles_labels()
+    seen = dict(zip(labels, h))
+    seen.update({k: v for k, v in zip(l2, h2) if k not in seen})
+    fig.legend(list(seen.values()), list(seen), fontsize=7, loc="outside right center")
+    fig.supxlabel("x: the plan's density budget (--density it was searched to meet at its lengths); a plan with "
+                  "only a KV budget: its mean density over the eval lengths", fontsize=7)
     return _save(fig, path)
 
 
@@ -253,9 +282,9 @@ def plot_head_maps(plans: list[tuple[str, object]], path: Path) -> Path | None:
         ax.tick_params(labelsize=6)
     for row in axes:
         row[0].set_ylabel("layer", fontsize=7)
+    fig.tight_layout()
     fig.legend(handles=[Patch(color=KIND_COLOURS[k], label=k) for k in KINDS if k in used],
-               loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+               loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)  # outside the axes: covers no cell
     return _save(fig, path)
 
 
@@ -471,11 +500,14 @@ def write_report(run_dir: str | Path, out: str | Path) -> dict:
     img = plot_quality_vs_density(groups, out / "quality_vs_density.png")
     images.append(img)
     doc.p("Perplexity relative to dense (mean over perplexity lengths) and retrieval accuracy (mean over every "
-          "grid cell) against the mean attention density; one point per method per evaluation found.")
+          "grid cell) against each plan's density budget (the density it was searched to meet; a plan with "
+          "only a KV budget at its mean density over the eval lengths); one point per method per evaluation, "
+          "one line per method and data source (haystack text / eval spec).")
     doc.img(img.name, "quality vs density")
-    doc.table(["evaluation", "method", "density", "KV kept", "ppl / dense", "retrieval acc"],
-              [[lab, p["name"], _f(p["density"]), _f(p["kv"]), _f(p["ppl_ratio"]), _f(p["acc"])]
-               for lab, pts in groups for p in pts])
+    doc.table(["evaluation", "data", "method", "density budget", "density (mean)", "KV kept", "ppl / dense",
+               "retrieval acc"],
+              [[lab, p["source"], p["name"], _f(p["density_budget"]), _f(p["density"]), _f(p["kv"]),
+                _f(p["ppl_ratio"]), _f(p["acc"])] for lab, pts in groups for p in pts])
 
     paretos = sorted({*run_dir.glob("*pareto*.csv"), *run_dir.glob("*/*pareto*.csv")})
     for i, pc in enumerate(paretos):

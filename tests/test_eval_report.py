@@ -152,9 +152,13 @@ def test_baselines_command_then_named_plans_match_eval_baselines(run_dir, tmp_pa
     assert r.exit_code == 0, r.output
     prof = load_profile(run_dir / "profile.safetensors")
     built = build_baselines(prof, load_plan(run_dir / "plan.yaml"), ["streaming", "duo"])
-    for name, plan in built.items():
-        save_plan(plan, tmp_path / f"want-{name}.yaml")
-        assert (tmp_path / "b" / f"{name}.yaml").read_bytes() == (tmp_path / f"want-{name}.yaml").read_bytes()
+    from headplan.search import profile_ref
+
+    for name, plan in built.items():  # the same plans; the profile path relative to the baseline's folder
+        want = tmp_path / "want" / f"{name}.yaml"
+        plan.provenance["profile"] = profile_ref(run_dir / "profile.safetensors", want, prof.sha256)
+        save_plan(plan, want)
+        assert (tmp_path / "b" / f"{name}.yaml").read_bytes() == want.read_bytes()
     spec = tmp_path / "g.yaml"
     spec.write_text("passkey: {lengths: [384], depths: [0.5]}\n")
     r = invoke("eval", "random:llama", "--plan", f"mine={run_dir / 'plan.yaml'}",

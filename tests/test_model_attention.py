@@ -110,8 +110,8 @@ def test_searched_plan_keeps_no_more_than_the_model_and_says_how_much_it_saves(t
     assert kv["dense_bytes"] == per_tok * (5 * 128 + 1024)
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     b = ev["budget"][0]
-    assert b["kv_bytes_plan_bf16"] < b["kv_bytes_dense_bf16"] == RT.kv_report(plan, b["length"])["dense_bytes"]
-    assert b["kv_share"] == pytest.approx(b["kv_bytes_plan_bf16"] / b["kv_bytes_dense_bf16"], abs=1e-3)
+    assert b["kv_bytes_plan"] < b["kv_bytes_dense"] == RT.kv_report(plan, b["length"], b["kv_dtype_bytes"])["dense_bytes"]
+    assert b["kv_share"] == pytest.approx(b["kv_bytes_plan"] / b["kv_bytes_dense"], abs=1e-3)
     # measured: the dense run held the model's own (sliding) cache, not a full-length one
     m = ev["kv_cache_measured"][0]
     n = m["length"] + 8

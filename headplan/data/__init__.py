@@ -205,6 +205,27 @@ def make_sample(hay: Haystack, task: str, length: int, rng: random.Random, opts:
     raise HeadplanError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
 
+def mixture_counts(spec: dict, n: int | None = None) -> list[int]:
+    """How many of ``n`` samples per length (default: the spec's ``samples_per_length``) each task of the
+    mixture gets: a deterministic largest-remainder split by ``share``. Needs no model."""
+    tasks = spec.get("tasks") or []
+    if not tasks:
+        raise HeadplanError("data spec has no tasks")
+    n = int(n if n is not None else spec.get("samples_per_length", 4))
+    if n < 1:
+        raise HeadplanError(f"--samples must be at least 1, got {n}")
+    shares = [float(t.get("share", 1.0)) for t in tasks]
+    for t in tasks:
+        if t.get("task") not in TASKS:
+            raise HeadplanError(f"data spec: unknown task {t.get('task')!r} (known: {', '.join(TASKS)})")
+    tot = sum(shares)
+    raw = [s / tot * n for s in shares]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def mixture_samples(hay: Haystack, spec: dict, length: int, n: int | None = None, reserve: int = 0) -> list[Sample]:
     """Seeded samples of exactly ``length`` tokens following a task mixture spec.
 
@@ -213,19 +234,7 @@ def mixture_samples(hay: Haystack, spec: dict, length: int, n: int | None = None
     a loss on answer tokens). Every sample's ``meta`` records how it was made (task, options, seed).
     """
     tasks = spec.get("tasks") or []
-    if not tasks:
-        raise HeadplanError("data spec has no tasks")
-    n = int(n if n is not None else spec.get("samples_per_length", 4))
-    shares = [float(t.get("share", 1.0)) for t in tasks]
-    for t in tasks:
-        if t.get("task") not in TASKS:
-            raise HeadplanError(f"data spec: unknown task {t.get('task')!r} (known: {', '.join(TASKS)})")
-    # deterministic allocation of n samples to tasks by largest remainder
-    tot = sum(shares)
-    raw = [s / tot * n for s in shares]
-    counts = [int(r) for r in raw]
-    for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))[: n - sum(counts)]:
-        counts[i] += 1
+    counts = mixture_counts(spec, n)
     seed = int(spec.get("seed", 0))
     out = []
     for t, c in zip(tasks, counts):

@@ -49,13 +49,13 @@ def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None
     """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan)."""
     from transformers import DynamicCache
 
-    from ..runtime import NAME, new_cache
+    from ..runtime import NAME, cache_kwarg, new_cache
 
     plan_mode = model.config._attn_implementation == NAME
     # dense: the model's own cache (its sliding layers keep only their window, as in plain generate())
     cache = new_cache(model, ids.shape[1] + n_new + 1) if plan_mode else DynamicCache(config=model.config)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
-                         pad_token_id=eos if eos is not None else 0, past_key_values=cache)
+                         pad_token_id=eos if eos is not None else 0, **{cache_kwarg(model): cache})
     if mem is not None:
         if plan_mode:
             b = cache.kv_bytes()
@@ -70,6 +70,50 @@ def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None
 # retrieval tasks of the grid: spec key -> (sample task in headplan.data, fixed options)
 GRID_TASKS = {"passkey": ("passkey", {}), "multikey": ("passkey", {"keys": 4}), "needle": ("needle", {}),
               "kv_retrieval": ("kv_retrieval", {})}
+
+
+GEN_ROOM = 32  # positions a default-spec retrieval case keeps free for its generated answer
+
+
+def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None = None,
+             given: bool = True) -> tuple[dict, str | None]:
+    """The eval spec to run on a model of ``max_positions`` positions. ``lengths`` / ``samples`` (``eval
+    --lengths/--samples``) replace the lengths and samples of every task the spec has. Lengths must fit:
+    in a spec the user ``given`` (or given ``lengths``) one that does not is refused with what to pass;
+    from the default spec it is dropped. Returns (spec, the one line that says what was dropped, or None)."""
+    import copy
+
+    from ..api import fit_lengths
+
+    mp = int(max_positions)
+    s = copy.deepcopy(spec)
+    if samples is not None and int(samples) < 1:
+        raise HeadplanError(f"--samples must be at least 1, got {samples}")
+    keys = [k for k in ("perplexity", *GRID_TASKS) if isinstance(s.get(k), dict)]
+    for k in keys:
+        if lengths is not None:
+            s[k]["lengths"] = fit_lengths(lengths, mp)
+        if samples is not None:
+            s[k]["samples"] = int(samples)
+    dropped = []
+    for k in keys:
+        lens = [int(n) for n in s[k].get("lengths") or []]
+        if given or lengths is not None:
+            if lens:
+                fit_lengths(lens, mp)
+        else:  # retrieval also generates the answer: room for it past the prompt
+            room = 0 if k == "perplexity" else GEN_ROOM
+            dropped += [n for n in lens if n + room > mp]
+            s[k]["lengths"] = [n for n in lens if n + room <= mp]
+    c = s.get("continuations")
+    if isinstance(c, dict) and int(c.get("length", 512)) + int(c.get("tokens", 32)) > mp and not given:
+        dropped.append(int(c.get("length", 512)))
+        c["length"] = mp - int(c.get("tokens", 32))
+    note = None
+    if dropped:
+        note = (f"eval spec {s.get('name', '')}: lengths {','.join(map(str, sorted(set(dropped))))} do not fit the "
+                f"model's {mp} positions (retrieval keeps {GEN_ROOM} for the answer); left out")
+    return s, note
 
 
 def method_info(name: str, plan: Plan, lengths: list[int], base: str | None = None) -> dict:
@@ -127,9 +171,9 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
 
     n_ppl = int(ppl_spec.get("samples", 2))
     tail = float(ppl_spec.get("tail", 0.5))
-    per = len(names) + 1
-    jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl
-                  + sum(len(g["lengths"]) * len(cells(t, g)) for t, g in grids.items())
+    per = len(names) + 1  # steps of the bar: one forward (or generation) of dense and of each method
+    jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl  # retrieval: generation + teacher-forced answer
+                  + 2 * sum(len(g["lengths"]) * len(cells(t, g)) for t, g in grids.items())
                   + (int(cont_spec.get("samples", 2)) if cont_spec else 0))
     memory: dict = {}
     with rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) as advance:
@@ -209,12 +253,16 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                         tgt = full[0, -na:]
                         with dense(model):
                             nll["dense"] = _answer_nll(model, full, tgt)
+                        advance()
                         for m in names:
                             apply(model, methods[m], check=False)
                             nll[m] = _answer_nll(model, full, tgt)
+                            advance()
                         for m, v in nll.items():
                             nll_sum[m] = nll_sum.get(m, 0.0) + v
                         nll_n += 1
+                    else:
+                        advance(per)
                     memory.setdefault(n, {})
                     for key, val in mem.items():
                         memory[n][key] = max(memory[n].get(key, 0), val)
@@ -269,8 +317,9 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
         for n, m in sorted(memory.items())]
     for n in lengths:
         d, k = _plan_budget(plan, n)
-        kvr = kv_report(plan, n)
-        results["budget"].append({"length": n, "density": d, "kv_share": k, "kv_bytes_dense_bf16": kvr["dense_bytes"],
-                                  "kv_bytes_plan_bf16": kvr["plan_bytes"],
-                                  "kv_bytes_per_layer_bf16": [(x["dense_bytes"], x["plan_bytes"]) for x in kvr["layers"]]})
+        kvr = kv_report(plan, n, model=model)  # predicted at n tokens in the model's dtype; kv_cache_measured
+        results["budget"].append({"length": n, "density": d, "kv_share": k,  # holds what the caches allocated
+                                  "kv_dtype_bytes": kvr["dtype_bytes"], "kv_bytes_dense": kvr["dense_bytes"],
+                                  "kv_bytes_plan": kvr["plan_bytes"],
+                                  "kv_bytes_per_layer": [(x["dense_bytes"], x["plan_bytes"]) for x in kvr["layers"]]})
     return results

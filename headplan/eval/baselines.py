@@ -53,8 +53,7 @@ def _make(prof, plan: Plan, name: str, choice: list[Candidate], losses: list[flo
     shares = [plan_shares(m, [[e.pattern for e in layer] for layer in layers], n, prof.block_size) for n in lengths]
     ach_d = tuple(float(d) for d, _ in shares)
     ach_k = tuple(float(k) for _, k in shares)
-    prov = {"baseline": name, "of_plan_budget": {"density": dens, "kv_budget": kvb, "lengths": list(lengths)},
-            "profile": (plan.provenance or {}).get("profile") or {"sha256": prof.sha256},
+    prov = {"baseline": name, "profile": (plan.provenance or {}).get("profile") or {"sha256": prof.sha256},
             "model_spec": prof.model_spec, **extra}
     budget = Budget(density=dens, kv_budget=kvb, lengths=lengths, achieved_density=ach_d, achieved_kv=ach_k,
                     expected_loss=float(np.mean(losses)))
@@ -211,5 +210,26 @@ def build_baselines(prof, plan: Plan, names=BASELINES, seed: int = 0) -> dict[st
     for n in names:
         if n not in makers:
             raise HeadplanError(f"unknown baseline {n!r} (known: {', '.join(BASELINES)})")
-        out[n] = makers[n](prof, plan)
+        bp = makers[n](prof, plan)
+        of = {"density": plan.budget.density, "kv_budget": plan.budget.kv_budget,
+              "lengths": list(plan.budget.lengths), **({"signals": dict(sig)} if sig else {})}
+        bp.provenance.update({"baseline": n, "of_plan_budget": of})
+        out[n] = bp
     return out
+
+
+def regenerate(prof, baseline: Plan) -> Plan:
+    """Build again the baseline ``baseline`` records (``provenance.baseline``, ``of_plan_budget``, ``seed``)
+    from ``prof``: what ``headplan check`` compares a baseline plan with."""
+    prov = baseline.provenance or {}
+    name, of = prov.get("baseline"), prov.get("of_plan_budget")
+    if name not in BASELINES or not isinstance(of, dict) or not of.get("lengths"):
+        raise HeadplanError(f"provenance.baseline: {name!r} does not record what it was built from "
+                            "(of_plan_budget); build it again with `headplan baselines`")
+    lengths = tuple(int(n) for n in of["lengths"])
+    budget = Budget(density=of.get("density"), kv_budget=of.get("kv_budget"), lengths=lengths,
+                    achieved_density=(), achieved_kv=(), expected_loss=0.0)
+    of_plan = Plan(model=baseline.model, budget=budget, layers=baseline.layers, block_size=baseline.block_size,
+                   provenance={"profile": prov.get("profile"),
+                               **({"search": {"signals": of["signals"]}} if of.get("signals") else {})})
+    return build_baselines(prof, of_plan, [name], int(prov.get("seed", 0)))[name]

@@ -111,6 +111,27 @@ def check_tolerance(tolerance: float) -> None:
         raise HeadplanError(f"--tolerance must be a non-negative number, got {tolerance}")
 
 
+def check_arguments(spec: dict, samples: int | None, tolerance: float) -> None:
+    """Everything ``validate``/``choose`` would refuse that depends only on the arguments, checked before
+    any model loads: the tolerance, the mixture's options, and that ``samples`` per length split into at
+    least one plain-text (lm) sample and one answered sample."""
+    from ..data import ANSWER_TASKS, answer_options, mixture_counts
+
+    check_tolerance(tolerance)
+    answer_options(spec)
+    kinds = [t.get("task") for t in spec.get("tasks") or []]
+
+    def both(n):
+        counts = mixture_counts(spec, n)
+        return all(sum(c for k, c in zip(kinds, counts) if k in want) for want in (("lm",), ANSWER_TASKS))
+
+    n = sum(mixture_counts(spec, samples))
+    if not both(n):
+        need = next((m for m in range(n + 1, 1025) if both(m)), None)
+        raise HeadplanError(f"--samples {n}: the validation mixture {spec.get('name', '')!r} needs both lm and "
+                            "answered samples at every length" + (f"; pass --samples {need} or more" if need else ""))
+
+
 def choose(table: dict, tolerance: float) -> str:
     """The rule (module doc): lowest answer NLL among plans within ``tolerance`` of the best lm loss."""
     check_tolerance(tolerance)

@@ -46,7 +46,6 @@ import torch
 from .. import __version__
 from ..candidates import Candidate, density, kv_share
 from ..errors import HeadplanError, PlanError, ProfileError
-from ..kernels import patterns as P
 from ..plan import ModelIdentity, atomic_write
 from ..report import Reporter
 from .stats import SIGNALS, Stats

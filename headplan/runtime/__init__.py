@@ -84,8 +84,21 @@ def new_cache(model, max_length: int | None = None, grow: bool = True) -> Headpl
     return HeadplanCache(model._headplan_tables, int(max_length), grow)
 
 
+def cache_kwarg(model) -> str:
+    """The keyword under which the installed transformers takes a KV cache in ``forward`` and ``generate``:
+    ``cache`` where the model's forward names it so (transformers >= 5.2x; ``past_key_values`` is then
+    deprecated there and warns), else ``past_key_values`` (5.17, 5.18)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _generate(orig, model, *args, **kwargs):
-    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) \
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is None and kwargs.get("use_cache", True) \
             and model.config._attn_implementation == NAME:
         ids = kwargs.get("input_ids", args[0] if args else None)
         n = ids.shape[1] if ids is not None else 0
@@ -98,7 +111,7 @@ def _generate(orig, model, *args, **kwargs):
             raise HeadplanError("beam search is not supported with streaming heads (evicted tokens cannot be "
                                 "re-ordered back); use greedy or sampling")
         cache = new_cache(model, n + int(new) + 1)
-        kwargs["past_key_values"] = cache
+        kwargs[cache_kwarg(model)] = cache
         chunk = getattr(model, "_headplan_prefill_chunk", None)
         if chunk and ids is not None and n > chunk:
             prefill_chunked(model, ids, cache, chunk, kwargs.get("attention_mask"), upto=n - 1)
@@ -117,7 +130,7 @@ def prefill_chunked(model, ids: torch.Tensor, cache: HeadplanCache, chunk: int, 
     for s in range(0, end, chunk):
         e = min(end, s + chunk)
         am = attention_mask[:, :e] if attention_mask is not None else None
-        out = model(ids[:, s:e], attention_mask=am, past_key_values=cache, use_cache=True).logits
+        out = model(ids[:, s:e], attention_mask=am, use_cache=True, **{cache_kwarg(model): cache}).logits
     return out
 
 
@@ -258,14 +271,21 @@ def load_patched(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     return lm
 
 
-def kv_report(plan: Plan, length: int, dtype_bytes: int = 2) -> dict:
-    """KV bytes per layer (the model's own dense cache vs the plan) for one sequence of ``length`` tokens.
+def kv_report(plan: Plan, length: int, dtype_bytes: int | None = None, model=None) -> dict:
+    """KV bytes per layer (the model's own dense cache vs the plan) for one sequence of ``length`` tokens,
+    as the plan predicts them: the tokens each head keeps at ``length`` (``kv_share``) x ``dtype_bytes`` per
+    element — the element size of ``model``'s weights when a model is given, else ``dtype_bytes``, else 2
+    (bf16). Dense is what the model itself keeps: ``length`` tokens per head in a global layer, at most the
+    window in a sliding layer (as transformers' sliding cache layer does).
 
-    Dense is what the model itself keeps: ``length`` tokens per head in a global layer, at most the
-    window in a sliding layer (as transformers' sliding cache layer does)."""
+    Not the same figure as ``HeadplanCache.kv_bytes()``: the cache reports the buffers it holds, in the
+    model's dtype and preallocated for its ``max_length`` (prompt + new tokens), so a float32 model holds
+    twice a bf16 prediction, and a cache made for more tokens than ``length`` holds more."""
     from ..candidates import kv_share
 
-    per_tok = 2 * plan.model.head_dim * dtype_bytes  # K and V, one head
+    if dtype_bytes is None:
+        dtype_bytes = next(model.parameters()).element_size() if model is not None else 2
+    per_tok = 2 * plan.model.head_dim * int(dtype_bytes)  # K and V, one head
     layers = []
     for li, heads in enumerate(plan.layers):
         lw = plan.model.window(li)
@@ -274,5 +294,5 @@ def kv_report(plan: Plan, length: int, dtype_bytes: int = 2) -> dict:
         layers.append({"dense_bytes": dense_b, "plan_bytes": plan_b})
     tot_d = sum(x["dense_bytes"] for x in layers)
     tot_p = sum(x["plan_bytes"] for x in layers)
-    return {"length": length, "layers": layers, "dense_bytes": tot_d, "plan_bytes": tot_p,
-            "kv_share": tot_p / tot_d if tot_d else 0.0}
+    return {"length": length, "dtype_bytes": int(dtype_bytes), "layers": layers, "dense_bytes": tot_d,
+            "plan_bytes": tot_p, "kv_share": tot_p / tot_d if tot_d else 0.0}

@@ -290,4 +290,6 @@ class HeadplanCache(Cache):
         super().__init__(layers=[HeadplanLayer(t, max_length, grow) for t in tables])
 
     def kv_bytes(self) -> int:
+        """Bytes the K/V buffers hold: the model's dtype, preallocated for max_length tokens (kv_report
+        predicts the plan's share at one length, in the dtype it is given)."""
         return sum(layer.kv_bytes() for layer in self.layers)

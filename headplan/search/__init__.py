@@ -93,26 +93,28 @@ class SearchSettings:
 
 def parse_latency(s: str | None) -> tuple[float, int] | None:
     """'12.5@32768' or '12.5@32k' -> (12.5, 32768)."""
+    from ..api import parse_length
+
     if s is None:
         return None
     try:
         ms, n = s.lower().split("@")
-        n = int(n[:-1]) * 1024 if n.endswith("k") else int(n)
-        return float(ms), n
-    except ValueError:
+        return float(ms), parse_length(n)
+    except (ValueError, HeadplanError):
         raise HeadplanError(f"--latency-budget takes MS@LENGTH (e.g. 40@32k), got {s!r}") from None
 
 
 def parse_memory(s: str | None) -> tuple[float, int, int] | None:
     """'20@8x32k' -> (20.0 GB, batch 8, length 32768)."""
+    from ..api import parse_length
+
     if s is None:
         return None
     try:
         gb, rest = s.lower().split("@")
         b, n = rest.split("x")
-        n = int(n[:-1]) * 1024 if n.endswith("k") else int(n)
-        return float(gb), int(b), n
-    except ValueError:
+        return float(gb), int(b), parse_length(n)
+    except (ValueError, HeadplanError):
         raise HeadplanError(f"--memory-budget takes GB@BATCHxLENGTH (e.g. 20@8x32k), got {s!r}") from None
 
 
