@@ -13,7 +13,7 @@ from headplan.kernels.cache_ops import commit_decode  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16 if torch.cuda.is_available() else torch.float32])
 @pytest.mark.parametrize("with_valid", [False, True])
 @pytest.mark.parametrize("D", [64, 80])
 def test_commit_matches_reference(dtype, with_valid, D):
