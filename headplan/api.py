@@ -196,7 +196,7 @@ def _signal_weights(text, flag: str) -> tuple[tuple[str, float], ...]:
 
 def _baseline_names(value) -> list[str]:
     """True -> every baseline; 'a,b' or a list -> those names (checked); None/False -> none."""
-    from .eval.baselines import BASELINES
+    from .search.baselines import BASELINES
 
     if value is True:
         return list(BASELINES)
@@ -324,10 +324,10 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
     picks (``headplan.eval.select``); its provenance records every candidate's measured losses.
     Returns (plan, {name: {lm_nll, answer_nll, ppl_vs_dense, counts}})."""
     from .data import load_task_file, load_texts
-    from .eval.select import build_family, check_arguments, choose, validate
+    from .eval.validate import check_arguments, validate
     from .models import load_model
     from .profile import load_profile
-    from .search import SearchSettings, profile_ref
+    from .search import SearchSettings, build_family, choose, profile_ref
 
     rep = reporter or Reporter()
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
@@ -376,7 +376,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     """
     from .data import load_task_file
     from .eval import evaluate, spec_for
-    from .eval.baselines import build_baselines
+    from .search.baselines import build_baselines
     from .models import load_model
 
     rep = reporter or Reporter()
@@ -447,7 +447,7 @@ def do_baselines(plan_path: str | Path, out: str | Path, names=None, profile: st
                  seed: int = 0) -> dict[str, Path]:
     """Write the baseline plans (streaming, duo, moa, random) at PLAN's budget, built from the profile
     the plan was searched from, as ``OUT/<name>.yaml``, without evaluating them."""
-    from .eval.baselines import build_baselines
+    from .search.baselines import build_baselines
 
     path = Path(plan_path)
     _check_out(Path(out), (), "baselines", directory=True)
@@ -601,7 +601,7 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None, *,
         raise HeadplanError(f"profile {profile_path} is not the one the plan was made from "
                             f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
     if prov.get("baseline"):
-        from .eval.baselines import regenerate
+        from .search.baselines import regenerate
 
         new = regenerate(prof, plan)
     else:

@@ -5,7 +5,7 @@ import pytest
 
 from headplan.candidates import density, kv_share
 from helpers import SMALL_RUN, invoke, tiny_run
-from headplan.eval.baselines import BASELINES, build_baselines
+from headplan.search.baselines import BASELINES, build_baselines
 from headplan.plan import load_plan, save_plan
 from headplan.profile import load_profile
 

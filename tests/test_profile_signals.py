@@ -401,7 +401,8 @@ def test_search_keep_is_an_epsilon_constraint(full_run, tmp_path):
     import numpy as np
 
     from headplan.api import do_search
-    from headplan.search import SearchSettings, _solve, profile_loss
+    from headplan.search import SearchSettings, profile_loss
+    from headplan.search.solve import _solve
 
     prof = full_run
     H = prof.model.num_layers * prof.model.num_kv_heads

@@ -5,7 +5,8 @@ import pytest
 from headplan.candidates import candidate_set
 from headplan.data import Haystack, answer_options, load_task_file, mixture_samples, pydoc_text
 from headplan.errors import HeadplanError
-from headplan.eval.select import build_family, choose, validate
+from headplan.eval.validate import validate
+from headplan.search.family import build_family, choose
 from headplan.plan import load_plan
 from headplan.profile import profile, save_profile
 from headplan.search import SearchSettings, search

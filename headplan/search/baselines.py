@@ -155,7 +155,8 @@ def duo_baseline(prof, plan: Plan) -> Plan:
 def moa_baseline(prof, plan: Plan) -> Plan:
     import torch
 
-    from ..search import SearchSettings, search
+    from .assemble import search
+    from .settings import SearchSettings
 
     dens, kvb, lengths = _budget(plan)
     idx = _streaming_cands(prof)
@@ -201,7 +202,7 @@ def build_baselines(prof, plan: Plan, names=BASELINES, seed: int = 0) -> dict[st
         raise HeadplanError("the profile is for another model than the plan (fingerprints differ)")
     sig = ((plan.provenance or {}).get("search") or {}).get("signals")
     if sig:  # the plan re-weighted the profile's signals: rank heads for duo/moa by the same loss
-        from ..search import profile_loss
+        from .solve import profile_loss
 
         prof = dataclasses.replace(prof, loss=profile_loss(prof, tuple((k, float(w)) for k, w in sig.items())).float())
     makers = {"streaming": streaming_baseline, "duo": duo_baseline, "moa": moa_baseline,

@@ -1,0 +1,194 @@
+"""Cost tables: the rates (YAML load/save, checks), the predictions they make, the rates fitted from
+timing samples, and the coefficient arrays the search builds its latency and memory rows from."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import HeadplanError
+from ..plan import DYNAMIC_KINDS, KINDS, Pattern, Plan, atomic_write, load_yaml, read_input
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class CostTable:
+    device: dict
+    head_dim: int
+    group: int
+    dtype: str
+    prefill_launch_us: float
+    per_pair_ns: dict  # kind -> ns per (query, key) pair per query head
+    dyn_ns_per_token: dict  # dynamic kind -> ns per token per layer call (index building)
+    decode_launch_us: float
+    decode_bytes_per_s: float
+    samples: list = field(default_factory=list, compare=False)
+    source: str = "measured"
+    dyn_fixed_us: dict = field(default_factory=dict)  # dynamic kind -> fixed us per layer call
+
+    # -- predictions ----------------------------------------------------------------------------
+    def head_prefill_ms(self, p: Pattern, n: int, block: int = 64, lwin: int = 0) -> float:
+        """Marginal prefill time of one KV head (its G query heads) at length n, in ms, in a layer whose
+        own sliding window is ``lwin`` (0 = global): only the pairs the layer itself attends to count."""
+        from ..candidates import density
+
+        pairs = density(p, n, block, lwin) * n * (n + 1) / 2
+        return self.per_pair_ns.get(p.kind, self.per_pair_ns["full"]) * pairs * self.group * 1e-6
+
+    def layer_prefill_ms(self, patterns: list[Pattern], n: int, block: int = 64, lwin: int = 0) -> float:
+        t = self.prefill_launch_us * 1e-3 + sum(self.head_prefill_ms(p, n, block, lwin) for p in patterns)
+        for k in {p.kind for p in patterns if p.kind in DYNAMIC_KINDS}:  # index building, once per kind per layer
+            t += self.dyn_ns_per_token.get(k, 0.0) * n * 1e-6 + self.dyn_fixed_us.get(k, 0.0) * 1e-3
+        return t
+
+    def plan_prefill_ms(self, plan: Plan, n: int) -> float:
+        return sum(self.layer_prefill_ms([e.pattern for e in layer], n, plan.block_size, plan.model.window(li))
+                   for li, layer in enumerate(plan.layers))
+
+    def head_kv_bytes(self, p: Pattern, n: int, dtype_bytes: int = 2, lwin: int = 0) -> float:
+        from ..candidates import kv_share
+
+        return kv_share(p, n, lwin) * n * 2 * self.head_dim * dtype_bytes
+
+    def plan_decode_ms(self, plan: Plan, n: int, batch: int = 1) -> float:
+        per_layer = [sum(self.head_kv_bytes(e.pattern, n, lwin=plan.model.window(li)) for e in layer) * batch
+                     for li, layer in enumerate(plan.layers)]
+        return sum(self.decode_launch_us * 1e-3 + b / self.decode_bytes_per_s * 1e3 for b in per_layer)
+
+    # -- io ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        import json
+
+        d = {"schema_version": SCHEMA, **dataclasses.asdict(self)}
+        return json.loads(json.dumps(d, default=str))  # plain types only (torch versions are str subclasses)
+
+    def save(self, path) -> None:
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
+
+
+def load_cost_table(path) -> CostTable:
+    p = Path(path)
+    d = load_yaml(read_input(p, "cost table", HeadplanError), str(p), HeadplanError)
+    if not isinstance(d, dict) or d.get("schema_version") != SCHEMA:
+        raise HeadplanError(f"{p}.schema_version: expected {SCHEMA}")
+    _check_table(d, str(p))
+    return CostTable(**{k: v for k, v in d.items() if k != "schema_version"})
+
+
+_TYPES = {"dict": dict, "int": int, "float": (int, float), "str": str, "list": list}
+
+
+def _check_table(d: dict, where: str) -> None:
+    """Every field of a cost table has its type (rates: finite numbers >= 0 per known pattern kind);
+    errors name the field, never a value or a key the file made up."""
+    fields = {f.name: f for f in dataclasses.fields(CostTable)}
+    extra = [k for k in d if k != "schema_version" and k not in fields]
+    if extra:
+        raise HeadplanError(f"{where}: not a cost table ({len(extra)} unknown field(s))")
+    for name, f in fields.items():
+        if name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise HeadplanError(f"{where}.{name}: missing field")
+            continue
+        v = d[name]
+        if isinstance(v, bool) or not isinstance(v, _TYPES[str(f.type).split()[0]]) or \
+                (isinstance(v, float) and not math.isfinite(v)):
+            raise HeadplanError(f"{where}.{name}: expected {str(f.type).split()[0]}, got {type(v).__name__}")
+        if name in ("per_pair_ns", "dyn_ns_per_token", "dyn_fixed_us"):
+            for k, x in v.items():
+                if k not in KINDS:
+                    raise HeadplanError(f"{where}.{name}: unknown pattern kind")
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+                    raise HeadplanError(f"{where}.{name}.{k}: expected a finite number >= 0")
+    if "full" not in d["per_pair_ns"]:
+        raise HeadplanError(f"{where}.per_pair_ns.full: missing field")
+
+
+def check_fits(table: CostTable, head_dim: int, group: int) -> None:
+    if table.head_dim != head_dim:
+        raise HeadplanError(f"cost table was measured for head_dim {table.head_dim}, the model has {head_dim}; "
+                            "measure one for this shape (headplan costmodel measure --head-dim ...)")
+    if table.group != group:
+        raise HeadplanError(f"cost table was measured for GQA group {table.group}, the model has {group}")
+
+
+def analytic(head_dim: int, group: int, tflops: float = 350.0, tbps: float = 2.8, dtype: str = "bfloat16",
+             gpu: str = "nominal H100") -> CostTable:
+    """Nominal rates: 4·D FLOPs per pair at ``tflops``; decode reads at ``tbps``."""
+    ns = 4 * head_dim / (tflops * 1e12) * 1e9
+    per = {k: ns for k in KINDS}
+    per["skip"] = 0.0
+    return CostTable(device={"name": gpu}, head_dim=head_dim, group=group, dtype=dtype, prefill_launch_us=20.0,
+                     per_pair_ns=per, dyn_ns_per_token={"blocksparse": 60.0, "vslash": 120.0},
+                     decode_launch_us=18.0, decode_bytes_per_s=tbps * 1e12, source="analytic")
+
+
+
+def prefill_coefficients(table: CostTable, candidates, n: int, block: int, model):
+    """Prefill coefficients of ``candidates`` at length n: per (layer, candidate) marginal ms of one KV
+    head (each layer's own window bounds the work), per candidate the ms of a dynamic kind's index
+    building (paid once per layer that uses it; 0 for static kinds), and the launch ms of all layers."""
+    import numpy as np
+
+    pats = [getattr(c, "pattern", c) for c in candidates]
+    per_head = np.array([[table.head_prefill_ms(p, n, block, model.window(li)) for p in pats]
+                         for li in range(model.num_layers)])
+    dyn_ms = np.array([table.dyn_ns_per_token.get(p.kind, 0.0) * n * 1e-6 + table.dyn_fixed_us.get(p.kind, 0.0) * 1e-3
+                       if p.kind in DYNAMIC_KINDS else 0.0 for p in pats])
+    fixed = model.num_layers * table.prefill_launch_us * 1e-3
+    return per_head, dyn_ms, fixed
+
+
+def kv_coefficients(table: CostTable, candidates, n: int, model):
+    """Per (layer, candidate) KV cache bytes of one KV head at length n, batch 1 (each layer's own window
+    bounds what it keeps)."""
+    import numpy as np
+
+    pats = [getattr(c, "pattern", c) for c in candidates]
+    return np.array([[table.head_kv_bytes(p, n, lwin=model.window(li)) for p in pats]
+                     for li in range(model.num_layers)])
+
+
+def fit_prefill(samples: list[dict]):
+    """Least-squares rates from timing samples: launch (ms), per-pair ns per kind, and for dynamic
+    kinds the index-building cost as fixed us + ns per token."""
+    import numpy as np
+
+    launch_ms = float(np.median([s["ms"] for s in samples if s["kind"] == "skip"]))
+    per_pair, dyn, dyn_fixed = {"skip": 0.0}, {}, {}
+    for kind in [k for k in KINDS[:-1] if k not in DYNAMIC_KINDS] + list(DYNAMIC_KINDS):
+        ss = [s for s in samples if s["kind"] == kind]
+        if not ss:
+            continue
+        y = np.array([s["ms"] - launch_ms for s in ss])
+        pairs = np.array([s["pairs"] for s in ss])
+        if kind in DYNAMIC_KINDS:
+            # visible pairs run the same flash loop as full heads; the rest is index building and
+            # masked tiles, fitted as a + b·N (non-negative) on what the pairs do not explain
+            per_pair[kind] = per_pair.get("full", 1e-6)
+            r = y - pairs * per_pair[kind] * 1e-6
+            X = np.array([[s["n"], 1.0] for s in ss])
+            coef, *_ = np.linalg.lstsq(X, r, rcond=None)
+            b, a = float(coef[0]), float(coef[1])
+            if a < 0:
+                b, a = max(float((r * X[:, 0]).sum() / (X[:, 0] ** 2).sum()), 0.0), 0.0
+            elif b < 0:
+                b, a = 0.0, max(float(r.mean()), 0.0)
+            dyn[kind] = b * 1e6
+            dyn_fixed[kind] = a * 1e3
+        else:
+            per_pair[kind] = max(float((y * pairs).sum() / (pairs ** 2).sum()) * 1e6, 1e-6)
+    return launch_ms, per_pair, dyn, dyn_fixed
+
+
+def refit(table: "CostTable") -> "CostTable":
+    """Re-fit a table's rates from its stored samples (after a change of the fitting rule)."""
+    launch_ms, per_pair, dyn, dyn_fixed = fit_prefill(table.samples)
+    return dataclasses.replace(table, prefill_launch_us=launch_ms * 1e3, per_pair_ns=per_pair,
+                               dyn_ns_per_token=dyn, dyn_fixed_us=dyn_fixed)
+

@@ -1,0 +1,67 @@
+"""The family of candidate plans and the choice rule of measured selection (MoA's last step: choose by a measured validation loss, not by
+the profile's first-order estimate).
+
+The profile scores each head alone, with every other head dense; the sum of those losses predicts
+badly how much *perplexity* a whole plan costs once every head is sparse at once (on SmolLM2 the plan
+with the lowest profiled lm loss had a worse perplexity than uniform windows). So a small family of plans
+is searched from the same profile at the same budget, each is run on held-out validation samples, and
+the rule picks:
+
+    among the plans whose language-model loss (NLL per token on the second half of plain-text samples)
+    is within ``tolerance`` (relative perplexity) of the best plan's, the one with the lowest answer NLL
+    (teacher-forced reference answers of passkey / needle / key->value samples).
+
+The family (``family``): ``search`` (the plain search, every kind), ``windows`` (sink + window only: the
+MoA-style plan, the same as the ``moa`` baseline), and ``fullK`` (exactly K full heads, the rest windows:
+DuoAttention's few retrieval heads, each K a point between the two). Validation samples come from their
+own seeded mixture (``calibration_data/select.yaml``), apart from profiling's and eval's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..errors import HeadplanError
+from ..plan import KINDS, Plan
+
+FULL_STEPS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def family(base, steps=FULL_STEPS) -> dict:
+    """name -> SearchSettings: the candidate plans' settings, all at ``base``'s budget and signals."""
+    not_windows = tuple(k for k in KINDS if k not in ("full", "streaming"))  # fullK: full heads, the rest windows
+    out = {"search": base,
+           "windows": dataclasses.replace(base, exclude_kinds=tuple(k for k in KINDS if k != "streaming"))}
+    for k in steps:
+        out[f"full{k}"] = dataclasses.replace(base, exclude_kinds=not_windows, full_heads=k)
+    return out
+
+
+def build_family(prof, base, profile_ref=None, steps=FULL_STEPS) -> dict[str, Plan]:
+    """The family's plans; a member the budget cannot hold (too many full heads) is left out."""
+    from .assemble import search
+
+    plans = {}
+    for name, st in family(base, steps).items():
+        try:
+            plans[name] = search(prof, st, profile_ref)
+        except HeadplanError:
+            continue
+    if not plans:
+        raise HeadplanError("no candidate plan meets the budget")
+    return plans
+
+
+def check_tolerance(tolerance: float) -> None:
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise HeadplanError(f"--tolerance must be a non-negative number, got {tolerance}")
+
+
+def choose(table: dict, tolerance: float) -> str:
+    """The rule (module doc): lowest answer NLL among plans within ``tolerance`` of the best lm loss."""
+    check_tolerance(tolerance)
+    cands = {m: v for m, v in table.items() if m != "dense"}
+    best = min(v["lm_nll"] for v in cands.values())
+    ok = [m for m, v in cands.items() if v["lm_nll"] <= best + math.log1p(tolerance) + 1e-12]
+    return min(ok, key=lambda m: (cands[m]["answer_nll"], cands[m]["lm_nll"], m))

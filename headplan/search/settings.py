@@ -1,0 +1,88 @@
+"""Search settings: the budgets and knobs of one search, their dict round trip (a plan's provenance),
+and the parsers of the two compound budget flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import HeadplanError
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    density: float | None = None
+    kv_budget: float | None = None
+    lengths: tuple[int, ...] | None = None  # default: all profiled lengths
+    latency_budget: tuple[float, int] | None = None  # (ms, length)
+    memory_budget: tuple[float, int, int] | None = None  # (GB, batch, length)
+    max_patterns_per_layer: int | None = None
+    exclude_kinds: tuple[str, ...] = ()
+    validate_lengths: tuple[int, ...] = ()
+    signals: tuple[tuple[str, float], ...] = ()  # re-weight the profile's stored signals; () = as profiled
+    keep: tuple[tuple[str, float], ...] = ()  # (signal, slack): that signal's loss <= slack x its own optimum
+    full_heads: int | None = None  # exactly this many KV heads full (DuoAttention-style retrieval heads)
+
+    def to_dict(self) -> dict:
+        d = {"density": self.density, "kv_budget": self.kv_budget,
+             "lengths": list(self.lengths) if self.lengths else None}
+        if self.latency_budget is not None:
+            d["latency_budget"] = {"ms": self.latency_budget[0], "length": self.latency_budget[1]}
+        if self.memory_budget is not None:
+            d["memory_budget"] = {"gb": self.memory_budget[0], "batch": self.memory_budget[1],
+                                  "length": self.memory_budget[2]}
+        if self.max_patterns_per_layer is not None:
+            d["max_patterns_per_layer"] = self.max_patterns_per_layer
+        if self.exclude_kinds:
+            d["exclude_kinds"] = list(self.exclude_kinds)
+        if self.validate_lengths:
+            d["validate_lengths"] = list(self.validate_lengths)
+        if self.signals:
+            d["signals"] = {k: w for k, w in self.signals}
+        if self.keep:
+            d["keep"] = {k: w for k, w in self.keep}
+        if self.full_heads is not None:
+            d["full_heads"] = self.full_heads
+        return d
+
+    @staticmethod
+    def from_dict(s: dict) -> "SearchSettings":
+        lat = s.get("latency_budget")
+        mem = s.get("memory_budget")
+        return SearchSettings(
+            density=s.get("density"), kv_budget=s.get("kv_budget"),
+            lengths=tuple(s["lengths"]) if s.get("lengths") else None,
+            latency_budget=(float(lat["ms"]), int(lat["length"])) if lat else None,
+            memory_budget=(float(mem["gb"]), int(mem["batch"]), int(mem["length"])) if mem else None,
+            max_patterns_per_layer=s.get("max_patterns_per_layer"),
+            exclude_kinds=tuple(s.get("exclude_kinds") or ()),
+            validate_lengths=tuple(s.get("validate_lengths") or ()),
+            signals=tuple((str(k), float(w)) for k, w in (s.get("signals") or {}).items()),
+            keep=tuple((str(k), float(w)) for k, w in (s.get("keep") or {}).items()),
+            full_heads=int(s["full_heads"]) if s.get("full_heads") is not None else None)
+
+
+def parse_latency(s: str | None) -> tuple[float, int] | None:
+    """'12.5@32768' or '12.5@32k' -> (12.5, 32768)."""
+    from ..api import parse_length
+
+    if s is None:
+        return None
+    try:
+        ms, n = s.lower().split("@")
+        return float(ms), parse_length(n)
+    except (ValueError, HeadplanError):
+        raise HeadplanError(f"--latency-budget takes MS@LENGTH (e.g. 40@32k), got {s!r}") from None
+
+
+def parse_memory(s: str | None) -> tuple[float, int, int] | None:
+    """'20@8x32k' -> (20.0 GB, batch 8, length 32768)."""
+    from ..api import parse_length
+
+    if s is None:
+        return None
+    try:
+        gb, rest = s.lower().split("@")
+        b, n = rest.split("x")
+        return float(gb), int(b), parse_length(n)
+    except (ValueError, HeadplanError):
+        raise HeadplanError(f"--memory-budget takes GB@BATCHxLENGTH (e.g. 20@8x32k), got {s!r}") from None

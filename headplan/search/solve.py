@@ -1,0 +1,225 @@
+"""The solver: one 0/1 program per search, one small function per constraint family.
+
+Every family builds its rows from coefficient arrays it is handed ((H, C) per head and candidate, or per
+length); cost coefficients come from ``costmodel.prefill_coefficients`` / ``kv_coefficients``, never from
+a cost table's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from ..candidates import budget_tables, same_as_full
+from ..errors import HeadplanError
+from ..profile import Profile
+from .milp import _Problem
+from .settings import SearchSettings
+
+TIE = 1e-7  # tie-breaker weight: between equal losses prefer the cheaper candidate
+
+
+def profile_loss(prof: Profile, signals=()) -> torch.Tensor:
+    """The per-(layer, KV head, candidate, length) loss the search minimises: the profile's stored
+    combination, or its stored signals re-combined with new weights (``signals``: (name, weight)
+    pairs; each signal divided by its mean, as when profiling)."""
+    from ..profile import combine
+
+    if not signals:
+        return prof.loss.double()
+    missing = [k for k, _ in signals if k not in prof.parts]
+    if missing:
+        have = ", ".join(prof.parts) or "none (an old or single-signal profile)"
+        raise HeadplanError(f"--signals: the profile has no stored signal {missing[0]!r} (stored: {have})")
+    for k, w in signals:
+        if not (w > 0 and math.isfinite(w)):
+            raise HeadplanError(f"--signals: weight of {k!r} must be positive, got {w}")
+    weights = dict(signals)  # one signal alone comes back as a single-signal profile stores it
+    return combine({k: prof.parts[k].double() for k in weights}, weights)[0]
+
+
+def _collapsed(prof: Profile, allowed: np.ndarray) -> np.ndarray:
+    """(layers, C) allowed candidates per layer: in a sliding layer, a candidate that sees exactly what
+    ``full`` sees there (its window spans the layer's) is collapsed into full, so a plan never names
+    two patterns for one behaviour."""
+    m = prof.model
+    full = [c for c, cand in enumerate(prof.candidates) if cand.pattern.kind == "full" and allowed[c]]
+    out = np.repeat(allowed[None, :], m.num_layers, axis=0)
+    if not full or not m.layer_windows:
+        return out
+    for li in range(m.num_layers):
+        for c, cand in enumerate(prof.candidates):
+            if cand.pattern.kind != "full" and same_as_full(cand.pattern, m.window(li)):
+                out[li, c] = False
+    return out
+
+
+def _all_x(prob: _Problem) -> list[int]:
+    """Every head-choice variable, candidate-major (the order every budget row lists them in)."""
+    H, C = prob.H, prob.C
+    return [h * C + c for c in range(C) for h in range(H)]
+
+
+def _per_layer_heads(prob: _Problem, layer: int) -> range:
+    return range(layer * prob.hpl, (layer + 1) * prob.hpl)
+
+
+def share_rows(prob: _Problem, name: str, bound: float | None, table: np.ndarray, allowed: np.ndarray,
+               lengths) -> None:
+    """Density / KV budget: the mean share over heads <= bound at every length (``table``: (H, C, lengths))."""
+    if bound is None:
+        return
+    if not 0.0 < bound <= 1.0:
+        raise HeadplanError(f"--{name.replace('_', '-')} must be in (0, 1], got {bound}")
+    C, H = prob.C, prob.H
+    for j, n in enumerate(lengths):
+        lo = float(np.where(allowed, table[:, :, j], np.inf).min(axis=1).mean())
+        if lo > bound + 1e-12:
+            raise HeadplanError(
+                f"{name} {bound:g} is infeasible at length {n}: the cheapest candidates give {lo:.4f} "
+                f"(feasible range [{lo:.4f}, 1])")
+        idx = _all_x(prob)
+        prob.le(idx, [table[i // C, i % C, j] / H for i in idx], bound + 1e-9)
+
+
+def latency_rows(prob: _Problem, ms: float, n: int, per_head: np.ndarray, dyn_ms: np.ndarray, fixed: float,
+                 allowed: np.ndarray, kinds: list[str]) -> None:
+    """Predicted prefill ms at length n <= ms: ``per_head`` (H, C) marginal ms, ``dyn_ms`` (C,) index building
+    of a dynamic candidate, paid once per (layer, dynamic kind) through one binary each; ``fixed`` the
+    launches; ``kinds`` the candidates' pattern kinds."""
+    C = prob.C
+    lo = fixed + float(np.where(allowed, per_head, np.inf).min(axis=1).sum())
+    is_full = np.array([k == "full" for k in kinds])
+    dense = fixed + float(per_head[:, is_full].max(axis=1, initial=0).sum()) if is_full.any() else lo
+    if ms < lo - 1e-9:
+        raise HeadplanError(f"latency budget {ms:g} ms at {n} tokens is infeasible: the cheapest plan is "
+                            f"predicted at {lo:.3f} ms (feasible range [{lo:.3f}, {dense:.3f}] ms)")
+    if ms > dense + 1e-9:
+        raise HeadplanError(f"latency budget {ms:g} ms at {n} tokens is above the dense plan's predicted "
+                            f"{dense:.3f} ms: nothing to save (feasible range [{lo:.3f}, {dense:.3f}] ms)")
+    idx = _all_x(prob)
+    coef = [per_head[i // C, i % C] for i in idx]
+    # one binary per (layer, dynamic kind): its index building is paid once if any head uses it
+    dyn_kinds = sorted({kinds[c] for c in range(C) if dyn_ms[c] > 0})
+    extra_idx, extra_coef = [], []
+    for kind in dyn_kinds:
+        y0 = prob.add_vars(prob.L)
+        cs = [c for c in range(C) if kinds[c] == kind]
+        kcost = float(max(dyn_ms[c] for c in cs))
+        for layer in range(prob.L):
+            for h in _per_layer_heads(prob, layer):
+                for c in cs:
+                    prob.le([h * C + c, y0 + layer], [1.0, -1.0], 0.0)
+        extra_idx += list(range(y0, y0 + prob.L))
+        extra_coef += [kcost] * prob.L
+    # in microseconds, minus a margin, so the solver's feasibility tolerance cannot overshoot the budget
+    prob.le(idx + extra_idx, [c * 1e3 for c in coef + extra_coef], (ms - fixed) * 1e3 - 1e-5)
+
+
+def memory_rows(prob: _Problem, gb: float, b: int, n: int, per: np.ndarray, allowed: np.ndarray) -> None:
+    """KV cache at batch b x length n <= gb: ``per`` (H, C) GB of one head's cache at that batch."""
+    C = prob.C
+    lo = float(np.where(allowed, per, np.inf).min(axis=1).sum())
+    if gb < lo - 1e-12:
+        raise HeadplanError(f"memory budget {gb:g} GB at batch {b} x {n} is infeasible: the smallest KV cache "
+                            f"is {lo:.3f} GB (feasible range [{lo:.3f}, {per.max(axis=1).sum():.3f}] GB)")
+    idx = _all_x(prob)
+    prob.le(idx, [per[i // C, i % C] * 1e6 for i in idx], gb * 1e6 - 1e-5)  # in KB
+
+
+def pattern_rows(prob: _Problem, kmax: int) -> None:
+    """At most ``kmax`` distinct candidates per layer (one binary per (layer, candidate))."""
+    kmax = int(kmax)
+    if kmax < 1:
+        raise HeadplanError(f"--max-patterns-per-layer must be >= 1, got {kmax}")
+    C = prob.C
+    z0 = prob.add_vars(prob.L * C)
+    for layer in range(prob.L):
+        for h in _per_layer_heads(prob, layer):
+            for c in range(C):
+                prob.le([h * C + c, z0 + layer * C + c], [1.0, -1.0], 0.0)
+        prob.le(list(range(z0 + layer * C, z0 + (layer + 1) * C)), [1.0] * C, kmax)
+
+
+def full_head_rows(prob: _Problem, k: int, full_cols: list[int]) -> None:
+    """Exactly ``k`` heads choose one of the candidates ``full_cols`` (the allowed full patterns)."""
+    k = int(k)
+    if not 0 <= k <= prob.H or (k and not full_cols):
+        raise HeadplanError(f"--full-heads {k} is impossible: the model has {prob.H} KV heads"
+                            + ("" if full_cols else " and the candidates allow no full pattern"))
+    idx = [h * prob.C + c for c in full_cols for h in range(prob.H)]
+    prob.le(idx, [1.0] * len(idx), k)
+    prob.le(idx, [-1.0] * len(idx), -k)
+
+
+def keep_row(prob: _Problem, sig: str, slack: float, part: np.ndarray, best: np.ndarray) -> None:
+    """epsilon-constraint: the plan's loss on one signal (``part``: (H, C)) within ``slack`` times that
+    signal's optimum (``best``: the choice that signal alone makes under the same budgets)."""
+    C, H = prob.C, prob.H
+    opt = float(part[np.arange(H), best].sum())
+    scale = opt if opt > 0 else 1.0
+    idx = _all_x(prob)
+    prob.le(idx, [part[i // C, i % C] / scale for i in idx], slack * opt / scale + 1e-9)
+
+
+def _check_slack(sig: str, slack: float) -> None:
+    if not (slack >= 1.0 and math.isfinite(slack)):
+        raise HeadplanError(f"--keep: the slack of {sig!r} must be >= 1 (a factor on its optimum), got {slack}")
+
+
+def _solve(prof: Profile, settings: SearchSettings, cost=None):
+    from ..costmodel import check_fits, kv_coefficients, prefill_coefficients
+
+    lengths = tuple(settings.lengths) if settings.lengths else prof.lengths
+    for n in tuple(lengths) + tuple(settings.validate_lengths):
+        if n not in prof.lengths:
+            raise HeadplanError(f"profile has no length {n} (profiled: {', '.join(map(str, prof.lengths))})")
+    li = [prof.lengths.index(n) for n in lengths]
+    m = prof.model
+    H = m.num_layers * m.num_kv_heads
+    C = len(prof.candidates)
+    kinds = [c.pattern.kind for c in prof.candidates]
+    loss = profile_loss(prof, settings.signals).numpy()[..., li].reshape(H, C, len(li))
+    # (H, C, lengths): each head's shares against the model's own attention and cache (its layer's window)
+    dens, kv = (np.repeat(t, m.num_kv_heads, axis=0) for t in budget_tables(prof.candidates, lengths,
+                                                                              prof.block_size, m))
+    allowed = np.array([k not in settings.exclude_kinds for k in kinds])
+    if not allowed.any():
+        raise HeadplanError("every candidate kind is excluded")
+    allowed = np.repeat(_collapsed(prof, allowed), m.num_kv_heads, axis=0)  # (H, C)
+    obj = loss.mean(axis=2) + TIE * dens.mean(axis=2)
+    obj = np.where(allowed, obj, 1e6)  # excluded candidates are never worth it
+    obj = np.round(obj, 12).reshape(-1)
+    prob = _Problem(obj, H, C, m.num_kv_heads)
+
+    share_rows(prob, "density", settings.density, dens, allowed, lengths)
+    share_rows(prob, "kv_budget", settings.kv_budget, kv, allowed, lengths)
+    if settings.latency_budget is not None or settings.memory_budget is not None:
+        if cost is None:
+            raise HeadplanError("latency and memory budgets need a cost table (--cost-table, or 'analytic')")
+        check_fits(cost, m.head_dim, m.num_query_heads // m.num_kv_heads)
+    if settings.latency_budget is not None:
+        ms, n = settings.latency_budget
+        per_layer, dyn_ms, fixed = prefill_coefficients(cost, prof.candidates, n, prof.block_size, m)
+        latency_rows(prob, ms, n, np.repeat(per_layer, m.num_kv_heads, axis=0), dyn_ms, fixed, allowed, kinds)
+    if settings.memory_budget is not None:
+        gb, b, n = settings.memory_budget
+        per = np.repeat(kv_coefficients(cost, prof.candidates, n, m) * b / 1e9, m.num_kv_heads, axis=0)
+        memory_rows(prob, gb, b, n, per, allowed)
+    if settings.max_patterns_per_layer is not None:
+        pattern_rows(prob, settings.max_patterns_per_layer)
+    if settings.full_heads is not None:
+        full_head_rows(prob, settings.full_heads, [c for c in range(C) if kinds[c] == "full" and allowed[:, c].any()])
+    for sig, slack in settings.keep:
+        # first the best this signal alone can do under the same budgets, then keep the plan near it
+        _check_slack(sig, slack)
+        alone = dataclasses.replace(settings, signals=((sig, 1.0),), keep=())
+        best, *_ = _solve(prof, alone, cost)
+        part = profile_loss(prof, ((sig, 1.0),)).numpy()[..., li].reshape(H, C, len(li)).mean(axis=2)
+        keep_row(prob, sig, slack, part, best)
+    choice = prob.solve()
+    return choice, lengths, loss, dens, kv
+
