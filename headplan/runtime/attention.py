@@ -6,7 +6,8 @@ import torch
 
 from ..errors import HeadplanError
 from . import backend
-from .cache import PENDING, HeadplanLayer
+from .cache import HeadplanLayer, pending_layer
+from .state import ATTR
 
 NAME = "headplan"
 
@@ -61,8 +62,8 @@ def _left_pad(valid: torch.Tensor) -> torch.Tensor | None:
 def headplan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     B, Hq, Lq, D = query.shape
     scale = float(scaling) if scaling is not None else D ** -0.5
-    rt: LayerRuntime | None = getattr(module, "_headplan", None)
-    layer: HeadplanLayer | None = PENDING.pop(id(key), None)
+    rt: LayerRuntime | None = module.__dict__.get(ATTR)
+    layer: HeadplanLayer | None = pending_layer(key)
     if rt is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

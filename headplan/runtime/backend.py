@@ -1,7 +1,8 @@
 """Pick the implementation for each hot path: Triton kernels on CUDA, the PyTorch reference elsewhere.
 
 Both give the same result up to dtype tolerance; the reference is exact in fp32 on the CPU.
-Set ``HEADPLAN_BACKEND=reference`` to force the reference everywhere.
+Set ``HEADPLAN_BACKEND=reference`` to force the reference everywhere. This module is the only reader
+of that variable and the only place in the runtime that picks a kernel.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _SUPPORTED_DIMS = (64, 128, 256)
 
 
+def _reference_forced() -> bool:
+    return os.environ.get("HEADPLAN_BACKEND", "auto") == "reference"
+
+
 def _use_triton(x: torch.Tensor) -> bool:
-    if os.environ.get("HEADPLAN_BACKEND", "auto") == "reference":
+    if _reference_forced():
         return False
     return x.is_cuda and x.dtype in _SUPPORTED_DTYPES and x.shape[-1] in _SUPPORTED_DIMS
 
@@ -41,7 +46,7 @@ def prefill(q, k, v, table, scale: float, pad=None, block: int = 64):
             return fn(q, k, v, table, scale, pad=pad, block=block)
     # the reference's visibility, attention fused by SDPA (set HEADPLAN_BACKEND=reference for the explicit oracle)
     return R.prefill_ref(q, k, v, table, scale, pad=pad, block=block,
-                         fused=os.environ.get("HEADPLAN_BACKEND", "auto") != "reference")
+                         fused=not _reference_forced())
 
 
 def decode(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale: float, valid_len=None,
@@ -61,3 +66,14 @@ def decode(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale: fl
 def attend(q, k, v, qpos, kpos, table, scale: float, block: int = 64):
     """General case (chunked prefill over a cache, right padding): explicit per-head positions."""
     return R.attention_ref(q, k, v, qpos, kpos, table, scale, block)
+
+
+def commit_decode(k, v, k_buf, v_buf, slot_pos, n_logical, valid, head_off, head_cap, ring, sink):
+    """Decode step's cache write: one token per row into every head's region (the cache layer's
+    commit_one). Triton on CUDA (any dtype and head size), else the reference. Returns valid_len (B, Hkv)."""
+    args = (k_buf, v_buf, slot_pos, n_logical, valid, head_off, head_cap, ring, sink)
+    if k.is_cuda and not _reference_forced():
+        from ..kernels.cache_ops import commit_decode as fn
+
+        return fn(k, v, *args)
+    return R.commit_decode_ref(k, v, *args)

@@ -8,9 +8,9 @@ heads hold nothing. The ring is sized for the largest window up to ``max_length`
 (re-placing slots by position) if the sequence outgrows it.
 
 The layer is used through transformers' Cache API: ``update`` returns the new key/value states
-unchanged and registers the layer as pending for the attention function, which attends over the
-retained slots plus the new tokens and then calls ``commit`` to write them (evicting what no
-future query can see).
+unchanged, the key tensor carrying the layer in a slot (``pending_layer`` takes it off), and the
+attention function attends over the retained slots plus the new tokens and then calls ``commit`` to
+write them (evicting what no future query can see).
 """
 
 from __future__ import annotations
@@ -19,9 +19,14 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..kernels import patterns as P
+from . import backend
 
-# id(key tensor returned by update) -> the cache layer; popped by the attention function
-PENDING: dict[int, "HeadplanLayer"] = {}
+_SLOT = "_headplan_layer"  # on the key tensor update() returns: the layer that will commit it
+
+
+def pending_layer(key_states: torch.Tensor) -> "HeadplanLayer | None":
+    """The cache layer whose update() returned ``key_states`` (taken off the tensor), else None."""
+    return key_states.__dict__.pop(_SLOT, None)
 
 
 class HeadplanLayer(CacheLayerMixin):
@@ -189,24 +194,15 @@ class HeadplanLayer(CacheLayerMixin):
         """Decode step: store one token per row (k, v (B, Hkv, D)) at position n_logical, for every head
         in one write (a Triton kernel on CUDA). ``valid`` (B,) marks real tokens (None = all).
         Returns valid_len (B, Hkv): slots in use per head region."""
-        import os
-
-        from ..kernels import reference as R
-
         if self.seen > self.layout_len:
             if not self.grow:
                 raise ValueError(f"headplan cache was sized for {self.layout_len} tokens, the sequence needs "
                                  f"{self.seen}; make it with a larger max_length (or grow=True)")
             self._grow(self.seen)
         dev = k.device
-        args = (self.k_buf, self.v_buf, self.slot_pos, self.n_logical, valid, self.head_off(dev),
-                self.head_cap(dev), self._dev_tensor("ring", dev), self._dev_tensor("sink", dev))
-        if k.is_cuda and os.environ.get("HEADPLAN_BACKEND", "auto") != "reference":
-            from ..kernels.cache_ops import commit_decode
-
-            vlen = commit_decode(k, v, *args)
-        else:
-            vlen = R.commit_decode_ref(k, v, *args)
+        vlen = backend.commit_decode(k, v, self.k_buf, self.v_buf, self.slot_pos, self.n_logical, valid,
+                                     self.head_off(dev), self.head_cap(dev), self._dev_tensor("ring", dev),
+                                     self._dev_tensor("sink", dev))
         self.n_logical = self.n_logical + (1 if valid is None else valid.long())
         return vlen
 
@@ -227,7 +223,7 @@ class HeadplanLayer(CacheLayerMixin):
                              f"{key_states.dtype} on {key_states.device}")
         if key_states.shape[1] != len(self.cap):
             raise ValueError(f"headplan cache layer has {len(self.cap)} KV heads, got {key_states.shape[1]}")
-        PENDING[id(key_states)] = self
+        setattr(key_states, _SLOT, self)
         self.seen += key_states.shape[-2]
         return key_states, value_states
 

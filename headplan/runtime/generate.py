@@ -1,0 +1,83 @@
+"""Generation through the per-head cache: new_cache, the wrapped ``generate``, chunked prefill."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import HeadplanError
+from ..kernels import patterns as P
+from ..plan import Plan
+from .attention import NAME
+from .cache import HeadplanCache
+from .state import PlanState, state_of
+
+
+def _state(model) -> PlanState:
+    st = state_of(model)
+    if st is None:
+        raise HeadplanError("no plan is applied to this model (headplan.apply(model, plan) first)")
+    return st
+
+
+def new_cache(model, max_length: int | None = None, grow: bool = True) -> HeadplanCache:
+    """A per-head cache for ``model`` (after apply), preallocated for ``max_length`` tokens.
+
+    With ``grow=False`` a longer sequence raises a clear error instead of reallocating."""
+    st = _state(model)
+    plan: Plan = st.plan
+    if max_length is None:
+        max_length = plan.model.max_positions
+    return HeadplanCache(st.tables, int(max_length), grow)
+
+
+def cache_kwarg(model) -> str:
+    """The keyword under which the installed transformers takes a KV cache in ``forward`` and ``generate``:
+    ``cache`` where the model's forward names it so (transformers >= 5.2x; ``past_key_values`` is then
+    deprecated there and warns), else ``past_key_values`` (5.17, 5.18)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def generate(orig, model, *args, **kwargs):
+    """``model.generate`` while a plan is applied: gives it a per-head cache sized for the request (and
+    feeds long prompts through it in chunks) unless the caller brought a cache or runs dense."""
+    st = state_of(model)
+    if st is not None and kwargs.get("past_key_values") is None and kwargs.get("cache") is None \
+            and kwargs.get("use_cache", True) and model.config._attn_implementation == NAME:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        n = ids.shape[1] if ids is not None else 0
+        new = kwargs.get("max_new_tokens")
+        if new is None:
+            gc = kwargs.get("generation_config") or model.generation_config
+            new = getattr(gc, "max_new_tokens", None) or max(0, (gc.max_length or 0) - n)
+        if int(kwargs.get("num_beams", 1) or 1) > 1 and any(
+                bool((t[:, P.C_KIND] == P.STREAMING).any()) for t in st.tables):
+            raise HeadplanError("beam search is not supported with streaming heads (evicted tokens cannot be "
+                                "re-ordered back); use greedy or sampling")
+        cache = new_cache(model, n + int(new) + 1)
+        kwargs[cache_kwarg(model)] = cache
+        chunk = st.prefill_chunk
+        if chunk and ids is not None and n > chunk:
+            prefill_chunked(model, ids, cache, chunk, kwargs.get("attention_mask"), upto=n - 1)
+    return orig(*args, **kwargs)
+
+
+@torch.no_grad()
+def prefill_chunked(model, ids: torch.Tensor, cache: HeadplanCache, chunk: int, attention_mask=None,
+                    upto: int | None = None):
+    """Run the prompt through the cache ``chunk`` tokens at a time (streaming heads never hold more
+    than their budget, so peak memory follows the plan). Returns the last chunk's logits.
+
+    ``upto`` stops early (generate() then processes the remaining tokens itself)."""
+    end = ids.shape[1] if upto is None else upto
+    out = None
+    for s in range(0, end, chunk):
+        e = min(end, s + chunk)
+        am = attention_mask[:, :e] if attention_mask is not None else None
+        out = model(ids[:, s:e], attention_mask=am, use_cache=True, **{cache_kwarg(model): cache}).logits
+    return out
