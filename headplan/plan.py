@@ -26,6 +26,7 @@ SCHEMA_VERSION = 1
 INT32_MAX = 2**31 - 1  # the runtime head table is int32: every pattern integer must fit
 MAX_BLOCK = 4096
 KINDS = ("full", "streaming", "strided", "blocksparse", "vslash", "skip")
+DYNAMIC_KINDS = ("blocksparse", "vslash")
 BETA_GRID = 4096
 
 
