@@ -116,11 +116,9 @@ def do_profile(model: str, out: str | Path, lengths=None, samples: int | None = 
     True (PNG beside --out) or a .png path. device_map: 'auto' dispatches the model with accelerate.
     Under torchrun (WORLD_SIZE > 1) samples are split over ranks; only rank 0 writes files.
     """
-    import os
-
     from .data import load_task_file, load_texts
     from .models import load_model
-    from .profile import parse_method, plot_profile, profile, retrieval_heads, save_profile
+    from .profile import dist_env, parse_method, plot_profile, profile, retrieval_heads, save_profile
 
     rep = reporter or Reporter()
     out = _check_out(Path(out), (".safetensors",), "profile")
@@ -137,13 +135,12 @@ def do_profile(model: str, out: str | Path, lengths=None, samples: int | None = 
             raise HeadplanError(f"--plot output must end with .png: {plot_path}")
     if device_map is not None and device_map != "auto":
         raise HeadplanError(f"--device-map: only 'auto' is supported, got {device_map!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank, world, local_rank = dist_env()
     if world > 1:
         if device_map is not None:
             raise HeadplanError("--device-map auto cannot be combined with torchrun data parallelism")
         if str(device).startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
+            device = f"cuda:{local_rank}"
         if rank != 0:
             rep = Reporter()
     if lm is None:

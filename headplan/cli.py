@@ -106,15 +106,14 @@ def profile(model: str = ModelArg,
 
     Under torchrun (WORLD_SIZE > 1) the samples are split over the ranks; rank 0 writes the profile.
     """
-    import os
-
     from .api import do_profile
+    from .profile import dist_env
 
     res = do_profile(model, out, lengths, samples, data, text, candidates, dtype, device, reporter=_reporter(),
                      method=method, resume=resume, plot=plot or None, device_map=device_map,
                      checkpointing=checkpointing)
     prof, path = res
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if dist_env()[0] != 0:
         return
     con = _console()
     if plot and res.heads:

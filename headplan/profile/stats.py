@@ -26,6 +26,7 @@ import torch
 
 from ..candidates import Candidate
 from ..kernels import patterns as P
+from ..plan import DYNAMIC_KINDS
 
 SIGNALS = ("gradient", "mse", "recall")
 EPS_1MA = 1e-4
@@ -56,7 +57,7 @@ class Stats:
         self.stream_idx = [i for i, k in enumerate(kinds) if k == "streaming"]
         self.full_idx = [i for i, k in enumerate(kinds) if k == "full"]
         self.skip_idx = [i for i, k in enumerate(kinds) if k == "skip"]
-        self.mask_idx = [i for i, k in enumerate(kinds) if k in ("strided", "blocksparse", "vslash")]
+        self.mask_idx = [i for i, k in enumerate(kinds) if k == "strided" or k in DYNAMIC_KINDS]
 
     def reset(self) -> None:
         for t in self.acc.values():
