@@ -26,7 +26,7 @@ import torch
 
 from ..errors import HeadplanError
 from ..plan import KINDS, Plan
-from ..report import Reporter
+from ..progress import Reporter
 
 FULL_STEPS = (1, 2, 3, 4, 6, 8, 12, 16)
 

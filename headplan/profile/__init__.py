@@ -47,7 +47,7 @@ from .. import __version__
 from ..candidates import Candidate, density, kv_share
 from ..errors import HeadplanError, PlanError, ProfileError
 from ..plan import ModelIdentity, atomic_write
-from ..report import Reporter
+from ..progress import Reporter
 from .stats import SIGNALS, Stats
 
 FORMAT = "headplan-profile"
