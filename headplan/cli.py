@@ -67,7 +67,7 @@ def handles_errors(fn):
 
 
 def _reporter():
-    from .report import RichReporter
+    from .progress import RichReporter
 
     return RichReporter()
 
@@ -110,8 +110,8 @@ def profile(model: str = ModelArg,
 
     from .api import do_profile
 
-    res = do_profile(model, out, lengths, samples, data, text, candidates, dtype, device, reporter=_reporter(),
-                     method=method, resume=resume, plot=plot or None, device_map=device_map,
+    res = do_profile(model, out, lengths=lengths, samples=samples, data=data, texts=text, candidates=candidates,
+                     dtype=dtype, device=device, reporter=_reporter(), method=method, resume=resume, plot=plot or None, device_map=device_map,
                      checkpointing=checkpointing)
     prof, path = res
     if int(os.environ.get("RANK", "0") or 0) != 0:
@@ -165,8 +165,10 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
     """Assign each KV head a pattern: least profiled loss within the budgets (exact)."""
     from .api import do_search
 
-    plan = do_search(profile_path, out, density, kv_budget, lengths, latency_budget, memory_budget, cost_table,
-                     max_patterns, validate_lengths, pareto_points, tune_trials, str(study) if study else None,
+    plan = do_search(profile_path, out, density=density, kv_budget=kv_budget, lengths=lengths,
+                     latency_budget=latency_budget, memory_budget=memory_budget, cost_table=cost_table,
+                     max_patterns_per_layer=max_patterns, validate_lengths=validate_lengths,
+                     pareto_points=pareto_points, tune_trials=tune_trials, study=str(study) if study else None,
                      signals=signals, exclude_kinds=exclude_kinds, keep=keep, full_heads=full_heads)
     b = plan.budget
     msg = (f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
@@ -189,7 +191,7 @@ def costmodel_measure(out: Path = typer.Option(Path("cost.yaml"), "--out", "-o")
                       group: int = typer.Option(4, "--group", help="Query heads per KV head"),
                       lengths: str = typer.Option("4096,16384,32768")):
     """Time the kernels on this GPU over a grid and fit the cost table."""
-    from .api import _check_out, parse_lengths
+    from .args import _check_out, parse_lengths
     from .costmodel import measure
 
     _check_out(out, (".yaml", ".yml"), "cost table")
@@ -342,7 +344,8 @@ def eval_cmd(model: str = ModelArg,
     from .api import do_eval
 
     which = baseline_names if baseline_names else (True if baselines else None)
-    res = do_eval(model, plan if len(plan) > 1 else plan[0], out, data, text, dtype, device, reporter=_reporter(),
+    res = do_eval(model, plan if len(plan) > 1 else plan[0], out, data=data, texts=text, dtype=dtype, device=device,
+                  reporter=_reporter(),
                   baselines=which, profile=profile_path, seed=seed, lengths=lengths, samples=samples)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
@@ -378,8 +381,9 @@ def select_cmd(model: str = ModelArg,
     from .api import DEFAULT_DENSITY, do_select
 
     dens = density if (density is not None or kv_budget is not None) else DEFAULT_DENSITY
-    plan, table = do_select(model, profile_path, out, dens, kv_budget, lengths, signals, tolerance, data, samples,
-                            text, dtype, device, reporter=_reporter())
+    plan, table = do_select(model, profile_path, out, density=dens, kv_budget=kv_budget, lengths=lengths,
+                            signals=signals, tolerance=tolerance, data=data, samples=samples, texts=text,
+                            dtype=dtype, device=device, reporter=_reporter())
     sel = plan.provenance["selection"]
     t = Table(title=f"validation at {', '.join(map(str, sel['lengths']))} tokens (* = chosen)")
     for c in ("candidate", "ppl vs dense", "answer NLL", "patterns"):
@@ -404,7 +408,7 @@ def baselines_cmd(plan: Path = typer.Argument(..., metavar="PLAN", help="The pla
     evaluate them later with `headplan eval --plan NAME=FILE`."""
     from .api import do_baselines
 
-    for name, f in do_baselines(plan, out, names, profile_path, seed).items():
+    for name, f in do_baselines(plan, out, names=names, profile=profile_path, seed=seed).items():
         _console().print(f"{name} -> {f}")
 
 
@@ -443,8 +447,8 @@ def run(model: str = ModelArg,
 
     from .api import do_run
 
-    s = do_run(model, out, density, kv_budget, lengths, samples, data, eval_data, text, dtype, device,
-               reporter=_reporter(), candidates=candidates, select=select, tolerance=tolerance,
+    s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
+               eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(), candidates=candidates, select=select, tolerance=tolerance,
                **({"method": method} if method else {}))
     con = _console()
     con.print(_eval_table(s["eval"]))

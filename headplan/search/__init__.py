@@ -93,7 +93,7 @@ class SearchSettings:
 
 def parse_latency(s: str | None) -> tuple[float, int] | None:
     """'12.5@32768' or '12.5@32k' -> (12.5, 32768)."""
-    from ..api import parse_length
+    from ..args import parse_length
 
     if s is None:
         return None
@@ -106,7 +106,7 @@ def parse_latency(s: str | None) -> tuple[float, int] | None:
 
 def parse_memory(s: str | None) -> tuple[float, int, int] | None:
     """'20@8x32k' -> (20.0 GB, batch 8, length 32768)."""
-    from ..api import parse_length
+    from ..args import parse_length
 
     if s is None:
         return None
