@@ -259,7 +259,7 @@ def test_eval_progress_bar_covers_all_the_work(run_dir, monkeypatch):
     """Every forward pass happens before the bar's last step, and the steps add up to its total."""
     import contextlib
 
-    import headplan.eval as ev
+    import headplan.eval.driver as ev
     from headplan.plan import load_plan
     from headplan.progress import Reporter
 

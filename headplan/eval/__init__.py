@@ -10,8 +10,9 @@
 - the plan's attention density and KV share at each evaluated length, and KV bytes.
 """
 
-from .evaluate import GEN_ROOM, GRID_TASKS, _generate, _plan_budget, evaluate, method_info, spec_for
-from .scoring import _answer_nll, _logits, answer_nll, hit, logits, summed_kl, summed_nll, top1_agreements
+from .driver import (GEN_ROOM, GRID_TASKS, _answer_nll, _generate, _logits, _plan_budget, answer_nll, evaluate,
+                     logits, method_info, spec_for)
+from .scoring import hit, mean_nll, perplexity, summed_kl, summed_nll, top1_agreements
 
-__all__ = ["GEN_ROOM", "GRID_TASKS", "answer_nll", "evaluate", "hit", "logits", "method_info", "spec_for",
-           "summed_kl", "summed_nll", "top1_agreements"]
+__all__ = ["GEN_ROOM", "GRID_TASKS", "answer_nll", "evaluate", "hit", "logits", "mean_nll", "method_info",
+           "perplexity", "spec_for", "summed_kl", "summed_nll", "top1_agreements"]

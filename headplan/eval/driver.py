@@ -1,9 +1,9 @@
-"""The evaluation driver: dense and every method on the samples an eval spec describes (perplexity,
+"""The evaluation driver (``evaluate``; the module is not named evaluate.py, which the face's function
+``headplan.eval.evaluate`` would shadow): dense and every method on the samples an eval spec describes (perplexity,
 retrieval grids, continuations), and the spec fitted to the model's positions."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -12,11 +12,32 @@ from ..candidates import plan_shares
 from ..errors import HeadplanError
 from ..plan import Plan
 from ..progress import Reporter
-from .scoring import answer_nll, hit, logits, summed_kl, summed_nll, top1_agreements
+from .scoring import hit, mean_nll, perplexity, summed_kl, summed_nll, top1_agreements
 
 
 def _plan_budget(plan: Plan, n: int) -> tuple[float, float]:
     return plan_shares(plan.model, [[e.pattern for e in layer] for layer in plan.layers], n, plan.block_size)
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all when 0), float32."""
+    try:
+        out = model(ids, use_cache=False, logits_to_keep=keep)
+    except TypeError:  # a model without logits_to_keep
+        out = model(ids, use_cache=False)
+    lg = out.logits[0]
+    return (lg[-keep:] if keep else lg).float()
+
+
+def answer_nll(model, full: torch.Tensor, tgt: torch.Tensor) -> float:
+    """Mean negative log-likelihood (nats per token) of the last ``len(tgt)`` tokens of ``full``,
+    teacher-forced through whatever attention the model runs now."""
+    return mean_nll(_logits(model, full, len(tgt) + 1)[:-1].log_softmax(-1), tgt)
+
+
+_logits = logits  # every forward of the driver goes through this name (one place to hook them); and the
+_answer_nll = answer_nll  # old private names, which eval/select.py imports until it moves
 
 
 def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None, key: str | None = None) -> list[int]:
@@ -164,13 +185,13 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                 keep = n - start
                 tgt = ids[0, start + 1:]
                 with dense(model):
-                    ld_ = logits(model, ids, keep)[:-1].log_softmax(-1)
+                    ld_ = _logits(model, ids, keep)[:-1].log_softmax(-1)
                 advance()
                 nll_d += summed_nll(ld_, tgt)
                 top_d = ld_.argmax(-1)
                 for m in names:
                     apply(model, methods[m], check=False)
-                    lp_ = logits(model, ids, keep)[:-1].log_softmax(-1)
+                    lp_ = _logits(model, ids, keep)[:-1].log_softmax(-1)
                     a = acc[m]
                     a[0] += summed_nll(lp_, tgt)
                     a[1] += summed_kl(ld_, lp_)
@@ -179,10 +200,10 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                     advance()
                 count += tgt.numel()
                 del ld_
-            by = {m: {"ppl": math.exp(a[0] / count), "kl": a[1] / count, "top1_agree": a[2] / count}
+            by = {m: {"ppl": perplexity(a[0], count), "kl": a[1] / count, "top1_agree": a[2] / count}
                   for m, a in acc.items()}
             results["perplexity"].append({
-                "length": n, "samples": n_ppl, "tokens_scored": count, "ppl_dense": math.exp(nll_d / count),
+                "length": n, "samples": n_ppl, "tokens_scored": count, "ppl_dense": perplexity(nll_d, count),
                 "ppl_plan": by[primary]["ppl"], "kl": by[primary]["kl"], "top1_agree": by[primary]["top1_agree"],
                 "methods": by})
 
