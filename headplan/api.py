@@ -1,4 +1,4 @@
-"""The Python API behind each CLI verb: profile, search, apply, evaluate, run, check.
+"""The Python API behind each CLI verb: profile, search, select, apply, eval, baselines, report, run, check.
 
 Every function takes plain values and paths, validates its inputs before writing anything, and
 writes outputs atomically (temporary file + rename).
@@ -15,7 +15,7 @@ from .candidates import candidate_set
 from .errors import HeadplanError, PlanError
 from .plan import Plan, atomic_write, load_plan, save_plan
 from .args import (DEFAULT_LENGTHS, _baseline_names, _check_out, _signal_weights, fit_lengths,  # noqa: F401
-                   keep_pairs, named_plans, optional_lengths, parse_length, parse_lengths, pattern_kinds,
+                   check_budget, keep_pairs, named_plans, optional_lengths, parse_length, parse_lengths, pattern_kinds,
                    torchrun_ranks, whole_number)
 from .progress import Reporter
 
@@ -110,6 +110,27 @@ def load_cost(spec: str | None, head_dim: int, group: int):
     return load_cost_table(spec)
 
 
+def do_costmodel_measure(out: str | Path, *, head_dim: int = 128, group: int = 4, lengths="4096,16384,32768",
+                         reporter: Reporter | None = None):
+    """Time the kernels on this GPU over a grid of ``lengths``, fit the cost table and save it to OUT (.yaml).
+    Returns the table."""
+    from .costmodel import measure
+
+    out = _check_out(Path(out), (".yaml", ".yml"), "cost table")
+    t = measure(head_dim, group, parse_lengths(lengths), reporter or Reporter())
+    t.save(out)
+    return t
+
+
+def do_costmodel_validate(table: str, *, plans: int = 20, head_dim: int = 128, group: int = 4):
+    """Predicted vs measured prefill latency on ``plans`` random plans (needs the GPU); ``table`` is a cost
+    table YAML or 'analytic'. Returns (rows, summary)."""
+    from .costmodel import summary, validate
+
+    rows = validate(load_cost(table, head_dim, group), plans)
+    return rows, summary(rows)
+
+
 def provenance_file(plan_path: Path, rel: str, field: str, hint: str = "give the file on the command line",
                     root: str | Path | None = None) -> Path:
     """A file a plan's provenance names, relative to the plan's folder. It must lie inside the plan's
@@ -132,8 +153,6 @@ def provenance_file(plan_path: Path, rel: str, field: str, hint: str = "give the
 def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
     """The profile a plan was searched from, and its path: ``profile`` if given, else its provenance path
     (relative to the plan's folder); refused when its digest differs from the one the plan records."""
-    from .profile import load_profile
-
     pref = (plan.provenance or {}).get("profile") or {}
     if profile is not None:
         pp = Path(profile)
@@ -143,11 +162,18 @@ def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
         raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
     if not pp.exists():
         raise HeadplanError(f"profile not found: {pp} (pass --profile)")
+    return _recorded_profile(pp, pref), pp
+
+
+def _recorded_profile(pp: Path, pref: dict):
+    """The profile at ``pp``, refused when its digest differs from the one the plan records (``pref``)."""
+    from .profile import load_profile
+
     prof = load_profile(pp)
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
         raise HeadplanError(f"profile {pp} is not the one the plan was made from "
                             f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
-    return prof, pp
+    return prof
 
 
 def _save_baseline(plan: Plan, out: Path, profile_path: Path, sha256: str) -> None:
@@ -252,6 +278,49 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
                        for m, row in table.items()}}
     save_plan(plan, out)
     return plan, table
+
+
+def do_apply(model: str, plan_path: str | Path, *, prompt: str | None = None, max_new_tokens: int = 32,
+             out: str | Path | None = None, force: bool = False, dtype: str = "float32", device: str = "cpu",
+             reporter: Reporter | None = None, lm=None) -> dict:
+    """Load MODEL, patch it to run the plan; with ``prompt`` generate greedily, dense and with the plan; with
+    ``out`` save the patched model there (``force``: into a non-empty directory that is not a headplan
+    output). Returns {"lm", "counts", "dense", "plan"} (the two continuations, or None without a prompt)."""
+    import torch
+
+    from .models import load_model
+    from .runtime import apply as apply_plan
+    from .runtime import check_patched_out, check_plan_fits, dense, save_patched
+
+    rep = reporter or Reporter()
+    p = load_plan(plan_path)
+    if out is not None:
+        check_patched_out(out, force)
+    if lm is None:
+        lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    check_plan_fits(lm.model, p)
+    apply_plan(lm.model, p)
+    res = {"lm": lm, "counts": p.counts(), "dense": None, "plan": None}
+    if prompt is not None:
+        tok = lm.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+        else:
+            text = prompt
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=lm.model.device)
+        eos = getattr(tok, "eos_token_id", None)
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
+                  pad_token_id=eos if eos is not None else 0)
+        with torch.no_grad():
+            with dense(lm.model):
+                gd = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
+            gp = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
+        res["dense"] = tok.decode(gd.tolist(), skip_special_tokens=True)
+        res["plan"] = tok.decode(gp.tolist(), skip_special_tokens=True)
+    if out is not None:
+        save_patched(lm.model, p, out, lm.tokenizer, force=force)
+    return res
 
 
 def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = None, *, data: str | None = None,
@@ -360,15 +429,7 @@ def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budge
     ident = model or ModelIdentity("", 1, 1, 1, 1, 1, "")
     tables = dict(zip(("density", "kv_budget"), budget_tables(cands, lengths, 64, ident)))  # (L, C, lengths)
     for name, bound in (("density", density), ("kv_budget", kv_budget)):
-        if bound is None:
-            continue
-        if not 0.0 < bound <= 1.0:
-            raise HeadplanError(f"--{name.replace('_', '-')} must be in (0, 1], got {bound}")
-        for j, n in enumerate(lengths):
-            lo = float(tables[name][:, :, j].min(axis=1).mean())
-            if lo > bound + 1e-12:
-                raise HeadplanError(f"{name} {bound:g} is infeasible at length {n}: the cheapest candidates give "
-                                    f"{lo:.4f} (feasible range [{lo:.4f}, 1])")
+        check_budget(name, bound, lengths, lambda j, t=tables[name]: float(t[:, :, j].min(axis=1).mean()))
 
 
 def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_budget: float | None = None,
@@ -465,7 +526,6 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None, *,
     import yaml
 
     from .plan import plan_from_dict
-    from .profile import load_profile
 
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
@@ -475,10 +535,7 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None, *,
         if "path" not in pref:
             raise PlanError(f"{plan_path.name}.provenance.profile.path: missing; pass --profile")
         profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path", "pass --profile", root)
-    prof = load_profile(profile_path)
-    if pref.get("sha256") and pref["sha256"] != prof.sha256:
-        raise HeadplanError(f"profile {profile_path} is not the one the plan was made from "
-                            f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+    prof = _recorded_profile(profile_path, pref)
     if prov.get("baseline"):
         from .eval.baselines import regenerate
 

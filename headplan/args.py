@@ -165,3 +165,17 @@ def torchrun_ranks() -> tuple[int, int, int]:
     """(WORLD_SIZE, RANK, LOCAL_RANK) as torchrun sets them; (1, 0, 0) outside torchrun."""
     return (int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0),
             int(os.environ.get("LOCAL_RANK", "0") or 0))
+
+
+def check_budget(name: str, bound: float | None, lengths, lowest) -> None:
+    """A density or KV budget (``name``: density | kv_budget) must lie in (0, 1] and be reachable at every
+    length: ``lowest(j)`` is the least value the candidates can give at ``lengths[j]``."""
+    if bound is None:
+        return
+    if not 0.0 < bound <= 1.0:
+        raise HeadplanError(f"--{name.replace('_', '-')} must be in (0, 1], got {bound}")
+    for j, n in enumerate(lengths):
+        lo = lowest(j)
+        if lo > bound + 1e-12:
+            raise HeadplanError(f"{name} {bound:g} is infeasible at length {n}: the cheapest candidates give "
+                                f"{lo:.4f} (feasible range [{lo:.4f}, 1])")

@@ -106,15 +106,14 @@ def profile(model: str = ModelArg,
 
     Under torchrun (WORLD_SIZE > 1) the samples are split over the ranks; rank 0 writes the profile.
     """
-    import os
-
     from .api import do_profile
+    from .args import torchrun_ranks
 
     res = do_profile(model, out, lengths=lengths, samples=samples, data=data, texts=text, candidates=candidates,
                      dtype=dtype, device=device, reporter=_reporter(), method=method, resume=resume, plot=plot or None, device_map=device_map,
                      checkpointing=checkpointing)
     prof, path = res
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if torchrun_ranks()[1] != 0:
         return
     con = _console()
     if plot and res.heads:
@@ -191,12 +190,9 @@ def costmodel_measure(out: Path = typer.Option(Path("cost.yaml"), "--out", "-o")
                       group: int = typer.Option(4, "--group", help="Query heads per KV head"),
                       lengths: str = typer.Option("4096,16384,32768")):
     """Time the kernels on this GPU over a grid and fit the cost table."""
-    from .args import _check_out, parse_lengths
-    from .costmodel import measure
+    from .api import do_costmodel_measure
 
-    _check_out(out, (".yaml", ".yml"), "cost table")
-    t = measure(head_dim, group, parse_lengths(lengths), _reporter())
-    t.save(out)
+    t = do_costmodel_measure(out, head_dim=head_dim, group=group, lengths=lengths, reporter=_reporter())
     _console().print(f"cost table for {t.device.get('name')} -> {out}")
 
 
@@ -207,12 +203,9 @@ def costmodel_validate(table: str = typer.Option(..., "--table", help="Cost tabl
                        group: int = typer.Option(4, "--group"),
                        as_json: bool = Flag(False, "--json/--no-json", "Print JSON instead of a summary")):
     """Predicted vs measured prefill latency on random plans (needs the GPU)."""
-    from .api import load_cost
-    from .costmodel import summary, validate
+    from .api import do_costmodel_validate
 
-    t = load_cost(table, head_dim, group)
-    rows = validate(t, plans)
-    s = summary(rows)
+    rows, s = do_costmodel_validate(table, plans=plans, head_dim=head_dim, group=group)
     if as_json:
         sys.stdout.write(json.dumps({"rows": rows, "summary": s}, indent=2) + "\n")
     else:
@@ -230,42 +223,18 @@ def apply(model: str = ModelArg,
                              "not a headplan output (nothing else there is removed)"),
           dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Patch MODEL to run PLAN; optionally generate text and save the patched model."""
-    import torch
+    from .api import do_apply
 
-    from .models import load_model
-    from .plan import load_plan
-    from .runtime import apply as apply_plan
-    from .runtime import check_patched_out, check_plan_fits, dense, save_patched
-
-    p = load_plan(plan)
-    if out is not None:
-        check_patched_out(out, force)
-    lm = load_model(model, dtype=dtype, device=device, progress=_reporter().log)
-    check_plan_fits(lm.model, p)
-    apply_plan(lm.model, p)
+    r = do_apply(model, plan, prompt=prompt, max_new_tokens=max_new_tokens, out=out, force=force, dtype=dtype,
+                 device=device, reporter=_reporter())
     con = _console()
     if prompt is not None:
-        tok = lm.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-        else:
-            text = prompt
-        ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=lm.model.device)
-        eos = getattr(tok, "eos_token_id", None)
-        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
-                  pad_token_id=eos if eos is not None else 0)
-        with torch.no_grad():
-            with dense(lm.model):
-                gd = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
-            gp = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
-        con.print(f"[bold]dense:[/bold] {tok.decode(gd.tolist(), skip_special_tokens=True)}")
-        con.print(f"[bold]plan :[/bold] {tok.decode(gp.tolist(), skip_special_tokens=True)}")
+        con.print(f"[bold]dense:[/bold] {r['dense']}")
+        con.print(f"[bold]plan :[/bold] {r['plan']}")
     if out is not None:
-        save_patched(lm.model, p, out, lm.tokenizer, force=force)
         con.print(f"patched model -> {out} (load with headplan.load_patched('{out}'))")
     if prompt is None and out is None:
-        con.print(f"plan {plan} fits {model}: {p.counts()} (use --prompt to generate, --out to save)")
+        con.print(f"plan {plan} fits {model}: {r['counts']} (use --prompt to generate, --out to save)")
 
 
 def _vs_dense(v: float, d: float) -> str:
