@@ -110,8 +110,8 @@ def profile(model: str = ModelArg,
     from .args import torchrun_ranks
 
     res = do_profile(model, out, lengths=lengths, samples=samples, data=data, texts=text, candidates=candidates,
-                     dtype=dtype, device=device, reporter=_reporter(), method=method, resume=resume, plot=plot or None, device_map=device_map,
-                     checkpointing=checkpointing)
+                     dtype=dtype, device=device, reporter=_reporter(), method=method, resume=resume,
+                     plot=plot or None, device_map=device_map, checkpointing=checkpointing)
     prof, path = res
     if torchrun_ranks()[1] != 0:
         return
@@ -314,8 +314,8 @@ def eval_cmd(model: str = ModelArg,
 
     which = baseline_names if baseline_names else (True if baselines else None)
     res = do_eval(model, plan if len(plan) > 1 else plan[0], out, data=data, texts=text, dtype=dtype, device=device,
-                  reporter=_reporter(),
-                  baselines=which, profile=profile_path, seed=seed, lengths=lengths, samples=samples)
+                  reporter=_reporter(), baselines=which, profile=profile_path, seed=seed, lengths=lengths,
+                  samples=samples)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
     else:
@@ -417,7 +417,8 @@ def run(model: str = ModelArg,
     from .api import do_run
 
     s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
-               eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(), candidates=candidates, select=select, tolerance=tolerance,
+               eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
+               candidates=candidates, select=select, tolerance=tolerance,
                **({"method": method} if method else {}))
     con = _console()
     con.print(_eval_table(s["eval"]))
