@@ -1,4 +1,4 @@
-"""The Python API behind each CLI verb: profile, search, apply, evaluate, run, check.
+"""The Python API behind each CLI verb: profile, search, select, apply, eval, baselines, report, run, check.
 
 Every function takes plain values and paths, validates its inputs before writing anything, and
 writes outputs atomically (temporary file + rename).
@@ -14,82 +14,13 @@ from pathlib import Path
 from .candidates import candidate_set
 from .errors import HeadplanError, PlanError
 from .plan import Plan, atomic_write, load_plan, save_plan
-from .report import Reporter
+from .args import (DEFAULT_LENGTHS, _baseline_names, _check_out, _signal_weights, fit_lengths,  # noqa: F401
+                   check_budget, keep_pairs, named_plans, optional_lengths, parse_length, parse_lengths, pattern_kinds,
+                   whole_number)
+from .progress import Reporter
 
-DEFAULT_LENGTHS = (2048, 4096)
 DEFAULT_DENSITY = 0.25
 DEFAULT_RUN_METHOD = "recall"  # the profiling signal(s) of `headplan run`
-
-
-def parse_length(v, what: str = "length") -> int:
-    """One length: an integer, or N with a 'k' suffix meaning N x 1024 ('2k' -> 2048, '32K' -> 32768).
-    The one parser of lengths for every flag (--lengths, --latency-budget, --memory-budget...)."""
-    t = str(v).strip().lower()
-    try:
-        n = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
-    except ValueError:
-        raise HeadplanError(f"not a {what}: {v!r} (use e.g. 1024,2048 or 2k,4k; k = 1024)") from None
-    if n <= 0:
-        raise HeadplanError(f"{what}s must be positive, got {n}")
-    return n
-
-
-def parse_lengths(s: str | list | tuple) -> list[int]:
-    """'1024,2k' (or a list) -> sorted distinct lengths, each read by parse_length."""
-    if isinstance(s, (list, tuple)):
-        vals = list(s)
-    else:
-        vals = [x for x in str(s).replace(" ", "").split(",") if x]
-    out = [parse_length(v) for v in vals]
-    if not out:
-        raise HeadplanError("no lengths given")
-    return sorted(set(out))
-
-
-def fit_lengths(lengths, max_positions: int, flag: str = "--lengths", reporter: Reporter | None = None,
-                default=DEFAULT_LENGTHS) -> list[int]:
-    """The lengths to run at on a model of ``max_positions`` positions. Given lengths (a string or a list)
-    must fit: one that does not is refused with what to pass instead. ``None`` means ``default``: the
-    default lengths that do not fit are dropped (when none fits: half the positions and all of them),
-    and the reporter says so in one line."""
-    mp = int(max_positions)
-    if lengths is not None:
-        lens = parse_lengths(lengths)
-        bad = [n for n in lens if n > mp]
-        if bad:
-            ok = [n for n in lens if n <= mp] or [mp // 2, mp]
-            raise HeadplanError(f"length {bad[0]} exceeds the model's {mp} positions: pass {flag} "
-                                f"{','.join(map(str, ok))} (every length at most {mp})")
-        return lens
-    lens = [n for n in parse_lengths(default) if n <= mp] or sorted({max(64, mp // 2), mp})
-    if lens != parse_lengths(default):
-        (reporter or Reporter()).log(f"default {flag} {','.join(map(str, parse_lengths(default)))} does not fit "
-                                     f"the model's {mp} positions: using {','.join(map(str, lens))}")
-    return lens
-
-
-def _check_out(out: Path, suffixes: tuple[str, ...], what: str, directory: bool = False) -> Path:
-    """Refuse an output path before any work: wrong suffix, a directory where a file goes (or a file
-    where a directory goes), or a place that cannot be written (a parent that is a regular file, a
-    read-only directory)."""
-    out = Path(out)
-    if suffixes and out.suffix.lower() not in suffixes:
-        raise HeadplanError(f"{what} output must end with {' or '.join(suffixes)}: {out}")
-    if directory:
-        if out.exists() and not out.is_dir():
-            raise HeadplanError(f"--out {out}: exists and is not a directory ({what} output is a directory)")
-    elif out.exists() and out.is_dir():
-        raise HeadplanError(f"{what} output is a directory: {out}")
-    a = out if directory and out.is_dir() else out.parent
-    while not a.exists() and a != a.parent:
-        if a.is_symlink():
-            raise HeadplanError(f"--out {out}: {a} is a dangling link")
-        a = a.parent
-    if not a.is_dir():
-        raise HeadplanError(f"--out {out}: {a} is not a directory")
-    if not os.access(a, os.W_OK | os.X_OK):
-        raise HeadplanError(f"--out {out}: {a} is not writable")
-    return out
 
 
 class ProfileResult(tuple):
@@ -103,7 +34,7 @@ class ProfileResult(tuple):
         return self
 
 
-def do_profile(model: str, out: str | Path, lengths=None, samples: int | None = None,
+def do_profile(model: str, out: str | Path, *, lengths=None, samples: int | None = None,
                data: str | None = None, texts: list[str] | None = None, candidates: str = "default",
                dtype: str = "float32", device: str = "cpu", block: int = 64, reporter: Reporter | None = None,
                lm=None, method: str = "recall", resume: str | Path | None = None, plot: str | Path | bool | None = None,
@@ -179,31 +110,25 @@ def load_cost(spec: str | None, head_dim: int, group: int):
     return load_cost_table(spec)
 
 
-def _signal_weights(text, flag: str) -> tuple[tuple[str, float], ...]:
-    """'gradient=0.3,recall=0.7' (or a dict) -> ((name, weight), ...); errors name ``flag``."""
-    from .profile import DERIVED, SIGNALS, parse_method
+def do_costmodel_measure(out: str | Path, *, head_dim: int = 128, group: int = 4, lengths="4096,16384,32768",
+                         reporter: Reporter | None = None):
+    """Time the kernels on this GPU over a grid of ``lengths``, fit the cost table and save it to OUT (.yaml).
+    Returns the table."""
+    from .costmodel import measure
 
-    if not text:
-        return ()
-    try:
-        return tuple(parse_method(text, SIGNALS + tuple(DERIVED)).items())
-    except HeadplanError as e:
-        raise HeadplanError(f"{flag}: {e}".replace("--method", flag).replace("profiling method", "signal")) from None
+    out = _check_out(Path(out), (".yaml", ".yml"), "cost table")
+    t = measure(head_dim, group, parse_lengths(lengths), reporter or Reporter())
+    t.save(out)
+    return t
 
 
-def _baseline_names(value) -> list[str]:
-    """True -> every baseline; 'a,b' or a list -> those names (checked); None/False -> none."""
-    from .search.baselines import BASELINES
+def do_costmodel_validate(table: str, *, plans: int = 20, head_dim: int = 128, group: int = 4):
+    """Predicted vs measured prefill latency on ``plans`` random plans (needs the GPU); ``table`` is a cost
+    table YAML or 'analytic'. Returns (rows, summary)."""
+    from .costmodel import summary, validate
 
-    if value is True:
-        return list(BASELINES)
-    if not value:
-        return []
-    names = [x.strip() for x in (value.split(",") if isinstance(value, str) else value) if x.strip()]
-    for x in names:
-        if x not in BASELINES:
-            raise HeadplanError(f"unknown baseline {x!r} (known: {', '.join(BASELINES)})")
-    return names
+    rows = validate(load_cost(table, head_dim, group), plans)
+    return rows, summary(rows)
 
 
 def provenance_file(plan_path: Path, rel: str, field: str, hint: str = "give the file on the command line",
@@ -228,8 +153,6 @@ def provenance_file(plan_path: Path, rel: str, field: str, hint: str = "give the
 def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
     """The profile a plan was searched from, and its path: ``profile`` if given, else its provenance path
     (relative to the plan's folder); refused when its digest differs from the one the plan records."""
-    from .profile import load_profile
-
     pref = (plan.provenance or {}).get("profile") or {}
     if profile is not None:
         pp = Path(profile)
@@ -239,11 +162,18 @@ def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
         raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
     if not pp.exists():
         raise HeadplanError(f"profile not found: {pp} (pass --profile)")
+    return _recorded_profile(pp, pref), pp
+
+
+def _recorded_profile(pp: Path, pref: dict):
+    """The profile at ``pp``, refused when its digest differs from the one the plan records (``pref``)."""
+    from .profile import load_profile
+
     prof = load_profile(pp)
     if pref.get("sha256") and pref["sha256"] != prof.sha256:
         raise HeadplanError(f"profile {pp} is not the one the plan was made from "
                             f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
-    return prof, pp
+    return prof
 
 
 def _save_baseline(plan: Plan, out: Path, profile_path: Path, sha256: str) -> None:
@@ -254,7 +184,7 @@ def _save_baseline(plan: Plan, out: Path, profile_path: Path, sha256: str) -> No
     save_plan(plan, out)
 
 
-def do_search(profile_path: str | Path, out: str | Path, density: float | None = DEFAULT_DENSITY,
+def do_search(profile_path: str | Path, out: str | Path, *, density: float | None = DEFAULT_DENSITY,
               kv_budget: float | None = None, lengths=None, latency_budget: str | None = None,
               memory_budget: str | None = None, cost_table: str | None = None,
               max_patterns_per_layer: int | None = None, validate_lengths=None, pareto_points: int = 0,
@@ -269,30 +199,21 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
 
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
     for flag, v in (("--pareto", pareto_points), ("--tune", tune_trials)):  # before any work is written
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise HeadplanError(f"{flag} takes a whole number >= 0, got {v!r}")
+        whole_number(flag, v)
     lat, mem = parse_latency(latency_budget), parse_memory(memory_budget)
     if density is None and kv_budget is None and lat is None and mem is None:
         raise HeadplanError("give a budget: --density, --kv-budget, --latency-budget and/or --memory-budget")
     prof = load_profile(profile_path)
     m = prof.model
     sig = _signal_weights(signals, "--signals")
-    if isinstance(keep, str) and any("=" not in part for part in keep.split(",") if part.strip()):
-        raise HeadplanError(f"--keep: give SIGNAL=SLACK pairs, e.g. recall=1.2 (got {keep!r})")
-    keep_t = _signal_weights(keep, "--keep")
-    kinds = tuple(x.strip() for x in (exclude_kinds.split(",") if isinstance(exclude_kinds, str)
-                                      else (exclude_kinds or ())) if x.strip())
-    from .plan import KINDS as _KINDS
-
-    for k in kinds:
-        if k not in _KINDS:
-            raise HeadplanError(f"--exclude-kinds: unknown pattern kind {k!r} (known: {', '.join(_KINDS)})")
+    keep_t = keep_pairs(keep)
+    kinds = pattern_kinds(exclude_kinds)
     cost = load_cost(cost_table or ("analytic" if (lat or mem) else None), m.head_dim,
                      m.num_query_heads // m.num_kv_heads)
     settings = SearchSettings(density=density, kv_budget=kv_budget,
-                              lengths=tuple(parse_lengths(lengths)) if lengths else None,
+                              lengths=optional_lengths(lengths),
                               latency_budget=lat, memory_budget=mem, max_patterns_per_layer=max_patterns_per_layer,
-                              validate_lengths=tuple(parse_lengths(validate_lengths)) if validate_lengths else (),
+                              validate_lengths=optional_lengths(validate_lengths) or (),
                               signals=sig, exclude_kinds=kinds, keep=keep_t, full_heads=full_heads)
     ref = profile_ref(profile_path, out, prof.sha256)
     if tune_trials:
@@ -312,13 +233,13 @@ def do_search(profile_path: str | Path, out: str | Path, density: float | None =
     return plan
 
 
-def do_select(model: str, profile_path: str | Path, out: str | Path, density: float | None = DEFAULT_DENSITY,
+def do_select(model: str, profile_path: str | Path, out: str | Path, *, density: float | None = DEFAULT_DENSITY,
               kv_budget: float | None = None, lengths=None, signals: str | dict | None = None,
               tolerance: float = 0.02, data: str | None = None, samples: int | None = None,
               texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
               reporter: Reporter | None = None, lm=None) -> tuple[Plan, dict]:
     """Search a family of plans at one budget, run each on validation samples, save the one the rule
-    picks (``headplan.eval.select``); its provenance records every candidate's measured losses.
+    picks (``headplan.search.family`` builds the family, ``headplan.eval.validate`` measures it); its provenance records every candidate's measured losses.
     Returns (plan, {name: {lm_nll, answer_nll, ppl_vs_dense, counts}})."""
     from .data import load_task_file, load_texts
     from .eval.validate import check_arguments, validate
@@ -334,7 +255,7 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
     check_arguments(spec, samples, tolerance)  # everything that needs no model or profile, first
     load_texts(texts)
     base = SearchSettings(density=density, kv_budget=kv_budget,
-                          lengths=tuple(parse_lengths(lengths)) if lengths else None,
+                          lengths=optional_lengths(lengths),
                           signals=_signal_weights(signals, "--signals"))
     prof = load_profile(profile_path)
     plans = build_family(prof, base, profile_ref(profile_path, out, prof.sha256))
@@ -359,7 +280,50 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, density: fl
     return plan, table
 
 
-def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = None, data: str | None = None,
+def do_apply(model: str, plan_path: str | Path, *, prompt: str | None = None, max_new_tokens: int = 32,
+             out: str | Path | None = None, force: bool = False, dtype: str = "float32", device: str = "cpu",
+             reporter: Reporter | None = None, lm=None) -> dict:
+    """Load MODEL, patch it to run the plan; with ``prompt`` generate greedily, dense and with the plan; with
+    ``out`` save the patched model there (``force``: into a non-empty directory that is not a headplan
+    output). Returns {"lm", "counts", "dense", "plan"} (the two continuations, or None without a prompt)."""
+    import torch
+
+    from .models import load_model
+    from .runtime import apply as apply_plan
+    from .runtime import check_patched_out, check_plan_fits, dense, save_patched
+
+    rep = reporter or Reporter()
+    p = load_plan(plan_path)
+    if out is not None:
+        check_patched_out(out, force)
+    if lm is None:
+        lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    check_plan_fits(lm.model, p)
+    apply_plan(lm.model, p)
+    res = {"lm": lm, "counts": p.counts(), "dense": None, "plan": None}
+    if prompt is not None:
+        tok = lm.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+        else:
+            text = prompt
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=lm.model.device)
+        eos = getattr(tok, "eos_token_id", None)
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
+                  pad_token_id=eos if eos is not None else 0)
+        with torch.no_grad():
+            with dense(lm.model):
+                gd = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
+            gp = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
+        res["dense"] = tok.decode(gd.tolist(), skip_special_tokens=True)
+        res["plan"] = tok.decode(gp.tolist(), skip_special_tokens=True)
+    if out is not None:
+        save_patched(lm.model, p, out, lm.tokenizer, force=force)
+    return res
+
+
+def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = None, *, data: str | None = None,
             texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
             reporter: Reporter | None = None, lm=None, baselines: bool | str | list | None = None,
             profile: str | Path | None = None, seed: int = 0, lengths=None, samples: int | None = None) -> dict:
@@ -379,20 +343,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     rep = reporter or Reporter()
     if out is not None:
         _check_out(Path(out), (), "eval", directory=True)
-    given = [str(p) for p in (plan_path if isinstance(plan_path, (list, tuple)) else [plan_path])]
-    if not given:
-        raise HeadplanError("give a plan: --plan PLAN")
-    names_given, paths = [], []
-    for g in given:  # NAME=PATH names a method (e.g. a baseline plan built earlier); PATH alone is "headplan"
-        name, sep, rest = g.partition("=")
-        if sep and name and not any(c in name for c in "/\\") and not Path(g).is_file():
-            if not all(c.isalnum() or c in "_-.@" for c in name):
-                raise HeadplanError(f"--plan {g}: a method name may use letters, digits, _ - . @ only")
-            names_given.append(name)
-            paths.append(Path(rest))
-        else:
-            names_given.append(None)
-            paths.append(Path(g))
+    names_given, paths = named_plans(plan_path)
     plans = [load_plan(p) for p in paths]
     spec, note = spec_for(load_task_file(data, "eval"), min(p.model.max_positions for p in plans), lengths, samples,
                           given=data is not None)
@@ -440,7 +391,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     return res
 
 
-def do_baselines(plan_path: str | Path, out: str | Path, names=None, profile: str | Path | None = None,
+def do_baselines(plan_path: str | Path, out: str | Path, *, names=None, profile: str | Path | None = None,
                  seed: int = 0) -> dict[str, Path]:
     """Write the baseline plans (streaming, duo, moa, random) at PLAN's budget, built from the profile
     the plan was searched from, as ``OUT/<name>.yaml``, without evaluating them."""
@@ -460,9 +411,9 @@ def do_baselines(plan_path: str | Path, out: str | Path, names=None, profile: st
 
 
 def do_report(run_dir: str | Path, out: str | Path) -> dict:
-    """Markdown + HTML report with PNGs from the eval.json files in RUN_DIR (see headplan.report_md).
+    """Markdown + HTML report with PNGs from the eval.json files in RUN_DIR (see headplan.report).
     Returns {"markdown", "html", "images", "evals"}."""
-    from .report_md import write_report
+    from .report import write_report
 
     _check_out(Path(out), (), "report", directory=True)
     return write_report(run_dir, out)
@@ -478,18 +429,10 @@ def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budge
     ident = model or ModelIdentity("", 1, 1, 1, 1, 1, "")
     tables = dict(zip(("density", "kv_budget"), budget_tables(cands, lengths, 64, ident)))  # (L, C, lengths)
     for name, bound in (("density", density), ("kv_budget", kv_budget)):
-        if bound is None:
-            continue
-        if not 0.0 < bound <= 1.0:
-            raise HeadplanError(f"--{name.replace('_', '-')} must be in (0, 1], got {bound}")
-        for j, n in enumerate(lengths):
-            lo = float(tables[name][:, :, j].min(axis=1).mean())
-            if lo > bound + 1e-12:
-                raise HeadplanError(f"{name} {bound:g} is infeasible at length {n}: the cheapest candidates give "
-                                    f"{lo:.4f} (feasible range [{lo:.4f}, 1])")
+        check_budget(name, bound, lengths, lambda j, t=tables[name]: float(t[:, :, j].min(axis=1).mean()))
 
 
-def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_budget: float | None = None,
+def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_budget: float | None = None,
            lengths=None, samples: int | None = None, data: str | None = None,
            eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
            device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
@@ -511,17 +454,17 @@ def do_run(model: str, out: str | Path, density: float = DEFAULT_DENSITY, kv_bud
     t_load = time.time() - t0
     prof_path = out / "profile.safetensors"
     plan_path = out / "plan.yaml"
-    prof, _ = do_profile(model, prof_path, lengths, samples, data, texts, candidates, dtype=dtype, device=device,
-                         reporter=rep, lm=lm, method=method)
+    prof, _ = do_profile(model, prof_path, lengths=lengths, samples=samples, data=data, texts=texts,
+                         candidates=candidates, dtype=dtype, device=device, reporter=rep, lm=lm, method=method)
     t_prof = time.time() - t0 - t_load
     selection = None
     if select:
-        plan, table = do_select(model, prof_path, plan_path, density, kv_budget, tolerance=tolerance, texts=texts,
-                                reporter=rep, lm=lm)
+        plan, table = do_select(model, prof_path, plan_path, density=density, kv_budget=kv_budget,
+                                tolerance=tolerance, texts=texts, reporter=rep, lm=lm)
         selection = {"chosen": plan.provenance["selection"]["chosen"], "tolerance": tolerance, "candidates": table}
     else:
-        plan = do_search(prof_path, plan_path, density, kv_budget)
-    res = do_eval(model, plan_path, out, eval_data, texts, reporter=rep, lm=lm)
+        plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget)
+    res = do_eval(model, plan_path, out, data=eval_data, texts=texts, reporter=rep, lm=lm)
     summary = {
         "model": model, "method": prof.method, "density_budget": density, "kv_budget": kv_budget,
         "profiled_lengths": list(prof.lengths), "plan_counts": plan.counts(),
@@ -583,7 +526,6 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None, *,
     import yaml
 
     from .plan import plan_from_dict
-    from .profile import load_profile
 
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
@@ -593,10 +535,7 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None, *,
         if "path" not in pref:
             raise PlanError(f"{plan_path.name}.provenance.profile.path: missing; pass --profile")
         profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path", "pass --profile", root)
-    prof = load_profile(profile_path)
-    if pref.get("sha256") and pref["sha256"] != prof.sha256:
-        raise HeadplanError(f"profile {profile_path} is not the one the plan was made from "
-                            f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
+    prof = _recorded_profile(profile_path, pref)
     if prov.get("baseline"):
         from .search.baselines import regenerate
 

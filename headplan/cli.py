@@ -67,7 +67,7 @@ def handles_errors(fn):
 
 
 def _reporter():
-    from .report import RichReporter
+    from .progress import RichReporter
 
     return RichReporter()
 
@@ -109,9 +109,9 @@ def profile(model: str = ModelArg,
     from .api import do_profile
     from .profile import dist_env
 
-    res = do_profile(model, out, lengths, samples, data, text, candidates, dtype, device, reporter=_reporter(),
-                     method=method, resume=resume, plot=plot or None, device_map=device_map,
-                     checkpointing=checkpointing)
+    res = do_profile(model, out, lengths=lengths, samples=samples, data=data, texts=text, candidates=candidates,
+                     dtype=dtype, device=device, reporter=_reporter(), method=method, resume=resume,
+                     plot=plot or None, device_map=device_map, checkpointing=checkpointing)
     prof, path = res
     if dist_env()[0] != 0:
         return
@@ -164,8 +164,10 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
     """Assign each KV head a pattern: least profiled loss within the budgets (exact)."""
     from .api import do_search
 
-    plan = do_search(profile_path, out, density, kv_budget, lengths, latency_budget, memory_budget, cost_table,
-                     max_patterns, validate_lengths, pareto_points, tune_trials, str(study) if study else None,
+    plan = do_search(profile_path, out, density=density, kv_budget=kv_budget, lengths=lengths,
+                     latency_budget=latency_budget, memory_budget=memory_budget, cost_table=cost_table,
+                     max_patterns_per_layer=max_patterns, validate_lengths=validate_lengths,
+                     pareto_points=pareto_points, tune_trials=tune_trials, study=str(study) if study else None,
                      signals=signals, exclude_kinds=exclude_kinds, keep=keep, full_heads=full_heads)
     b = plan.budget
     msg = (f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
@@ -188,12 +190,9 @@ def costmodel_measure(out: Path = typer.Option(Path("cost.yaml"), "--out", "-o")
                       group: int = typer.Option(4, "--group", help="Query heads per KV head"),
                       lengths: str = typer.Option("4096,16384,32768")):
     """Time the kernels on this GPU over a grid and fit the cost table."""
-    from .api import _check_out, parse_lengths
-    from .costmodel import measure
+    from .api import do_costmodel_measure
 
-    _check_out(out, (".yaml", ".yml"), "cost table")
-    t = measure(head_dim, group, parse_lengths(lengths), _reporter())
-    t.save(out)
+    t = do_costmodel_measure(out, head_dim=head_dim, group=group, lengths=lengths, reporter=_reporter())
     _console().print(f"cost table for {t.device.get('name')} -> {out}")
 
 
@@ -204,12 +203,9 @@ def costmodel_validate(table: str = typer.Option(..., "--table", help="Cost tabl
                        group: int = typer.Option(4, "--group"),
                        as_json: bool = Flag(False, "--json/--no-json", "Print JSON instead of a summary")):
     """Predicted vs measured prefill latency on random plans (needs the GPU)."""
-    from .api import load_cost
-    from .costmodel import summary, validate
+    from .api import do_costmodel_validate
 
-    t = load_cost(table, head_dim, group)
-    rows = validate(t, plans)
-    s = summary(rows)
+    rows, s = do_costmodel_validate(table, plans=plans, head_dim=head_dim, group=group)
     if as_json:
         sys.stdout.write(json.dumps({"rows": rows, "summary": s}, indent=2) + "\n")
     else:
@@ -227,42 +223,18 @@ def apply(model: str = ModelArg,
                              "not a headplan output (nothing else there is removed)"),
           dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Patch MODEL to run PLAN; optionally generate text and save the patched model."""
-    import torch
+    from .api import do_apply
 
-    from .models import load_model
-    from .plan import load_plan
-    from .runtime import apply as apply_plan
-    from .runtime import check_patched_out, check_plan_fits, dense, save_patched
-
-    p = load_plan(plan)
-    if out is not None:
-        check_patched_out(out, force)
-    lm = load_model(model, dtype=dtype, device=device, progress=_reporter().log)
-    check_plan_fits(lm.model, p)
-    apply_plan(lm.model, p)
+    r = do_apply(model, plan, prompt=prompt, max_new_tokens=max_new_tokens, out=out, force=force, dtype=dtype,
+                 device=device, reporter=_reporter())
     con = _console()
     if prompt is not None:
-        tok = lm.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-        else:
-            text = prompt
-        ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=lm.model.device)
-        eos = getattr(tok, "eos_token_id", None)
-        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
-                  pad_token_id=eos if eos is not None else 0)
-        with torch.no_grad():
-            with dense(lm.model):
-                gd = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
-            gp = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
-        con.print(f"[bold]dense:[/bold] {tok.decode(gd.tolist(), skip_special_tokens=True)}")
-        con.print(f"[bold]plan :[/bold] {tok.decode(gp.tolist(), skip_special_tokens=True)}")
+        con.print(f"[bold]dense:[/bold] {r['dense']}")
+        con.print(f"[bold]plan :[/bold] {r['plan']}")
     if out is not None:
-        save_patched(lm.model, p, out, lm.tokenizer, force=force)
         con.print(f"patched model -> {out} (load with headplan.load_patched('{out}'))")
     if prompt is None and out is None:
-        con.print(f"plan {plan} fits {model}: {p.counts()} (use --prompt to generate, --out to save)")
+        con.print(f"plan {plan} fits {model}: {r['counts']} (use --prompt to generate, --out to save)")
 
 
 def _vs_dense(v: float, d: float) -> str:
@@ -341,8 +313,9 @@ def eval_cmd(model: str = ModelArg,
     from .api import do_eval
 
     which = baseline_names if baseline_names else (True if baselines else None)
-    res = do_eval(model, plan if len(plan) > 1 else plan[0], out, data, text, dtype, device, reporter=_reporter(),
-                  baselines=which, profile=profile_path, seed=seed, lengths=lengths, samples=samples)
+    res = do_eval(model, plan if len(plan) > 1 else plan[0], out, data=data, texts=text, dtype=dtype, device=device,
+                  reporter=_reporter(), baselines=which, profile=profile_path, seed=seed, lengths=lengths,
+                  samples=samples)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
     else:
@@ -377,8 +350,9 @@ def select_cmd(model: str = ModelArg,
     from .api import DEFAULT_DENSITY, do_select
 
     dens = density if (density is not None or kv_budget is not None) else DEFAULT_DENSITY
-    plan, table = do_select(model, profile_path, out, dens, kv_budget, lengths, signals, tolerance, data, samples,
-                            text, dtype, device, reporter=_reporter())
+    plan, table = do_select(model, profile_path, out, density=dens, kv_budget=kv_budget, lengths=lengths,
+                            signals=signals, tolerance=tolerance, data=data, samples=samples, texts=text,
+                            dtype=dtype, device=device, reporter=_reporter())
     sel = plan.provenance["selection"]
     t = Table(title=f"validation at {', '.join(map(str, sel['lengths']))} tokens (* = chosen)")
     for c in ("candidate", "ppl vs dense", "answer NLL", "patterns"):
@@ -403,7 +377,7 @@ def baselines_cmd(plan: Path = typer.Argument(..., metavar="PLAN", help="The pla
     evaluate them later with `headplan eval --plan NAME=FILE`."""
     from .api import do_baselines
 
-    for name, f in do_baselines(plan, out, names, profile_path, seed).items():
+    for name, f in do_baselines(plan, out, names=names, profile=profile_path, seed=seed).items():
         _console().print(f"{name} -> {f}")
 
 
@@ -442,8 +416,9 @@ def run(model: str = ModelArg,
 
     from .api import do_run
 
-    s = do_run(model, out, density, kv_budget, lengths, samples, data, eval_data, text, dtype, device,
-               reporter=_reporter(), candidates=candidates, select=select, tolerance=tolerance,
+    s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
+               eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
+               candidates=candidates, select=select, tolerance=tolerance,
                **({"method": method} if method else {}))
     con = _console()
     con.print(_eval_table(s["eval"]))

@@ -32,7 +32,7 @@ def _budget_ok(plan, dens, kvb):
 def test_baselines_meet_the_plans_budget_and_are_valid_plans(run_dir, tmp_path, dens, kvb):
     from headplan.api import do_search
 
-    plan = do_search(run_dir / "profile.safetensors", tmp_path / "p.yaml", dens, kvb)
+    plan = do_search(run_dir / "profile.safetensors", tmp_path / "p.yaml", density=dens, kv_budget=kvb)
     prof = load_profile(run_dir / "profile.safetensors")
     bl = build_baselines(prof, plan)
     assert list(bl) == list(BASELINES)

@@ -259,9 +259,9 @@ def test_eval_progress_bar_covers_all_the_work(run_dir, monkeypatch):
     """Every forward pass happens before the bar's last step, and the steps add up to its total."""
     import contextlib
 
-    import headplan.eval as ev
+    import headplan.eval.driver as ev
     from headplan.plan import load_plan
-    from headplan.report import Reporter
+    from headplan.progress import Reporter
 
     events = []
     for fn in ("_logits", "_generate"):
@@ -309,7 +309,7 @@ def test_kv_report_uses_the_model_dtype_and_matches_a_full_cache():
 def test_report_figures_legends_titles_and_quality_axis(run_dir, monkeypatch, tmp_path):
     import json
 
-    import headplan.report_md as rm
+    import headplan.report.plots as rm
     from headplan.plan import load_plan
 
     figs = {}

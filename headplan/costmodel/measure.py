@@ -58,7 +58,7 @@ def measure(head_dim: int = 128, group: int = 4, lengths=(4096, 16384, 32768), r
 
     from ..candidates import density
     from ..kernels.decode import sparse_decode
-    from ..report import Reporter
+    from ..progress import Reporter
 
     if not torch.cuda.is_available():
         raise HeadplanError("costmodel measure needs a CUDA GPU (use the analytic model without one)")

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import HeadplanError
 from ..plan import Plan
-from ..report import Reporter
+from ..progress import Reporter
 from ..search.family import check_tolerance
 
 
@@ -20,7 +20,7 @@ def validate(lm, plans: dict[str, Plan], spec: dict, lengths, texts=None, sample
     token over the scored tail) and the mean answer NLL (nats per answer token, averaged over samples)."""
     from ..data import Haystack, answer_options, load_texts, mixture_samples
     from ..runtime import apply, check_plan_fits, dense
-    from . import _answer_nll  # wanted public: eval.answer_nll
+    from .driver import answer_nll
 
     rep = reporter or Reporter()
     model = lm.model
@@ -48,10 +48,10 @@ def validate(lm, plans: dict[str, Plan], spec: dict, lengths, texts=None, sample
             for m in names:
                 if m == "dense":
                     with dense(model):
-                        v = _answer_nll(model, full, tgt)
+                        v = answer_nll(model, full, tgt)
                 else:
                     apply(model, plans[m], check=False)
-                    v = _answer_nll(model, full, tgt)
+                    v = answer_nll(model, full, tgt)
                 if s.answer_ids:
                     ans[m].append(v)
                 else:

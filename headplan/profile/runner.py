@@ -40,7 +40,7 @@ import torch
 from ..candidates import Candidate, density, kv_share
 from ..errors import HeadplanError
 from ..plan import ModelIdentity
-from ..report import Reporter
+from ..progress import Reporter
 from .format import Profile, versions
 from .hook import _ATTN_NAME, _STATE, _register
 from .resume import _StateDir

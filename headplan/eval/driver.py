@@ -1,0 +1,319 @@
+"""The evaluation driver (``evaluate``; the module is not named evaluate.py, which the face's function
+``headplan.eval.evaluate`` would shadow): dense and every method on the samples an eval spec describes (perplexity,
+retrieval grids, continuations), and the spec fitted to the model's positions."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..candidates import plan_shares
+from ..errors import HeadplanError
+from ..plan import Plan
+from ..progress import Reporter
+from .scoring import hit, mean_nll, perplexity, summed_kl, summed_nll, top1_agreements
+
+
+def _plan_budget(plan: Plan, n: int) -> tuple[float, float]:
+    return plan_shares(plan.model, [[e.pattern for e in layer] for layer in plan.layers], n, plan.block_size)
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all when 0), float32."""
+    try:
+        out = model(ids, use_cache=False, logits_to_keep=keep)
+    except TypeError:  # a model without logits_to_keep
+        out = model(ids, use_cache=False)
+    lg = out.logits[0]
+    return (lg[-keep:] if keep else lg).float()
+
+
+def answer_nll(model, full: torch.Tensor, tgt: torch.Tensor) -> float:
+    """Mean negative log-likelihood (nats per token) of the last ``len(tgt)`` tokens of ``full``,
+    teacher-forced through whatever attention the model runs now."""
+    return mean_nll(_logits(model, full, len(tgt) + 1)[:-1].log_softmax(-1), tgt)
+
+
+_logits = logits  # every forward of the driver goes through this name (one place to hook them)
+
+
+def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None, key: str | None = None) -> list[int]:
+    """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan)."""
+    from transformers import DynamicCache
+
+    from ..runtime import NAME, cache_kwarg, new_cache
+
+    plan_mode = model.config._attn_implementation == NAME
+    # dense: the model's own cache (its sliding layers keep only their window, as in plain generate())
+    cache = new_cache(model, ids.shape[1] + n_new + 1) if plan_mode else DynamicCache(config=model.config)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                         pad_token_id=eos if eos is not None else 0, **{cache_kwarg(model): cache})
+    if mem is not None:
+        if plan_mode:
+            b = cache.kv_bytes()
+        else:
+            b = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers
+                    if getattr(layer, "keys", None) is not None)
+        key = key or ("plan" if plan_mode else "dense")
+        mem[key] = max(mem.get(key, 0), b)
+    return out[0, ids.shape[1]:].tolist()
+
+
+# retrieval tasks of the grid: spec key -> (sample task in headplan.data, fixed options)
+GRID_TASKS = {"passkey": ("passkey", {}), "multikey": ("passkey", {"keys": 4}), "needle": ("needle", {}),
+              "kv_retrieval": ("kv_retrieval", {})}
+
+
+GEN_ROOM = 32  # positions a default-spec retrieval case keeps free for its generated answer
+
+
+def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None = None,
+             given: bool = True) -> tuple[dict, str | None]:
+    """The eval spec to run on a model of ``max_positions`` positions. ``lengths`` / ``samples`` (``eval
+    --lengths/--samples``) replace the lengths and samples of every task the spec has. Lengths must fit:
+    in a spec the user ``given`` (or given ``lengths``) one that does not is refused with what to pass;
+    from the default spec it is dropped. Returns (spec, the one line that says what was dropped, or None)."""
+    import copy
+
+    from ..args import fit_lengths
+
+    mp = int(max_positions)
+    s = copy.deepcopy(spec)
+    if samples is not None and int(samples) < 1:
+        raise HeadplanError(f"--samples must be at least 1, got {samples}")
+    keys = [k for k in ("perplexity", *GRID_TASKS) if isinstance(s.get(k), dict)]
+    for k in keys:
+        if lengths is not None:
+            s[k]["lengths"] = fit_lengths(lengths, mp)
+        if samples is not None:
+            s[k]["samples"] = int(samples)
+    dropped = []
+    for k in keys:
+        lens = [int(n) for n in s[k].get("lengths") or []]
+        if given or lengths is not None:
+            if lens:
+                fit_lengths(lens, mp)
+        else:  # retrieval also generates the answer: room for it past the prompt
+            room = 0 if k == "perplexity" else GEN_ROOM
+            dropped += [n for n in lens if n + room > mp]
+            s[k]["lengths"] = [n for n in lens if n + room <= mp]
+    c = s.get("continuations")
+    if isinstance(c, dict) and int(c.get("length", 512)) + int(c.get("tokens", 32)) > mp and not given:
+        dropped.append(int(c.get("length", 512)))
+        c["length"] = mp - int(c.get("tokens", 32))
+    note = None
+    if dropped:
+        note = (f"eval spec {s.get('name', '')}: lengths {','.join(map(str, sorted(set(dropped))))} do not fit the "
+                f"model's {mp} positions (retrieval keeps {GEN_ROOM} for the answer); left out")
+    return s, note
+
+
+def method_info(name: str, plan: Plan, lengths: list[int], base: str | None = None) -> dict:
+    return {"name": name, "base": base or name.split("@")[0], "density_budget": plan.budget.density,
+            "kv_budget": plan.budget.kv_budget, "counts": plan.counts(),
+            "expected_loss": plan.budget.expected_loss,
+            "budget": [{"length": n, "density": d, "kv_share": k}
+                       for n in lengths for d, k in [_plan_budget(plan, n)]]}
+
+
+def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporter: Reporter | None = None,
+             others: dict[str, Plan] | None = None, primary: str = "headplan") -> dict:
+    """Dense vs ``plan`` (named ``primary``) and every plan in ``others`` (name -> Plan, e.g. the
+    baselines at the same budget), on the samples the eval spec describes; dense is run once per
+    sample and every method is scored against it. Returns a JSON-ready dict.
+
+    Spec keys (all optional): ``perplexity {lengths, samples, tail}``; retrieval grids
+    ``passkey | multikey | needle {lengths, depths, samples}`` (samples per length × depth cell) and
+    ``kv_retrieval {lengths, samples, pairs}``; ``continuations {length, samples, tokens}``.
+    """
+    from ..data import Haystack, load_texts, make_sample
+    from ..runtime import apply, check_plan_fits, dense, kv_report
+
+    rep = reporter or Reporter()
+    methods: dict[str, Plan] = {primary: plan, **(others or {})}
+    model = lm.model
+    for p in methods.values():
+        check_plan_fits(model, p)
+    text, text_desc = load_texts(texts)
+    hay = Haystack(lm.tokenizer, text)
+    seed = int(spec.get("seed", 1000))
+    dev = next(model.parameters()).device
+    ppl_spec = spec.get("perplexity") or {}
+    cont_spec = spec.get("continuations") or {}
+    grids = {t: spec[t] for t in GRID_TASKS if spec.get(t) and spec[t].get("lengths")}
+    for k in spec:
+        if k not in (*GRID_TASKS, "perplexity", "continuations", "name", "seed", "description"):
+            raise HeadplanError(f"eval spec: unknown key {k!r} (known: perplexity, {', '.join(GRID_TASKS)}, "
+                                "continuations, name, seed)")
+    all_lengths = list(ppl_spec.get("lengths", [])) + [n for g in grids.values() for n in g["lengths"]]
+    if cont_spec:
+        all_lengths.append(int(cont_spec.get("length", 512)) + int(cont_spec.get("tokens", 32)))
+    for n in all_lengths:
+        if int(n) > plan.model.max_positions:
+            raise HeadplanError(f"eval length {n} exceeds the model's {plan.model.max_positions} positions")
+    names = list(methods)
+    results: dict = {"model": lm.spec, "plan_counts": plan.counts(), "texts": text_desc, "primary": primary,
+                     "methods": [], "perplexity": [], "retrieval": [], "grid": [], "continuations": [],
+                     "budget": []}
+
+    def cells(task, g):
+        if task == "kv_retrieval":
+            return [{} for _ in range(int(g.get("samples", 3)))]
+        return [{"depths": [float(d)]} for d in g.get("depths", [0.5]) for _ in range(int(g.get("samples", 1)))]
+
+    n_ppl = int(ppl_spec.get("samples", 2))
+    tail = float(ppl_spec.get("tail", 0.5))
+    per = len(names) + 1  # steps of the bar: one forward (or generation) of dense and of each method
+    jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl  # retrieval: generation + teacher-forced answer
+                  + 2 * sum(len(g["lengths"]) * len(cells(t, g)) for t, g in grids.items())
+                  + (int(cont_spec.get("samples", 2)) if cont_spec else 0))
+    memory: dict = {}
+    with rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) as advance:
+        # ---- perplexity, KL, top-1 ---------------------------------------------------------------
+        for n in ppl_spec.get("lengths", []):
+            n = int(n)
+            acc = {m: [0.0, 0.0, 0.0] for m in names}  # nll, kl, agree
+            nll_d = 0.0
+            count = 0
+            for i in range(n_ppl):
+                s = make_sample(hay, "lm", n, random.Random(f"{seed}:ppl:{n}:{i}"), {})
+                ids = torch.tensor([s.input_ids], device=dev)
+                start = int(n * (1 - tail))
+                keep = n - start
+                tgt = ids[0, start + 1:]
+                with dense(model):
+                    ld_ = _logits(model, ids, keep)[:-1].log_softmax(-1)
+                advance()
+                nll_d += summed_nll(ld_, tgt)
+                top_d = ld_.argmax(-1)
+                for m in names:
+                    apply(model, methods[m], check=False)
+                    lp_ = _logits(model, ids, keep)[:-1].log_softmax(-1)
+                    a = acc[m]
+                    a[0] += summed_nll(lp_, tgt)
+                    a[1] += summed_kl(ld_, lp_)
+                    a[2] += top1_agreements(top_d, lp_)
+                    del lp_
+                    advance()
+                count += tgt.numel()
+                del ld_
+            by = {m: {"ppl": perplexity(a[0], count), "kl": a[1] / count, "top1_agree": a[2] / count}
+                  for m, a in acc.items()}
+            results["perplexity"].append({
+                "length": n, "samples": n_ppl, "tokens_scored": count, "ppl_dense": perplexity(nll_d, count),
+                "ppl_plan": by[primary]["ppl"], "kl": by[primary]["kl"], "top1_agree": by[primary]["top1_agree"],
+                "methods": by})
+
+        # ---- retrieval grids -------------------------------------------------------------------
+        eos = getattr(lm.tokenizer, "eos_token_id", None)
+        for task, g in grids.items():
+            stask, fixed = GRID_TASKS[task]
+            variants = cells(task, g)
+            for n in g["lengths"]:
+                n = int(n)
+                ok = {m: 0 for m in ["dense", *names]}
+                nll_sum: dict = {}
+                nll_n = 0
+                cell_ok: dict = {}
+                cases = []
+                for i, var in enumerate(variants):
+                    opts = {**{k: v for k, v in g.items() if k not in ("lengths", "samples")}, **fixed, **var}
+                    s = make_sample(hay, stask, n, random.Random(f"{seed}:{task}:{n}:{i}"), opts)
+                    ids = torch.tensor([s.input_ids], device=dev)
+                    k = len(s.answer_ids) + 2
+                    mem: dict = {}
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    with dense(model):
+                        outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos, mem, "dense"),
+                                                             skip_special_tokens=True)}
+                    advance()
+                    if dev.type == "cuda":
+                        mem["peak_dense"] = torch.cuda.max_memory_allocated()
+                    for m in names:
+                        apply(model, methods[m], check=False)
+                        if dev.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos, mem, m), skip_special_tokens=True)
+                        if dev.type == "cuda":
+                            mem[f"peak_{m}"] = torch.cuda.max_memory_allocated()
+                        advance()
+                    nll = {}  # teacher-forced NLL of the reference answer: finer than right/wrong
+                    if s.answer_ids:
+                        full = torch.tensor([list(s.input_ids) + list(s.answer_ids)], device=dev)
+                        na = len(s.answer_ids)
+                        tgt = full[0, -na:]
+                        with dense(model):
+                            nll["dense"] = answer_nll(model, full, tgt)
+                        advance()
+                        for m in names:
+                            apply(model, methods[m], check=False)
+                            nll[m] = answer_nll(model, full, tgt)
+                            advance()
+                        for m, v in nll.items():
+                            nll_sum[m] = nll_sum.get(m, 0.0) + v
+                        nll_n += 1
+                    else:
+                        advance(per)
+                    memory.setdefault(n, {})
+                    for key, val in mem.items():
+                        memory[n][key] = max(memory[n].get(key, 0), val)
+                    depth = s.meta.get("depth") if task != "kv_retrieval" else None
+                    c = cell_ok.setdefault(depth, {"n": 0, **{m: 0 for m in ok}})
+                    c["n"] += 1
+                    for m in ok:
+                        ok_m = hit(s.answer, outs[m])
+                        ok[m] += ok_m
+                        c[m] += ok_m
+                    cases.append({"depth": depth, "answer": s.answer, "dense": outs["dense"].strip(),
+                                  "plan": outs[primary].strip(),
+                                  "methods": {m: outs[m].strip() for m in names},
+                                  **({"answer_nll": nll} if nll else {})})
+                tot = len(variants)
+                results["retrieval"].append({"task": task, "length": n, "samples": tot, "acc_dense": ok["dense"] / tot,
+                                             "acc_plan": ok[primary] / tot,
+                                             "acc": {m: v / tot for m, v in ok.items()},
+                                             **({"answer_nll": {m: v / nll_n for m, v in nll_sum.items()}}
+                                                if nll_n else {}),
+                                             "cases": cases})
+                for depth, c in sorted(cell_ok.items(), key=lambda x: (x[0] is None, x[0] or 0)):
+                    results["grid"].append({"task": task, "length": n, "depth": depth, "samples": c["n"],
+                                            "acc": {m: c[m] / c["n"] for m in ok}})
+
+        # ---- continuations side by side --------------------------------------------------------
+        if cont_spec:
+            n = int(cont_spec.get("length", 512))
+            k = int(cont_spec.get("tokens", 32))
+            for i in range(int(cont_spec.get("samples", 2))):
+                s = make_sample(hay, "lm", n, random.Random(f"{seed}:cont:{n}:{i}"), {})
+                ids = torch.tensor([s.input_ids], device=dev)
+                with dense(model):
+                    outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos), skip_special_tokens=True)}
+                advance()
+                for m in names:
+                    apply(model, methods[m], check=False)
+                    outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos), skip_special_tokens=True)
+                    advance()
+                prompt = lm.tokenizer.decode(list(s.input_ids[-48:]), skip_special_tokens=True)
+                results["continuations"].append({"length": n, "prompt_tail": prompt, "dense": outs["dense"],
+                                                 "methods": {m: outs[m] for m in names}})
+    apply(model, plan, check=False)
+
+    lengths = sorted({r["length"] for r in results["perplexity"] + results["retrieval"]})
+    results["methods"] = [method_info(m, p, lengths) for m, p in methods.items()]
+    results["kv_cache_measured"] = [
+        {"length": n, "kv_bytes_dense": m.get("dense"), "kv_bytes_plan": m.get(primary),
+         "kv_bytes": {k: v for k, v in m.items() if not k.startswith("peak_")},
+         **({"peak_bytes_dense": m["peak_dense"], "peak_bytes_plan": m[f"peak_{primary}"]}
+            if f"peak_{primary}" in m else {})}
+        for n, m in sorted(memory.items())]
+    for n in lengths:
+        d, k = _plan_budget(plan, n)
+        kvr = kv_report(plan, n, model=model)  # predicted at n tokens in the model's dtype; kv_cache_measured
+        results["budget"].append({"length": n, "density": d, "kv_share": k,  # holds what the caches allocated
+                                  "kv_dtype_bytes": kvr["dtype_bytes"], "kv_bytes_dense": kvr["dense_bytes"],
+                                  "kv_bytes_plan": kvr["plan_bytes"],
+                                  "kv_bytes_per_layer": [(x["dense_bytes"], x["plan_bytes"]) for x in kvr["layers"]]})
+    return results
