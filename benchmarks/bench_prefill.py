@@ -275,23 +275,17 @@ def main():
                 rec["diff_ref"] = (out_hp.float() - ref.float()).abs().max().item()
                 del ref
             if flex is not None:
-                mask_kv, mask_q = make_mask_mod(table, sel, cm, om)
-                bm = flex_block_mask(mask_kv, mask_q, n)
-                out_fx = flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)
-                rec["diff_flex"] = (out_hp.float() - out_fx.float()).abs().max().item()
-                rec["flex_ms"] = bench(lambda: flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True))
-                rec["flex_tflops"] = flops / rec["flex_ms"] * 1e-9
-                rec["speedup_vs_flex"] = rec["flex_ms"] / rec["headplan_ms"]
-                del out_fx, bm
+                def time_flex(bm, key, against):  # one Flex BlockMask: agreement with headplan, time, TF/s
+                    out_fx = flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)
+                    rec[f"diff_{key}"] = (out_hp.float() - out_fx.float()).abs().max().item()
+                    rec[f"{key}_ms"] = bench(lambda: flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True))
+                    rec[f"{key}_tflops"] = flops / rec[f"{key}_ms"] * 1e-9
+                    rec[f"speedup_vs_{key}"] = rec[f"{key}_ms"] / rec[against]
+
+                time_flex(flex_block_mask(*make_mask_mod(table, sel, cm, om), n), "flex", "headplan_ms")
                 hw = hand_mask(plans[name], dev)
                 if hw is not None:
-                    bm = flex_hw_block_mask(hw[0], hw[1], n)
-                    out_hw = flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)
-                    rec["diff_flex_hw"] = (out_hp.float() - out_hw.float()).abs().max().item()
-                    rec["flex_hw_ms"] = bench(lambda: flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True))
-                    rec["flex_hw_tflops"] = flops / rec["flex_hw_ms"] * 1e-9
-                    rec["speedup_vs_flex_hw"] = rec["flex_hw_ms"] / rec["headplan_e2e_ms"]
-                    del out_hw, bm
+                    time_flex(flex_hw_block_mask(hw[0], hw[1], n), "flex_hw", "headplan_e2e_ms")
             if any(r["kind"] == "full" for r in plans[name]) and any(r["kind"] != "full" for r in plans[name]):
                 run = routed(q, k, v, table, plans[name], scale)
                 rec["diff_routed"] = (run().float() - out_hp.float()).abs().max().item()
