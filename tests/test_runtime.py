@@ -241,3 +241,35 @@ def test_fused_reference_equals_explicit(rows, G, L, pad):
         want, got = want[1, :, 7:], got[1, :, 7:]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert want.abs().max() > 0.05
+
+
+def test_routed_prefill_equals_the_plan(monkeypatch):
+    """Long prompts send a layer's full heads to dense SDPA on that head subset and the others to the sparse
+    kernel: the same result as the kernel alone (and the reference). Forced here on the CPU with the
+    Triton interpreter and a low routing threshold."""
+    import os
+    import math
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from headplan.runtime import backend
+    from cases import ONE_OF_EACH
+
+    rows = [ONE_OF_EACH["full"], ONE_OF_EACH["streaming"], ONE_OF_EACH["full"], ONE_OF_EACH["strided"]]
+    table = P.make_table(rows)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 8, 150, 64, generator=g)
+    k = torch.randn(1, 4, 150, 64, generator=g)
+    v = torch.randn(1, 4, 150, 64, generator=g)
+    monkeypatch.setattr(backend, "_use_triton", lambda x: True)
+    monkeypatch.setattr(backend, "ROUTE_FULL_FROM", 100)
+    calls = []
+    orig = backend._kernel("prefill")
+    monkeypatch.setattr(backend, "_kernel", lambda name: (lambda *a, **kw: calls.append(a[3].shape[0]) or orig(*a, **kw)))
+    out = backend.prefill(q, k, v, table, 1 / math.sqrt(64))
+    assert calls == [2]  # the kernel saw only the two non-full KV heads
+    ref = R.prefill_ref(q, k, v, table, 1 / math.sqrt(64))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    calls.clear()
+    backend.prefill(q[:, :, :90], k[:, :, :90], v[:, :, :90], table, 0.125)  # shorter than the threshold
+    assert calls == [4]

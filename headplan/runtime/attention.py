@@ -83,9 +83,8 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
     if layer is None or layer.seen == Lk:
         # keys are exactly the sequence so far (no cache, a DynamicCache, or a first prefill)
         if attention_mask is None and Lq == Lk:  # no padding: no host synchronisation on this path
-            if rt.all_full or (query.is_cuda and Lk < rt.dense_below):
-                out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
-                                                                       scale=scale, enable_gqa=Hq != key.shape[1])
+            if rt.all_full or (query.is_cuda and Lk < rt.dense_below and not rt.lwin):
+                out = backend.dense_causal(query, key, value, scale)
             else:
                 out = backend.prefill(query, key, value, table, scale, pad=None, block=rt.block)
             if layer is not None:
@@ -101,8 +100,7 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
         pad = _left_pad(valid) if Lq == Lk else None
         if Lq == Lk and pad is not None and not bool(pad.any()) and rt.all_full:
             # every head full and no padding: dense causal SDPA is the same computation, and faster
-            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
-                                                                   enable_gqa=Hq != key.shape[1])
+            out = backend.dense_causal(query, key, value, scale)
         elif Lq == Lk and pad is not None:
             out = backend.prefill(query, key, value, table, scale, pad=pad if bool(pad.any()) else None,
                                   block=rt.block)
