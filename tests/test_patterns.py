@@ -64,3 +64,17 @@ def test_one_vocabulary_kernels_and_plan_agree():
     from cases import ONE_OF_EACH  # the tests' registry covers every kind
 
     assert tuple(ONE_OF_EACH) == plan.KINDS
+
+
+def test_the_window_rule_agrees_in_plan_and_kernels():
+    """W(n) has one definition per language: plan.Window.size (no torch) and patterns.window (torch / ints,
+    which the Triton helper mirrors and the kernel tests check) give the same integer for every n."""
+    import random
+
+    from headplan.plan import Window
+
+    rng = random.Random(0)
+    for _ in range(300):
+        alpha, beta, n = rng.randint(0, 5000), rng.randint(0, 4096) / 4096, rng.randint(1, 200000)
+        row = {"alpha": alpha, "beta": beta}
+        assert Window(alpha, beta).size(n) == P.window(alpha, P.beta_q(row), n)
