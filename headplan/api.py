@@ -436,9 +436,11 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
            lengths=None, samples: int | None = None, data: str | None = None,
            eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
            device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
-           method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02) -> dict:
+           method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02,
+           baselines: str | list | None = "moa") -> dict:
     """The whole pipeline: profile, search (or, with ``select``, ``headplan select``'s measured choice among a
-    family of plans), eval; writes profile, plan.yaml, eval.json, summary.json."""
+    family of plans), eval beside dense and ``baselines`` (default: the MoA-style baseline at the same
+    budget, so the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json."""
     from .data import load_task_file
     from .models import load_model
 
@@ -447,6 +449,7 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     out = _check_out(Path(out), (), "run", directory=True)
     load_task_file(data, "profile")
     load_task_file(eval_data, "eval")
+    _baseline_names(baselines)  # a bad name fails before any work
     feasible_or_raise(candidate_set(candidates), parse_lengths(lengths or DEFAULT_LENGTHS), density, kv_budget)
     lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
     lengths = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
@@ -464,7 +467,8 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
         selection = {"chosen": plan.provenance["selection"]["chosen"], "tolerance": tolerance, "candidates": table}
     else:
         plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget)
-    res = do_eval(model, plan_path, out, data=eval_data, texts=texts, reporter=rep, lm=lm)
+    res = do_eval(model, plan_path, out, data=eval_data, texts=texts, reporter=rep, lm=lm, baselines=baselines,
+                  profile=prof_path)
     summary = {
         "model": model, "method": prof.method, "density_budget": density, "kv_budget": kv_budget,
         "profiled_lengths": list(prof.lengths), "plan_counts": plan.counts(),

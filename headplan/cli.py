@@ -410,8 +410,12 @@ def run(model: str = ModelArg,
         select: bool = Flag(False, "--select/--no-select", "Choose the plan as `headplan select` does: a family "
                             "of plans measured on validation samples"),
         tolerance: float = typer.Option(0.02, "--tolerance", help="With --select: relative perplexity slack"),
+        baselines: str = typer.Option("moa", "--baselines", help="Baselines evaluated beside the plan at its "
+                                      "budget, from the same profile: a comma list of streaming,duo,moa,random, "
+                                      "or none"),
         dtype: str = DtypeOpt, device: str = DeviceOpt):
-    """The whole pipeline: profile, search (or --select), eval; writes everything into --out."""
+    """The whole pipeline: profile, search (or --select), eval beside dense and the MoA-style baseline at the
+    same budget; writes everything into --out."""
     from rich.table import Table
 
     from .api import do_run
@@ -419,6 +423,7 @@ def run(model: str = ModelArg,
     s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
                eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
                candidates=candidates, select=select, tolerance=tolerance,
+               baselines=None if baselines.strip().lower() in ("", "none") else baselines,
                **({"method": method} if method else {}))
     con = _console()
     con.print(_eval_table(s["eval"]))

@@ -124,3 +124,13 @@ def test_run_with_another_profiling_method(tmp_path):
     assert set(load_profile(tmp_path / "g" / "profile.safetensors").parts) == {"gradient", "recall", "gradient.lm", "gradient.answer"}
     r = invoke("run", "random:llama", "--out", tmp_path / "h", "--method", "attention", *SMALL_RUN)
     assert r.exit_code == 2 and "unknown profiling method" in r.stderr and not (tmp_path / "h").exists()
+
+
+def test_run_shows_the_moa_baseline_beside_the_plan_by_default(run_dir):
+    import json
+
+    res = json.loads((run_dir / "eval.json").read_text())
+    assert [m["name"] for m in res["methods"]] == ["headplan", "moa"]
+    assert res["methods"][1]["budget"]  # the same budget as the plan
+    r = invoke("run", "random:llama", "--out", run_dir.parent / "nob", "--baselines", "nope", *SMALL_RUN)
+    assert r.exit_code == 2 and "unknown baseline" in r.output

@@ -242,7 +242,8 @@ def test_run_summary_rows_are_unique_and_eval_says_how_far_from_dense(run_dir):
     con = Console(width=200, record=True)
     con.print(_eval_table(res))
     text = con.export_text()
-    assert "headplan" in text.splitlines()[0] + text and "vs dense" in text
+    # one method: a "vs dense" column; several (run evaluates the MoA-style baseline too): "(+N%)" in the cells
+    assert "headplan" in text.splitlines()[0] + text and ("vs dense" in text or "%)" in text)
     ppl = res["perplexity"][0]
     want = f"{100 * (ppl['methods']['headplan']['ppl'] / ppl['ppl_dense'] - 1):+.0f}%"
     line = next(x for x in text.splitlines() if x.strip().startswith("│ perplexity") or "perplexity " in x)
@@ -335,11 +336,12 @@ def test_report_figures_legends_titles_and_quality_axis(run_dir, monkeypatch, tm
     other = json.loads(json.dumps(res))
     other["texts"] = [{"source": "mine.txt", "sha256": "x"}]
     pts = rm.method_points(res)
-    assert [p["density_budget"] for p in pts] == [1.0, 0.4]  # the budget, not the mean over eval lengths
+    nm = len(res["methods"])  # the plan, and the MoA-style baseline `run` evaluates beside it
+    assert [p["density_budget"] for p in pts] == [1.0] + [0.4] * nm  # the budget, not the mean over eval lengths
     rm.plot_quality_vs_density([(".", pts), ("b", rm.method_points(other))], tmp_path / "q.png")
     ax = figs["q.png"].axes[0]
     lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("dense")]
-    assert len(lines) == 2 and {tuple(ln.get_xdata()) for ln in lines} == {(0.4,)}
+    assert len(lines) == 2 * nm and {tuple(ln.get_xdata()) for ln in lines} == {(0.4,)}  # per method and text
     assert "budget" in ax.get_xlabel()
     q = figs["q.png"]
     leg = q.legends[0].get_window_extent()
