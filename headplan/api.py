@@ -280,6 +280,91 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
     return plan, table
 
 
+def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, *, max_ppl_increase: float,
+                         max_answer_nll_increase: float | None = None, baselines=("streaming", "duo", "moa"),
+                         lengths=None, signals: str | dict | None = None, tolerance: float = 0.02,
+                         data: str | None = None, samples: int | None = None, texts: list[str] | None = None,
+                         dtype: str = "float32", device: str = "cpu", reporter: Reporter | None = None,
+                         lm=None) -> tuple[Plan, dict]:
+    """Budget at quality: the cheapest density budget (``search.family.QUALITY_GRID``, by bisection) at which
+    a member of the selection family meets the constraint on validation samples, that member (by the
+    selection rule among those that meet it), and the budget each baseline needs to meet the same constraint.
+    Returns (plan, {"headplan" | baseline: {"density", "kv_share", "measured"}})."""
+    import math
+
+    from .data import load_task_file, load_texts
+    from .eval.validate import check_arguments, validate
+    from .models import load_model
+    from .profile import load_profile
+    from .search import QUALITY_GRID, SearchSettings, build_baselines, build_family, cheapest, choose, meets
+    from .search import profile_ref as make_ref
+
+    rep = reporter or Reporter()
+    out = _check_out(Path(out), (".yaml", ".yml"), "plan")
+    for flag, v in (("--max-ppl-increase", max_ppl_increase), ("--max-answer-nll-increase", max_answer_nll_increase)):
+        if v is not None and not (v >= 0 and math.isfinite(v)):
+            raise HeadplanError(f"{flag} must be a non-negative number, got {v}")
+    names = _baseline_names(list(baselines) if baselines else None)
+    spec = load_task_file(data, "select")
+    check_arguments(spec, samples, tolerance)
+    load_texts(texts)
+    prof = load_profile(profile_path)
+    if lm is None:
+        lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    if lm.identity.fingerprint != prof.model.fingerprint:
+        raise HeadplanError(f"the profile is for another model ({prof.model_spec}) than {model}")
+    ref = make_ref(profile_path, out, prof.sha256)
+    vlen = optional_lengths(lengths) or prof.lengths
+    sig = _signal_weights(signals, "--signals")
+    seen: dict = {}
+
+    def family_at(i):
+        if i not in seen:
+            base = SearchSettings(density=QUALITY_GRID[i], lengths=optional_lengths(lengths), signals=sig)
+            try:
+                plans = build_family(prof, base, ref)
+            except HeadplanError:
+                plans = {}
+            seen[i] = (plans, validate(lm, plans, spec, vlen, texts, samples, rep) if plans else {})
+        return seen[i]
+
+    def ok_rows(table):
+        return {m: r for m, r in table.items()
+                if m != "dense" and meets(r, table["dense"], max_ppl_increase, max_answer_nll_increase)}
+
+    i = cheapest(QUALITY_GRID, lambda j: bool(ok_rows(family_at(j)[1])))
+    if i is None:
+        raise HeadplanError(f"no plan meets the constraint even at density {QUALITY_GRID[-1]}")
+    plans, table = family_at(i)
+    ok = ok_rows(table)
+    pick = choose({"dense": table["dense"], **ok}, tolerance)
+    plan = plans[pick]
+    n = max(plan.budget.lengths)
+    budgets = {"headplan": {"density": QUALITY_GRID[i], "kv_share": plan.budget.achieved_kv[-1], "length": n,
+                            "member": pick, "measured": {k: round(v, 6) for k, v in table[pick].items()}}}
+    for name in names:  # the budget each baseline needs for the same constraint (same grid, same samples)
+        bl = {}
+
+        def passes(j, name=name, bl=bl):
+            plans_j = family_at(j)[0]
+            if not plans_j:
+                return False
+            b = build_baselines(prof, next(iter(plans_j.values())), [name])[name]
+            row = validate(lm, {name: b}, spec, vlen, texts, samples, rep)
+            bl[j] = (b, row[name])
+            return meets(row[name], row["dense"], max_ppl_increase, max_answer_nll_increase)
+
+        j = cheapest(QUALITY_GRID, passes)
+        budgets[name] = ({"density": None, "kv_share": None, "measured": None} if j is None else
+                         {"density": QUALITY_GRID[j], "kv_share": bl[j][0].budget.achieved_kv[-1], "length": n,
+                          "measured": {k: round(v, 6) for k, v in bl[j][1].items()}})
+    plan.provenance["quality"] = {"max_ppl_increase": max_ppl_increase,
+                                  "max_answer_nll_increase": max_answer_nll_increase,
+                                  "grid": list(QUALITY_GRID), "lengths": list(vlen), "budgets": budgets}
+    save_plan(plan, out)
+    return plan, budgets
+
+
 def do_apply(model: str, plan_path: str | Path, *, prompt: str | None = None, max_new_tokens: int = 32,
              out: str | Path | None = None, force: bool = False, dtype: str = "float32", device: str = "cpu",
              reporter: Reporter | None = None, lm=None) -> dict:

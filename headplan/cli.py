@@ -342,12 +342,40 @@ def select_cmd(model: str = ModelArg,
                                                                          "the candidate with the best lm loss"),
                data: Optional[str] = typer.Option(None, help="Validation mixture YAML (default: select)"),
                samples: Optional[int] = typer.Option(None, "--samples", help="Validation samples per length"),
+               max_ppl_increase: Optional[float] = typer.Option(
+                   None, "--max-ppl-increase", help="Budget at quality: find the cheapest density at which a plan "
+                   "keeps validation perplexity within this fraction of dense (e.g. 0.05), and the density each "
+                   "baseline needs for the same (ignores --density/--kv-budget)"),
+               max_answer_nll_increase: Optional[float] = typer.Option(
+                   None, "--max-answer-nll-increase", help="With --max-ppl-increase: answer NLL at most dense's + "
+                   "this many nats"),
                text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search a family of plans at one budget (plain search, windows only, K full heads + windows), run each
-    on validation samples, keep the best answerer within --tolerance of the best perplexity."""
+    on validation samples, keep the best answerer within --tolerance of the best perplexity. With
+    --max-ppl-increase: the cheapest budget that meets that quality, beside what each baseline needs."""
     from rich.table import Table
 
-    from .api import DEFAULT_DENSITY, do_select
+    from .api import DEFAULT_DENSITY, do_select, do_select_at_quality
+
+    if max_ppl_increase is not None:
+        plan, budgets = do_select_at_quality(
+            model, profile_path, out, max_ppl_increase=max_ppl_increase,
+            max_answer_nll_increase=max_answer_nll_increase, lengths=lengths, signals=signals, tolerance=tolerance,
+            data=data, samples=samples, texts=text, dtype=dtype, device=device, reporter=_reporter())
+        t = Table(title=f"cheapest budget with ppl <= dense +{100 * max_ppl_increase:g}%"
+                  + (f", answer NLL <= dense + {max_answer_nll_increase:g}" if max_answer_nll_increase is not None
+                     else ""))
+        for c in ("method", "density budget", "KV share", "ppl vs dense", "answer NLL"):
+            t.add_column(c)
+        for m, b in budgets.items():
+            meas = b.get("measured") or {}
+            t.add_row(m, "not met" if b["density"] is None else f"{b['density']:g}",
+                      "" if b["kv_share"] is None else f"{b['kv_share']:.3f}",
+                      f"{100 * (meas['ppl_vs_dense'] - 1):+.1f}%" if meas else "",
+                      f"{meas['answer_nll']:.3f}" if meas else "")
+        _console().print(t)
+        _console().print(f"plan -> {out}: {budgets['headplan']['member']} ({plan.counts()})")
+        return
 
     dens = density if (density is not None or kv_budget is not None) else DEFAULT_DENSITY
     plan, table = do_select(model, profile_path, out, density=dens, kv_budget=kv_budget, lengths=lengths,

@@ -116,3 +116,28 @@ def test_mixtures_build_their_samples(name):
     assert len(a) == 8 and [s.input_ids for s in a] == [s.input_ids for s in b]
     for s in a:
         assert len(s.input_ids) + (reserve if s.answer_ids else 0) == 1024
+
+
+def test_budget_at_quality_finds_the_cheapest_budget_and_each_baselines(tmp_path):
+    """select --max-ppl-increase: the cheapest grid budget whose chosen plan meets the constraint on the
+    validation samples, and the budget each baseline needs for the same; bad values: one line, exit 2."""
+    from headplan.plan import load_plan
+    from headplan.search import QUALITY_GRID, cheapest
+
+    assert cheapest(QUALITY_GRID, lambda i: QUALITY_GRID[i] >= 0.3) == QUALITY_GRID.index(0.3)
+    assert cheapest(QUALITY_GRID, lambda i: False) is None
+    prof = tmp_path / "p.safetensors"
+    r = invoke("profile", "random:llama", "--out", prof, "--lengths", "384,512", "--samples", "2",
+               "--candidates", "small")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "q.yaml"
+    r = invoke("select", "random:llama", "--profile", prof, "--out", out, "--max-ppl-increase", "0.02",
+               "--samples", "4", "--lengths", "512")
+    assert r.exit_code == 0, r.output
+    q = load_plan(out).provenance["quality"]
+    assert set(q["budgets"]) == {"headplan", "streaming", "duo", "moa"}
+    for name, b in q["budgets"].items():
+        if b["density"] is not None:
+            assert b["density"] in QUALITY_GRID and b["measured"]["ppl_vs_dense"] <= 1.02 + 1e-9, name
+    r = invoke("select", "random:llama", "--profile", prof, "--out", tmp_path / "x.yaml", "--max-ppl-increase", "-1")
+    assert r.exit_code == 2 and "--max-ppl-increase" in r.output and not (tmp_path / "x.yaml").exists()

@@ -19,11 +19,11 @@ settings give the same plan, byte for byte.
 
 from .assemble import profile_ref, search
 from .baselines import BASELINES, build_baselines, regenerate
-from .family import FULL_STEPS, build_family, choose, family
+from .family import FULL_STEPS, QUALITY_GRID, build_family, cheapest, choose, family, meets
 from .settings import SearchSettings, parse_latency, parse_memory
 from .solve import TIE, profile_loss
 from .sweep import pareto, tune, write_pareto
 
-__all__ = ["BASELINES", "FULL_STEPS", "TIE", "SearchSettings", "build_baselines", "build_family", "choose",
+__all__ = ["BASELINES", "FULL_STEPS", "QUALITY_GRID", "TIE", "cheapest", "meets", "SearchSettings", "build_baselines", "build_family", "choose",
            "family", "pareto", "parse_latency", "parse_memory", "profile_loss", "profile_ref",
            "regenerate", "search", "tune", "write_pareto"]

@@ -65,3 +65,28 @@ def choose(table: dict, tolerance: float) -> str:
     best = min(v["lm_nll"] for v in cands.values())
     ok = [m for m, v in cands.items() if v["lm_nll"] <= best + math.log1p(tolerance) + 1e-12]
     return min(ok, key=lambda m: (cands[m]["answer_nll"], cands[m]["lm_nll"], m))
+
+
+# Budget at quality: the budgets tried, cheapest first (density; the search's own budget)
+QUALITY_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def meets(row: dict, dense: dict, max_ppl_increase: float, max_answer_nll_increase: float | None) -> bool:
+    """A measured plan meets the quality constraint: validation perplexity at most ``1 + max_ppl_increase``
+    times dense's and (if given) answer NLL at most dense's + ``max_answer_nll_increase`` nats."""
+    ok = row["ppl_vs_dense"] <= 1.0 + max_ppl_increase + 1e-12
+    if max_answer_nll_increase is not None:
+        ok = ok and row["answer_nll"] <= dense["answer_nll"] + max_answer_nll_increase + 1e-12
+    return ok
+
+
+def cheapest(grid, passes) -> int | None:
+    """The first index of ``grid`` at which ``passes(i)`` holds, by bisection (quality assumed to grow with
+    the budget); None if not even the last budget passes."""
+    lo, hi = -1, len(grid) - 1
+    if not passes(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return hi
