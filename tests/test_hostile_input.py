@@ -292,6 +292,13 @@ def test_check_refuses_provenance_paths_outside_the_plan_folder(made, tmp_path, 
     if field == "profile":  # the same file given on the command line is read (and is no profile)
         line = one_line_exit2(invoke("check", p, "--profile", secret), "not a safetensors profile")
         assert SECRET not in line
+    # --root widens the folder to a repository, never beyond it: a path leaving the root is still refused,
+    # and a root that does not hold the plan is an error
+    if how != "absolute":
+        line = one_line_exit2(invoke("check", p, "--root", folder), name, "outside --root")
+        assert SECRET not in r.output
+        (folder / "sub").mkdir()
+        line = one_line_exit2(invoke("check", p, "--root", folder / "sub"), "--root", "not inside it")
 
 
 def test_cost_table_errors_do_not_echo_the_file(made, tmp_path):
