@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 
+from ..args import check_budget
 from ..candidates import budget_tables, same_as_full
 from ..errors import HeadplanError
 from ..profile import Profile
@@ -72,15 +73,9 @@ def share_rows(prob: _Problem, name: str, bound: float | None, table: np.ndarray
     """Density / KV budget: the mean share over heads <= bound at every length (``table``: (H, C, lengths))."""
     if bound is None:
         return
-    if not 0.0 < bound <= 1.0:
-        raise HeadplanError(f"--{name.replace('_', '-')} must be in (0, 1], got {bound}")
+    check_budget(name, bound, lengths, lambda j: float(np.where(allowed, table[:, :, j], np.inf).min(axis=1).mean()))
     C, H = prob.C, prob.H
     for j, n in enumerate(lengths):
-        lo = float(np.where(allowed, table[:, :, j], np.inf).min(axis=1).mean())
-        if lo > bound + 1e-12:
-            raise HeadplanError(
-                f"{name} {bound:g} is infeasible at length {n}: the cheapest candidates give {lo:.4f} "
-                f"(feasible range [{lo:.4f}, 1])")
         idx = _all_x(prob)
         prob.le(idx, [table[i // C, i % C, j] / H for i in idx], bound + 1e-9)
 
