@@ -86,12 +86,12 @@ def _check_out(out: Path, suffixes: tuple[str, ...], what: str, directory: bool 
 
 def _signal_weights(text, flag: str) -> tuple[tuple[str, float], ...]:
     """'gradient=0.3,recall=0.7' (or a dict) -> ((name, weight), ...); errors name ``flag``."""
-    from .profile import DERIVED, SIGNALS, parse_method
+    from .profile import DERIVED, SIGNALS, TRAINED, parse_method
 
     if not text:
         return ()
     try:
-        return tuple(parse_method(text, SIGNALS + tuple(DERIVED)).items())
+        return tuple(parse_method(text, SIGNALS + TRAINED + tuple(DERIVED)).items())
     except HeadplanError as e:
         raise HeadplanError(f"{flag}: {e}".replace("--method", flag).replace("profiling method", "signal")) from None
 

@@ -14,7 +14,7 @@ from .. import __version__
 from ..candidates import Candidate
 from ..errors import HeadplanError, PlanError, ProfileError
 from ..plan import ModelIdentity, atomic_write
-from .signals import DERIVED
+from .signals import DERIVED, TRAINED
 from .stats import SIGNALS
 
 FORMAT = "headplan-profile"
@@ -156,8 +156,8 @@ def _checked_profile(header: dict, tensors: dict[str, torch.Tensor], sha256: str
     if not isinstance(signals, dict):
         raise PlanError(f"header.signals: expected a mapping, got {type(signals).__name__}")
     for s, v in signals.items():
-        if s not in SIGNALS:
-            raise PlanError(f"header.signals.{s}: unknown signal (known: {', '.join(SIGNALS)})")
+        if s not in SIGNALS + TRAINED:
+            raise PlanError(f"header.signals.{s}: unknown signal (known: {', '.join(SIGNALS + TRAINED)})")
         _keys(v, ("weight", "scale"), f"header.signals.{s}")
         for k in ("weight", "scale"):
             if _float(_need(v, k, f"header.signals.{s}"), f"header.signals.{s}.{k}") <= 0:
@@ -168,7 +168,7 @@ def _checked_profile(header: dict, tensors: dict[str, torch.Tensor], sha256: str
         if k in ("loss", "density", "kv"):
             continue
         name = k[len("loss."):] if k.startswith("loss.") else None
-        if name not in SIGNALS and name not in DERIVED:
+        if name not in SIGNALS + TRAINED and name not in DERIVED:
             raise PlanError(f"tensor {_short(k)}: not a profile tensor")
         parts[name] = t
     for k, t, shape, dtype in ([("loss", tensors["loss"], (L, H, C, N), torch.float32),

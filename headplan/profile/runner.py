@@ -44,6 +44,7 @@ from ..progress import Reporter
 from .format import Profile, versions
 from .hook import _ATTN_NAME, _STATE, _register
 from .resume import _StateDir
+from .gates import head_scaled_loss, reference_candidate, train_gates
 from .signals import DERIVED, combine, method_name, parse_method
 from .stats import SIGNALS, Stats
 
@@ -180,6 +181,65 @@ def _run_one(model, seq: _Seq, stats: Stats, grad: bool, dev) -> float:
         _STATE.grad = False
 
 
+GATE_DEFAULTS = {"length": 1024, "samples": 8, "steps": 32, "lr": 0.05, "penalty": 0.05, "seed": 0}
+
+
+def gate_options(spec: dict, lengths: list[int]) -> dict:
+    """The gate optimisation's settings: the data spec's ``gates:`` mapping over ``GATE_DEFAULTS``; the
+    training length is at most the shortest profiled length."""
+    given = spec.get("gates") or {}
+    if not isinstance(given, dict):
+        raise HeadplanError("data spec: gates must be a mapping (length, samples, steps, lr, penalty, seed)")
+    unknown = sorted(set(given) - set(GATE_DEFAULTS))
+    if unknown:
+        raise HeadplanError(f"data spec: gates.{unknown[0]}: unknown key (known: {', '.join(GATE_DEFAULTS)})")
+    out = dict(GATE_DEFAULTS)
+    for k, v in given.items():
+        typ = float if k in ("lr", "penalty") else int
+        try:
+            out[k] = typ(v)
+        except (TypeError, ValueError):
+            raise HeadplanError(f"data spec: gates.{k} must be a number, got {v!r}") from None
+        if isinstance(v, bool) or not (out[k] >= 0) or (k != "penalty" and k != "seed" and out[k] <= 0):
+            raise HeadplanError(f"data spec: gates.{k} must be positive, got {v!r}")
+    out["length"] = min(out["length"], min(lengths))
+    if out["length"] < 64:
+        raise HeadplanError(f"data spec: gates.length must be at least 64, got {out['length']}")
+    from ..data import ANSWER_TASKS, mixture_counts
+
+    counts = mixture_counts(spec, out["samples"])
+    if not sum(c for t, c in zip(spec.get("tasks") or [], counts) if t.get("task") in ANSWER_TASKS):
+        raise HeadplanError(f"the gate signal needs answered samples (passkey, needle, kv_retrieval) among its "
+                            f"{out['samples']} samples: add one to the data spec's tasks or raise gates.samples")
+    return out
+
+
+def gate_sequences(lm, hay, spec: dict, n: int, samples: int, dev) -> list[_Seq]:
+    """The mixture's samples at length ``n`` with their reference answers appended (what the gates fit)."""
+    from ..data import answer_options, mixture_samples
+
+    _, reserve, lm_tail = answer_options(spec)
+    return [_sequence(lm, s, n, "reference", reserve, lm_tail, dev)
+            for s in mixture_samples(hay, spec, n, samples, reserve=reserve)]
+
+
+def _gates(lm, hay, spec: dict, lengths: list[int], candidates: list[Candidate], rep: Reporter, dev):
+    """Gate optimisation (``gates.py``) on the mixture's samples at the gate length, every head's sparse side
+    the reference candidate. Returns (gates (layers, KV heads), reference index, header info)."""
+    opt = gate_options(spec, lengths)
+    n = opt["length"]
+    ref = reference_candidate(candidates, n)
+    seqs = gate_sequences(lm, hay, spec, n, opt["samples"], dev)
+    ident = lm.identity
+    rows = [[candidates[ref].pattern.row()] * ident.num_kv_heads for _ in range(ident.num_layers)]
+    with rep.task(f"training gates ({opt['steps']} steps at {n} tokens)", opt["steps"]) as advance:
+        g, losses = train_gates(lm, seqs, rows, opt["steps"], lr=opt["lr"], penalty=opt["penalty"],
+                                seed=opt["seed"], advance=advance)
+    info = {**opt, "reference": candidates[ref].name, "first_loss": round(losses[0], 6),
+            "last_loss": round(losses[-1], 6), "values": [[round(float(x), 4) for x in row] for row in g.tolist()]}
+    return g, ref, info
+
+
 def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict, texts: list[str] | None = None,
             samples: int | None = None, block: int = 64, reporter: Reporter | None = None,
             method: str | dict = "recall", resume: str | Path | None = None,
@@ -193,7 +253,8 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
 
     rep = reporter or Reporter()
     weights = parse_method(method)
-    signals = tuple(s for s in SIGNALS if s in weights)
+    gates_on = "gates" in weights  # gate optimisation scales the recall profile: recall is measured too
+    signals = tuple(s for s in SIGNALS if s in weights or (gates_on and s == "recall"))
     grad = "gradient" in weights
     ident: ModelIdentity = lm.identity
     lengths = sorted(set(int(x) for x in lengths))
@@ -207,6 +268,8 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
     if not candidates:
         raise HeadplanError("no candidate patterns")
     answers, reserve, lm_tail = answer_options(data_spec)
+    if gates_on:
+        gate_options(data_spec, lengths)  # a bad gates: section fails before any work
     text, text_desc = load_texts(texts)
     hay = Haystack(lm.tokenizer, text)
     n_samp = int(samples if samples is not None else data_spec.get("samples_per_length", 4))
@@ -317,12 +380,16 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
         sel = [[t for t in ts if (metas[t].get("task") == "lm") == lm_only] for ts in by_len]
         if all(sel):  # a length without such samples: no split (the mixture or --samples is too small)
             parts[name] = reduce(per[s], sel)
-    loss, sig_hdr = combine({s: parts[s].double() for s in signals}, weights)
+    if gates_on:
+        g, ref, ginfo = _gates(lm, hay, data_spec, lengths, candidates, rep, dev)
+        parts["gates"] = head_scaled_loss(g, parts["recall"], torch.full(g.shape, ref)).float()
+        data["gates"] = ginfo
+    loss, sig_hdr = combine({s: parts[s].double() for s in weights}, weights)
     dens = torch.tensor([[density(c.pattern, n, block) for n in lengths] for c in candidates], dtype=torch.float64)
     kv = torch.tensor([[kv_share(c.pattern, n) for n in lengths] for c in candidates], dtype=torch.float64)
     if all(m is not None for m in metas):
         data["samples"] = metas  # how each sample was made (task, options, seed, answer source, loss span)
-    plain = signals == ("recall",)  # a recall-only profile stores just its loss (the first format)
+    plain = signals == ("recall",) and not gates_on  # a recall-only profile stores just its loss (the first format)
     return Profile(model=ident, model_spec=lm.spec, method=method_name(weights), lengths=tuple(lengths),
                    candidates=tuple(candidates), block_size=block, data=data, samples=n_samp,
                    loss=loss.float(), density=dens, kv=kv, versions=versions(),

@@ -21,9 +21,11 @@ from .stats import SIGNALS
 # ``gradient.lm`` over plain-text samples only (a next-token-loss proxy: what perplexity needs),
 # ``gradient.answer`` over the answered samples only (passkey, needle, key->value: what retrieval needs)
 DERIVED = {"gradient.lm": ("gradient", True), "gradient.answer": ("gradient", False)}
+# signals learned after the statistics pass (``gates.py``): gate optimisation over every head at once
+TRAINED = ("gates",)
 
 
-def parse_method(method: str | dict, known: tuple[str, ...] = SIGNALS) -> dict[str, float]:
+def parse_method(method: str | dict, known: tuple[str, ...] = SIGNALS + TRAINED) -> dict[str, float]:
     """'gradient' | 'gradient,recall' | 'gradient=0.7,recall=0.3' -> {signal: weight} (ordered).
 
     known: the accepted names (the profiling signals; ``--signals``/``--keep`` also accept the

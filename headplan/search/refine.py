@@ -1,0 +1,87 @@
+"""Plan in the loop: re-measure what each head is worth with the current plan applied, re-solve, repeat.
+
+The profile measures each head with every other head dense; a whole plan's effect is not the sum of
+those. Each round here takes the current plan's operating point instead: every head runs the plan's
+pattern, and a gate per KV head (``profile.gates``: 1 = dense, 0 = its sparse side) gives, by one
+backward pass per calibration sample, what each head saves by being dense rather than sparse while
+every other head is as the plan has it (-dL/dg, L = the distillation loss of gate optimisation). A sparse
+head's sparse side is its chosen candidate; a full head's is the reference candidate (sink + short
+window). The measured worths scale each head's recall profile (``head_scaled_loss``), the MILP re-solves
+at the same budget, and the rounds' cost tensors are averaged (so a head measured once as vital stays
+expensive). Every round's plan is scored on held-out validation samples and the best is kept
+(``search.family.choose``'s rule over the rounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import HeadplanError
+from ..plan import Plan
+from ..profile import Profile
+
+
+def recall_part(prof: Profile) -> torch.Tensor:
+    """The profile's recall costs (the attention mass each candidate drops), which round costs scale."""
+    if "recall" in prof.parts:
+        return prof.parts["recall"]
+    if prof.method == "recall":
+        return prof.loss
+    raise HeadplanError("plan in the loop needs the recall signal in the profile (profile with --method recall, "
+                        "gates, or a combination that includes one of them)")
+
+
+def plan_indices(prof: Profile, plan: Plan) -> torch.Tensor:
+    """(layers, KV heads) candidate index of each head of a plan searched from ``prof``."""
+    names = [c.name for c in prof.candidates]
+    return torch.tensor([[names.index(e.candidate) for e in layer] for layer in plan.layers])
+
+
+def operating_point(prof: Profile, plan: Plan, ref: int) -> tuple[torch.Tensor, list[list[dict]], torch.Tensor]:
+    """(gates at the plan: 1 for full heads else 0, each head's sparse side as pattern rows, their indices)."""
+    idx = plan_indices(prof, plan)
+    full = torch.tensor([[prof.candidates[int(c)].pattern.kind == "full" for c in row] for row in idx.tolist()])
+    low = torch.where(full, torch.full_like(idx, ref), idx)
+    rows = [[prof.candidates[int(c)].pattern.row() for c in row] for row in low.tolist()]
+    return full.float(), rows, low
+
+
+def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score=None, reporter=None,
+           profile_ref: dict | None = None) -> tuple[Plan, list[dict]]:
+    """Plan in the loop (module doc). ``seqs``: calibration sequences (``profile.runner.gate_sequences``);
+    ``score(plans: dict[str, Plan]) -> {name: row}`` measures plans on validation samples (rows as
+    ``eval.validate``'s, for ``choose``); without it the last round is kept. Returns (the kept plan, one
+    record per round: name, plan, counts and the measured row)."""
+    from ..progress import Reporter
+    from ..profile import gate_gradients, head_scaled_loss
+    from .assemble import search
+    from .family import choose
+
+    if rounds < 1:
+        raise HeadplanError(f"--rounds must be at least 1, got {rounds}")
+    rep = reporter or Reporter()
+    recall = recall_part(prof)
+    plans = {"round0": search(prof, settings, profile_ref)}
+    later = dataclasses.replace(settings, signals=(), keep=())  # rounds solve on their own measured costs
+    costs = []
+    with rep.task(f"plan in the loop ({rounds} rounds x {len(seqs)} samples)", rounds * len(seqs)) as advance:
+        for r in range(1, rounds + 1):
+            at, rows, low = operating_point(prof, plans[f"round{r - 1}"], ref)
+            worth = gate_gradients(lm, seqs, rows, at, advance=advance)
+            costs.append(head_scaled_loss(worth, recall, low))
+            loss = torch.stack(costs).mean(0).float()
+            plans[f"round{r}"] = search(dataclasses.replace(prof, loss=loss), later, profile_ref)
+    table = score(plans) if score is not None else None
+    pick = choose(table, 0.02) if table is not None else f"round{rounds}"
+    history = [{"round": m, "plan": p, "counts": p.counts(), **({"measured": table[m]} if table else {})}
+               for m, p in plans.items()]
+    plan = plans[pick]
+    plan.provenance["search"]["refine"] = {
+        "method": "plan in the loop", "rounds": rounds, "kept": pick, "samples": len(seqs),
+        "reference": prof.candidates[ref].name,
+        "history": [{"round": h["round"], "counts": h["counts"],
+                     **({k: round(v, 6) for k, v in h["measured"].items() if isinstance(v, float)}
+                        if "measured" in h else {})} for h in history]}
+    return plan, history

@@ -1,0 +1,149 @@
+"""Searches that see head interactions (issue 15): gate optimisation and plan in the loop."""
+import dataclasses
+
+import pytest
+import torch
+from headplan.candidates import candidate_set
+from headplan.data import Haystack, pydoc_text
+from headplan.errors import HeadplanError
+from headplan.plan import plan_from_rows
+from headplan.profile import gate_gradients, head_scaled_loss, profile, reference_candidate, train_gates
+from headplan.profile.gates import _Gated
+from headplan.profile.runner import gate_options, gate_sequences
+from headplan.search import SearchSettings, search
+from headplan.search.refine import operating_point, plan_indices, refine
+from helpers import tiny
+
+SPEC = {"name": "t", "seed": 0, "samples_per_length": 2,
+        "tasks": [{"task": "lm", "share": 0.5}, {"task": "passkey", "share": 0.5, "depths": [0.5], "digits": 5}],
+        "gates": {"length": 384, "samples": 2, "steps": 3}}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    lm = tiny("llama")
+    hay = Haystack(lm.tokenizer, pydoc_text())
+    seqs = gate_sequences(lm, hay, SPEC, 384, 2, torch.device("cpu"))
+    return lm, seqs
+
+
+def _rows(lm, row):
+    i = lm.identity
+    return [[row] * i.num_kv_heads for _ in range(i.num_layers)]
+
+
+def test_gated_model_is_dense_at_one_and_the_sparse_side_at_zero(setup):
+    """The gated attention is the mixture it claims: gates 1 give dense logits, gates 0 the plan's."""
+    from headplan.runtime import applied
+
+    lm, seqs = setup
+    cands = candidate_set("small")
+    row = cands[reference_candidate(cands, 384)].pattern.row()
+    ids = torch.tensor([seqs[0].ids])
+    with torch.no_grad():
+        dense = lm.model(ids, use_cache=False).logits
+        plan = plan_from_rows(lm.identity, _rows(lm, row))
+        with applied(lm.model, plan):
+            sparse = lm.model(ids, use_cache=False).logits
+    i = lm.identity
+    for value, want in ((1.0, dense), (0.0, sparse)):
+        with _Gated(lm, seqs, _rows(lm, row), torch.full((i.num_layers, i.num_kv_heads), value)), torch.no_grad():
+            got = lm.model(ids, use_cache=False).logits
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert (dense - sparse).abs().max() > 1e-2  # the two sides differ, so the test can fail
+
+
+def test_gate_gradients_match_finite_differences(setup):
+    """-dL/dg at an operating point is the first-order loss a head saves by being dense."""
+    lm, seqs = setup
+    cands = candidate_set("small")
+    rows = _rows(lm, cands[reference_candidate(cands, 384)].pattern.row())
+    i = lm.identity
+    at = torch.zeros(i.num_layers, i.num_kv_heads)
+    at[0, 0] = 1.0
+    worth = gate_gradients(lm, seqs, rows, at)
+    assert worth.shape == at.shape and torch.isfinite(worth).all()
+
+    def loss(g):
+        with _Gated(lm, seqs, rows, g) as run, torch.no_grad():
+            return sum(float(run.fit_loss(t)) for t in range(len(seqs))) / len(seqs)
+
+    h = 0.05
+    for (li, kh) in ((1, 0), (0, 1)):
+        g = at.clone()
+        g[li, kh] = h
+        fd = (loss(at) - loss(g)) / h
+        assert fd == pytest.approx(float(worth[li, kh]), rel=0.15, abs=1e-4)
+
+
+def test_train_gates_is_deterministic_and_in_range(setup):
+    lm, seqs = setup
+    cands = candidate_set("small")
+    rows = _rows(lm, cands[reference_candidate(cands, 384)].pattern.row())
+    a, la = train_gates(lm, seqs, rows, 3)
+    b, lb = train_gates(lm, seqs, rows, 3)
+    assert torch.equal(a, b) and la == lb and len(la) == 3
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert float(a.mean()) < 1.0  # the penalty moved them
+    assert all(p.requires_grad for p in lm.model.parameters())  # the weights' flags are restored
+
+
+def test_head_scaled_loss():
+    r = torch.tensor([[[[0.0], [0.5], [0.2]], [[0.0], [1e-9], [0.3]]]])  # (1 layer, 2 heads, 3 cands, 1 length)
+    w = torch.tensor([[2.0, 1.0]])
+    out = head_scaled_loss(w, r, torch.tensor([[1, 1]]))
+    assert out[0, 0, 1, 0] == pytest.approx(2.0)  # the sparse side costs the weight
+    assert out[0, 0, 2, 0] == pytest.approx(0.8)
+    assert out[0, 0, 0, 0] == 0.0
+    assert torch.isfinite(out).all() and out[0, 1, 2, 0] > 0  # a near-zero side is floored, not divided by 0
+
+
+def test_gates_profile_and_search(tmp_path):
+    """`--method gates`: the profile stores recall and the gate costs; the reference candidate costs its gate."""
+    lm = tiny("llama")
+    cands = candidate_set("small")
+    p = profile(lm, [384], cands, SPEC, samples=2, block=16, method="gates")
+    assert set(p.parts) == {"recall", "gates"} and p.method == "gates"
+    info = p.data["gates"]
+    assert info["steps"] == 3 and info["length"] == 384
+    g = torch.tensor(info["values"])
+    ref = [c.name for c in cands].index(info["reference"])
+    rr = p.parts["recall"][:, :, ref, 0]
+    big = rr > rr.mean() * 0.01
+    torch.testing.assert_close(p.parts["gates"][:, :, ref, 0][big], g[big], atol=1e-4, rtol=1e-3)
+    plan = search(p, SearchSettings(density=0.5))
+    assert plan.budget.achieved_density[0] <= 0.5 + 1e-9
+
+
+@pytest.mark.parametrize("bad, msg", [({"steps": 0}, "gates.steps must be positive"),
+                                      ({"lr": "x"}, "gates.lr must be a number"),
+                                      ({"stepz": 3}, "gates.stepz: unknown key")])
+def test_gate_options_refused(bad, msg):
+    with pytest.raises(HeadplanError, match=msg):
+        gate_options({**SPEC, "gates": bad}, [512])
+    with pytest.raises(HeadplanError, match="needs answered samples"):
+        gate_options({"tasks": [{"task": "lm"}], "gates": {}}, [512])
+
+
+def test_refine_rounds_measure_at_the_plan(setup):
+    lm, seqs = setup
+    cands = candidate_set("small")
+    p = profile(lm, [384], cands, SPEC, samples=2, block=16)
+    st = SearchSettings(density=0.5)
+    ref = reference_candidate(cands, 384)
+    plan, hist = refine(lm, p, st, seqs, 2, ref)
+    assert [h["round"] for h in hist] == ["round0", "round1", "round2"]
+    assert plan is hist[-1]["plan"] and plan.provenance["search"]["refine"]["kept"] == "round2"
+    for h in hist:
+        assert h["plan"].budget.achieved_density[0] <= 0.5 + 1e-9
+    at, rows, low = operating_point(p, hist[0]["plan"], ref)
+    idx = plan_indices(p, hist[0]["plan"])
+    assert ((at == 1) == torch.tensor([[cands[int(c)].pattern.kind == "full" for c in r] for r in idx.tolist()])).all()
+    assert (low[at == 0] == idx[at == 0]).all() and (low[at == 1] == ref).all()
+    picked = refine(lm, p, st, seqs, 1, ref, score=lambda plans: {
+        m: {"lm_nll": 1.0, "answer_nll": 0.0 if m == "round0" else 1.0} for m in plans})[0]
+    assert picked.provenance["search"]["refine"]["kept"] == "round0"  # the measured best round is kept
+    with pytest.raises(HeadplanError, match="rounds must be at least 1"):
+        refine(lm, p, st, seqs, 0, ref)
+    with pytest.raises(HeadplanError, match="needs the recall signal"):
+        refine(lm, dataclasses.replace(p, method="mse", parts={}), st, seqs, 1, ref)
