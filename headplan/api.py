@@ -21,6 +21,7 @@ from .progress import Reporter
 
 DEFAULT_DENSITY = 0.25
 DEFAULT_RUN_METHOD = "recall"  # the profiling signal(s) of `headplan run`
+DEFAULT_REFINE_ROUNDS = 3  # plan-in-the-loop rounds of `headplan run` (0 = the profile's search alone)
 
 
 class ProfileResult(tuple):
@@ -280,6 +281,61 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
     return plan, table
 
 
+def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density: float | None = DEFAULT_DENSITY,
+              kv_budget: float | None = None, lengths=None, rounds: int = 2, data: str | None = None,
+              samples: int | None = None, validate: bool = False, tolerance: float = 0.02,
+              exclude_kinds: str | list | None = None, texts: list[str] | None = None, dtype: str = "float32",
+              device: str = "cpu", reporter: Reporter | None = None, lm=None) -> tuple[Plan, list[dict]]:
+    """Plan in the loop (``headplan.search.refine``): search, then ``rounds`` times measure every head's worth
+    with the current plan applied and re-solve at the same budget. Calibration samples: the data spec's
+    gate settings (``gates:``; default the profile's own spec); ``validate`` scores every round on
+    ``headplan select``'s validation samples at the calibration length and keeps the best by its rule
+    (else the last round)."""
+    from .data import Haystack, load_task_file, load_texts
+    from .eval.validate import check_arguments
+    from .eval.validate import validate as measure
+    from .models import load_model
+    from .profile import load_profile, reference_candidate
+    from .profile.runner import gate_options, gate_sequences
+    from .search import SearchSettings, profile_ref
+    from .search.refine import recall_part, refine
+
+    rep = reporter or Reporter()
+    out = _check_out(Path(out), (".yaml", ".yml"), "plan")
+    if density is None and kv_budget is None:
+        raise HeadplanError("give a budget: --density and/or --kv-budget")
+    if rounds < 1:
+        raise HeadplanError(f"--rounds must be at least 1, got {rounds}")
+    vspec = load_task_file(None, "select")
+    if validate:
+        check_arguments(vspec, None, tolerance)
+    text, _ = load_texts(texts)
+    prof = load_profile(profile_path)
+    recall_part(prof)  # a profile without recall fails before the model loads
+    spec = load_task_file(data, "profile") if data else (prof.data.get("spec") or load_task_file(None, "profile"))
+    opt = gate_options(spec, list(prof.lengths))
+    if samples is not None:
+        if whole_number("--samples", samples) < 1:
+            raise HeadplanError(f"--samples must be at least 1, got {samples}")
+        opt["samples"] = samples
+    settings = SearchSettings(density=density, kv_budget=kv_budget, lengths=optional_lengths(lengths),
+                              exclude_kinds=pattern_kinds(exclude_kinds))
+    feasible_or_raise(list(prof.candidates), list(settings.lengths or prof.lengths), density, kv_budget, prof.model)
+    if lm is None:
+        lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+    if lm.identity.fingerprint != prof.model.fingerprint:
+        raise HeadplanError(f"the profile is for another model ({prof.model_spec}) than {model}")
+    dev = lm.model.get_input_embeddings().weight.device
+    seqs = gate_sequences(lm, Haystack(lm.tokenizer, text), spec, opt["length"], opt["samples"], dev)
+    ref = reference_candidate(list(prof.candidates), opt["length"])
+    score = None
+    if validate:  # held-out samples of `headplan select`'s mixture (its own seed) at the calibration length
+        score = lambda plans: measure(lm, plans, vspec, [opt["length"]], texts, None, rep)  # noqa: E731
+    plan, hist = refine(lm, prof, settings, seqs, rounds, ref, score, rep, profile_ref(profile_path, out, prof.sha256))
+    save_plan(plan, out)
+    return plan, hist
+
+
 def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, *, max_ppl_increase: float,
                          max_answer_nll_increase: float | None = None, baselines=("streaming", "duo", "moa"),
                          lengths=None, signals: str | dict | None = None, tolerance: float = 0.02,
@@ -522,7 +578,7 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
            eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
            device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
            method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02,
-           baselines: str | list | None = "moa") -> dict:
+           baselines: str | list | None = "moa", refine: int = DEFAULT_REFINE_ROUNDS) -> dict:
     """The whole pipeline: profile, search (or, with ``select``, ``headplan select``'s measured choice among a
     family of plans), eval beside dense and ``baselines`` (default: the MoA-style baseline at the same
     budget, so the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json."""
@@ -535,6 +591,11 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     load_task_file(data, "profile")
     load_task_file(eval_data, "eval")
     _baseline_names(baselines)  # a bad name fails before any work
+    whole_number("--refine", refine)
+    if refine and not select:  # plan in the loop needs answered calibration samples: fail before profiling
+        from .profile.runner import gate_options
+
+        gate_options(load_task_file(data, "profile"), parse_lengths(lengths or DEFAULT_LENGTHS))
     feasible_or_raise(candidate_set(candidates), parse_lengths(lengths or DEFAULT_LENGTHS), density, kv_budget)
     lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
     lengths = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
@@ -550,6 +611,11 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
         plan, table = do_select(model, prof_path, plan_path, density=density, kv_budget=kv_budget,
                                 tolerance=tolerance, texts=texts, reporter=rep, lm=lm)
         selection = {"chosen": plan.provenance["selection"]["chosen"], "tolerance": tolerance, "candidates": table}
+    elif refine:
+        plan, hist = do_refine(model, prof_path, plan_path, density=density, kv_budget=kv_budget, rounds=refine,
+                               data=data, validate=True, tolerance=tolerance, texts=texts, reporter=rep, lm=lm)
+        selection = {"chosen": plan.provenance["search"]["refine"]["kept"], "tolerance": tolerance,
+                     "candidates": {h["round"]: {**h.get("measured", {}), "counts": h["counts"]} for h in hist}}
     else:
         plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget)
     res = do_eval(model, plan_path, out, data=eval_data, texts=texts, reporter=rep, lm=lm, baselines=baselines,
@@ -561,6 +627,7 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
         "achieved_kv": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_kv)),
         "eval": res, "seconds": {"load": t_load, "profile": t_prof, "total": time.time() - t0},
         **({"selection": selection} if selection else {}),
+        **({"refine_rounds": refine} if refine and not select else {}),
         "files": {"profile": str(prof_path), "plan": str(plan_path), "eval": str(out / "eval.json"),
                   "summary": str(out / "summary.json")},
     }
@@ -625,6 +692,9 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None, *,
             raise PlanError(f"{plan_path.name}.provenance.profile.path: missing; pass --profile")
         profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path", "pass --profile", root)
     prof = _recorded_profile(profile_path, pref)
+    if (prov.get("search") or {}).get("refine"):
+        raise PlanError(f"{plan_path.name}: refined with the model in the loop (provenance.search.refine); `headplan "
+                        "check` regenerates model-free plans only: re-run `headplan refine` to reproduce it")
     if prov.get("baseline"):
         from .search.baselines import regenerate
 

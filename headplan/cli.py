@@ -178,6 +178,33 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
     _console().print(msg)
 
 
+@app.command()
+@handles_errors
+def refine(model: str = ModelArg,
+           profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Profile .safetensors (with recall)"),
+           out: Path = typer.Option(Path("plan.yaml"), "--out", "-o", help="Output plan .yaml"),
+           density: Optional[float] = typer.Option(0.25, help="Max average attention density at every length"),
+           kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Max average KV share kept"),
+           lengths: Optional[str] = typer.Option(None, help="Subset of profiled lengths to constrain"),
+           rounds: int = typer.Option(3, "--rounds", help="Plan-in-the-loop rounds"),
+           data: Optional[str] = typer.Option(None, help="Calibration mixture YAML (default: the profile's)"),
+           samples: Optional[int] = typer.Option(None, help="Calibration samples (default: the mixture's gates.samples)"),
+           validate: bool = Flag(True, "--validate/--no-validate", "Score every round on held-out validation samples "
+                                 "and keep the best (else the last round)"),
+           text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
+    """Search, then re-measure every head with the plan applied and re-solve (plan in the loop)."""
+    from .api import do_refine
+
+    plan, hist = do_refine(model, profile_path, out, density=density, kv_budget=kv_budget, lengths=lengths,
+                           rounds=rounds, data=data, samples=samples, validate=validate, texts=text, dtype=dtype,
+                           device=device, reporter=_reporter())
+    kept = plan.provenance["search"]["refine"]["kept"]
+    b = plan.budget
+    _console().print(f"plan -> {out}: {plan.counts()} (kept {kept} of {len(hist)}); density "
+                     f"{', '.join(f'{x:.3f}' for x in b.achieved_density)} and KV "
+                     f"{', '.join(f'{x:.3f}' for x in b.achieved_kv)} at lengths {list(b.lengths)}")
+
+
 costmodel_app = typer.Typer(add_completion=False, no_args_is_help=True,
                             help="Measure and check the hardware cost model.")
 app.add_typer(costmodel_app, name="costmodel")
@@ -441,6 +468,8 @@ def run(model: str = ModelArg,
         baselines: str = typer.Option("moa", "--baselines", help="Baselines evaluated beside the plan at its "
                                       "budget, from the same profile: a comma list of streaming,duo,moa,random, "
                                       "or none"),
+        refine: int = typer.Option(3, "--refine", help="Plan-in-the-loop rounds after the search (as `headplan "
+                                   "refine`, keeping the best round on validation samples); 0 = search only"),
         dtype: str = DtypeOpt, device: str = DeviceOpt):
     """The whole pipeline: profile, search (or --select), eval beside dense and the MoA-style baseline at the
     same budget; writes everything into --out."""
@@ -450,7 +479,7 @@ def run(model: str = ModelArg,
 
     s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
                eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
-               candidates=candidates, select=select, tolerance=tolerance,
+               candidates=candidates, select=select, tolerance=tolerance, refine=refine,
                baselines=None if baselines.strip().lower() in ("", "none") else baselines,
                **({"method": method} if method else {}))
     con = _console()
@@ -462,6 +491,8 @@ def run(model: str = ModelArg,
     t.add_row("profiled with", s["method"])
     if s.get("selection"):
         t.add_row("chosen by validation", s["selection"]["chosen"])
+        if s.get("refine_rounds"):
+            t.add_row("plan in the loop", f"{s['refine_rounds']} rounds")
     t.add_row("density (budget)", f"{density:g}")
     for n, d in s["achieved_density"].items():
         t.add_row(f"density / KV kept @ {n}", f"{d:.3f} / {s['achieved_kv'][n]:.3f}")
