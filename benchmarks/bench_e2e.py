@@ -370,8 +370,8 @@ def section_decode_graphs(res, steps=32, long=False, compile_baseline=True):
             dt = _timed_steps(step, steps)
             record(name, dt, _kv_read_bytes(cache, N, B, D),
                    {"captures": dstep.captures, "replays": dstep.replays, "capture_failed": dstep.failed})
-            if name == "hp_kv25" and B == 8 and N == 32768:
-                prof_out = _profile_replay(step)
+            if name == "hp_kv25" and N == 32768:
+                prof_out = (prof_out or "") + f"\n== hp_kv25 replayed step, N {N} B {B} ==\n" + _profile_replay(step)
             del cache, dstep
             RT.unapply(m)
         # StaticCache + torch.compile(mode="reduce-overhead"): transformers' own graph-captured decode
@@ -419,7 +419,51 @@ def section_decode_graphs(res, steps=32, long=False, compile_baseline=True):
     if prof_out:
         print(prof_out)
     res["decode_graphs"] = {"copy_tb_s": bw / 1e12, "weights_gb": w_bytes / 1e9, "rows": rows,
-                            "kv25_b8_replay_kernels": prof_out}
+                            "kv25_replay_kernels": prof_out}
+    del m
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def section_generate_graphs(res, N=32768, B=8, new=64):
+    """generate() itself, batch 8, 32K prompt: decode tokens/s = new / (time(new + 1 tokens) - time(1 token)),
+    transformers' default dense vs plans (which take the graph-captured step on CUDA)."""
+    import headplan
+    from headplan import runtime as RT
+
+    m = _llama(32, 4096, 32, 8, 14336, 128256)
+    ids = torch.randint(0, 1000, (B, N), device="cuda")
+    mask = torch.ones_like(ids)
+    rows = []
+    for name, fn in (("dense_default", None), ("hp_all_full", lambda li, h: {"kind": "full"}),
+                     ("hp_kv25", lambda li, h: {"kind": "full"} if h < 1 else {"kind": "streaming", "sink": 128,
+                                                                              "alpha": N // 7 - 128})):
+        torch.cuda.empty_cache()
+        if fn is None:
+            m.set_attn_implementation("sdpa")
+        else:
+            headplan.apply(m, _plan(m, fn))
+        ts = {}
+        for k in (1, new + 1):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = m.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                             pad_token_id=0)
+            torch.cuda.synchronize()
+            ts[k] = time.perf_counter() - t
+            assert out.shape[1] == N + k
+        st = RT.state_of(m)
+        dt = (ts[new + 1] - ts[1]) / new
+        row = {"config": name, "N": N, "B": B, "new": new, "prefill_s": ts[1], "ms_per_step": dt * 1e3,
+               "tokens_per_s": B / dt, "decode_path": list(st.last_decode) if st else ["dense", None]}
+        rows.append(row)
+        print("generate_graphs:", json.dumps(row), flush=True)
+        if fn is not None:
+            RT.unapply(m)
+    base = rows[0]["ms_per_step"]
+    for r in rows:
+        r["speedup_vs_dense_default"] = base / r["ms_per_step"]
+    res["generate_graphs"] = rows
     del m
     torch.cuda.empty_cache()
 
@@ -433,7 +477,7 @@ def _profile_replay(step, n=5) -> str:
             for _ in range(n):
                 step()
             torch.cuda.synchronize()
-        return prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=50)
+        return prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=50)
     except Exception as e:  # noqa: BLE001
         return f"profile failed: {e!r}"[:300]
 
