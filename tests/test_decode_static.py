@@ -108,3 +108,15 @@ def test_requests_the_step_cannot_run_fall_back_and_bad_modes_are_refused():
     with torch.no_grad():
         lm.model.generate(x, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
     assert RT.state_of(lm.model).last_decode == ("eager", "decode='eager'")
+
+
+def test_static_step_after_chunked_prefill_gives_todays_tokens():
+    """With prefill_chunk the prompt enters the kept cache in chunks before generate() runs; its last prompt
+    token is then the static step's first (eager) step."""
+    lm = tiny("mistral")  # MQA, one sliding window for every layer
+    RT.apply(lm.model, mixed_plan(lm, with_skip=True), prefill_chunk=11)
+    x, mask = _batch(n=40, pad=6, seed=8)
+    eager = _gen(lm.model, x, mask, "eager", new=10, do_sample=False)
+    static = _gen(lm.model, x, mask, "static", new=10, do_sample=False)
+    assert _the_step(lm.model).eager_steps == 10  # the prompt's last token, then 9 decode steps
+    assert torch.equal(static.sequences, eager.sequences)
