@@ -14,6 +14,13 @@ Sections (each prints a table and lands in the JSON):
 - decode:    same model, batch 8, 32K context: per-step decode latency, tokens/s and peak memory,
              dense DynamicCache vs the per-head cache at ~50% and ~25% KV. Caches are filled with
              random K/V (decode speed does not depend on the values).
+- decode_graphs: issue 16. Same model, batch 8 and 1, 32K (``--long``: also batch 1 at 128K): the dense
+             baselines in the same run (transformers default, SDPA flash eager, StaticCache +
+             torch.compile(mode="reduce-overhead"); ``--no-compile`` skips the last) and headplan's
+             graph-captured decode step (runtime/graphs.py DecodeStep, what generate() runs on CUDA) with
+             all-full / ~50% / ~25% KV plans: ms per step, tokens/s, step time over the byte floor (weights
+             but the embedding table + the KV the step reads, at the copy bandwidth measured in the run),
+             peak memory; a kernel-time profile of the 25% plan's replayed step.
 Random weights throughout: speed does not depend on them.
 """
 
@@ -264,6 +271,218 @@ def section_decode(res, N=32768, B=8, steps=16):
     torch.cuda.empty_cache()
 
 
+def _copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the byte floor's rate)."""
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda").random_()
+    y = torch.empty_like(x)
+    t = _time(lambda: y.copy_(x), reps=20, warm=3)
+    del x, y
+    return 2 * 2 ** 30 / t
+
+
+def _timed_steps(fn, steps):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def _kv_read_bytes(cache, N, B, D, elt=2):
+    """Bytes of K and V one decode step reads from a per-head cache at context N (rings: all of them)."""
+    slots = 0
+    for layer in cache.layers:
+        slots += sum(c if r else min(c, N + 1) for c, r in zip(layer.cap, layer.ring))
+    return 2 * slots * B * D * elt
+
+
+GRAPH_ORDER = ("dense_default", "dense_sdpa_flash", "dense_static_compile", "hp_all_full", "hp_kv50", "hp_kv25")
+
+
+@torch.no_grad()
+def section_decode_graphs(res, steps=32, long=False, compile_baseline=True):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import StaticCache
+
+    import headplan
+    from headplan import runtime as RT
+
+    m = _llama(32, 4096, 32, 8, 14336, 128256)
+    cfg = m.config
+    L, kv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    bw = _copy_bandwidth()
+    w_bytes = sum(p.numel() * p.element_size() for p in m.parameters()) - m.get_input_embeddings().weight.numel() * 2
+    kwname = RT.cache_kwarg(m)
+    cases = [(32768, 8), (32768, 1)] + ([(131072, 1)] if long else [])
+    rows, prof_out = [], None
+    for N, B in cases:
+        plans = {"hp_all_full": lambda li, h: {"kind": "full"},
+                 "hp_kv50": lambda li, h: {"kind": "full"} if h < 2 else {"kind": "streaming", "sink": 128,
+                                                                          "alpha": N // 3 - 128},
+                 "hp_kv25": lambda li, h: {"kind": "full"} if h < 1 else {"kind": "streaming", "sink": 128,
+                                                                          "alpha": N // 7 - 128}}
+        ids = torch.randint(0, 1000, (B, 1), device="cuda")
+        dense_kv = 2 * L * B * kv * N * D * 2
+
+        def record(name, dt, kv_read, extra=None):
+            floor = (w_bytes + kv_read) / bw
+            row = {"config": name, "N": N, "B": B, "ms_per_step": dt * 1e3, "tokens_per_s": B / dt,
+                   "kv_read_gb": kv_read / 1e9, "floor_ms": floor * 1e3, "over_floor": dt / floor,
+                   "peak_gb": torch.cuda.max_memory_allocated() / 1e9, **(extra or {})}
+            rows.append(row)
+            print("decode_graphs:", json.dumps(row), flush=True)
+
+        # dense, eager: transformers' default attention choice, then SDPA's flash kernel forced
+        m.set_attn_implementation("sdpa")
+        for name, ctx in (("dense_default", contextlib.nullcontext),
+                          ("dense_sdpa_flash", lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            cache = _fill_dense_cache(m, B, N, torch.bfloat16)
+
+            def step():
+                with ctx():
+                    m(ids, use_cache=True, logits_to_keep=1, **{kwname: cache})
+
+            step()
+            record(name, _timed_steps(step, min(steps, 16)), dense_kv)
+            del cache
+        # headplan: the graph-captured step generate() runs on CUDA
+        for name, fn in plans.items():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            headplan.apply(m, _plan(m, fn))
+            max_len = N + 3 * steps + 16
+            cache = RT.HeadplanCache(RT.state_of(m).tables, max_len, grow=False)
+            _fill_headplan_cache(m, cache, B, N, torch.bfloat16)
+            dstep = RT.DecodeStep(m, cache, B, max_len, graph=True)
+            pos = torch.full((B, 1), N, dtype=torch.long, device="cuda")
+
+            def step():
+                dstep(ids, pos)
+                pos.add_(1)
+
+            step()  # eager warm-up
+            step()  # capture + replay
+            dt = _timed_steps(step, steps)
+            record(name, dt, _kv_read_bytes(cache, N, B, D),
+                   {"captures": dstep.captures, "replays": dstep.replays, "capture_failed": dstep.failed})
+            if name == "hp_kv25" and N == 32768:
+                prof_out = (prof_out or "") + f"\n== hp_kv25 replayed step, N {N} B {B} ==\n" + _profile_replay(step)
+            del cache, dstep
+            RT.unapply(m)
+        # StaticCache + torch.compile(mode="reduce-overhead"): transformers' own graph-captured decode
+        if compile_baseline:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            m.set_attn_implementation("sdpa")
+            try:
+                torch._dynamo.reset()
+                sc = StaticCache(config=cfg, max_cache_len=N + 3 * steps + 16)
+                for layer in sc.layers:
+                    for s0 in range(0, N, 8192):
+                        k = torch.randn(B, kv, min(8192, N - s0), D, device="cuda", dtype=torch.bfloat16)
+                        layer.update(k, torch.randn_like(k))
+                fwd = torch.compile(m.forward, mode="reduce-overhead")
+                pos = torch.full((B, 1), N, dtype=torch.long, device="cuda")
+
+                def step():
+                    fwd(input_ids=ids, position_ids=pos.clone(), use_cache=True, logits_to_keep=1, **{kwname: sc})
+                    pos.add_(1)
+
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                comp_s = time.perf_counter() - t0
+                record("dense_static_compile", _timed_steps(step, steps), dense_kv, {"compile_s": comp_s})
+                del sc, fwd
+            except Exception as e:  # noqa: BLE001 - keep the other rows
+                print("decode_graphs: static compile failed:", repr(e)[:300], flush=True)
+                rows.append({"config": "dense_static_compile", "N": N, "B": B, "error": repr(e)[:300]})
+            torch._dynamo.reset()
+    for N, B in cases:
+        mine = [r for r in rows if r["N"] == N and r["B"] == B and "ms_per_step" in r]
+        best = min((r["ms_per_step"] for r in mine if r["config"].startswith("dense")), default=None)
+        for r in mine:
+            r["speedup_vs_best_dense"] = best / r["ms_per_step"] if best else None
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; weights read per step {w_bytes / 1e9:.2f} GB")
+    print(f"{'N':>7} {'B':>2} {'config':<22} {'ms/step':>8} {'tok/s':>8} {'x best dense':>12} {'floor ms':>8} "
+          f"{'x floor':>7} {'peak GB':>7}")
+    for r in sorted((r for r in rows if "ms_per_step" in r),
+                    key=lambda r: (-r["B"], r["N"], GRAPH_ORDER.index(r["config"]))):
+        print(f"{r['N']:>7} {r['B']:>2} {r['config']:<22} {r['ms_per_step']:>8.2f} {r['tokens_per_s']:>8.1f} "
+              f"{r['speedup_vs_best_dense']:>12.2f} {r['floor_ms']:>8.2f} {r['over_floor']:>7.2f} {r['peak_gb']:>7.1f}")
+    if prof_out:
+        print(prof_out)
+    res["decode_graphs"] = {"copy_tb_s": bw / 1e12, "weights_gb": w_bytes / 1e9, "rows": rows,
+                            "kv25_replay_kernels": prof_out}
+    del m
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def section_generate_graphs(res, N=32768, B=8, new=64):
+    """generate() itself, batch 8, 32K prompt: decode tokens/s = new / (time(new + 1 tokens) - time(1 token)),
+    transformers' default dense vs plans (which take the graph-captured step on CUDA)."""
+    import headplan
+    from headplan import runtime as RT
+
+    m = _llama(32, 4096, 32, 8, 14336, 128256)
+    ids = torch.randint(0, 1000, (B, N), device="cuda")
+    mask = torch.ones_like(ids)
+    rows = []
+    for name, fn in (("dense_default", None), ("hp_all_full", lambda li, h: {"kind": "full"}),
+                     ("hp_kv25", lambda li, h: {"kind": "full"} if h < 1 else {"kind": "streaming", "sink": 128,
+                                                                              "alpha": N // 7 - 128})):
+        torch.cuda.empty_cache()
+        if fn is None:
+            m.set_attn_implementation("sdpa")
+        else:
+            headplan.apply(m, _plan(m, fn))
+        ts = {}
+        # plans: a first untimed request makes the decode step (cache, warm-up, capture) that the timed ones reuse
+        for k in ((new + 1, 1, new + 1) if fn is not None else (1, new + 1)):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = m.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                             pad_token_id=0)
+            torch.cuda.synchronize()
+            ts[k] = time.perf_counter() - t
+            assert out.shape[1] == N + k
+        st = RT.state_of(m)
+        dt = (ts[new + 1] - ts[1]) / new
+        row = {"config": name, "N": N, "B": B, "new": new, "prefill_s": ts[1], "ms_per_step": dt * 1e3,
+               "tokens_per_s": B / dt, "decode_path": list(st.last_decode) if st else ["dense", None]}
+        rows.append(row)
+        print("generate_graphs:", json.dumps(row), flush=True)
+        if fn is not None:
+            RT.unapply(m)
+    base = rows[0]["ms_per_step"]
+    for r in rows:
+        r["speedup_vs_dense_default"] = base / r["ms_per_step"]
+    res["generate_graphs"] = rows
+    del m
+    torch.cuda.empty_cache()
+
+
+def _profile_replay(step, n=5) -> str:
+    """Kernel time of ``n`` replayed steps, by kernel (CUPTI sees the kernels inside a graph)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                step()
+            torch.cuda.synchronize()
+        return prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=50)
+    except Exception as e:  # noqa: BLE001
+        return f"profile failed: {e!r}"[:300]
+
+
 @torch.no_grad()
 def section_prefill(res, sizes=(32768, 131072)):
     """Time to first token, whole Llama-3-8B-shaped model, batch 1: dense (transformers' SDPA as it picks,
@@ -351,13 +570,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--sections", default="correct,crossover,prefill,decode")
+    ap.add_argument("--long", action="store_true", help="decode_graphs: also batch 1 at 128K")
+    ap.add_argument("--no-compile", action="store_true", help="decode_graphs: skip the StaticCache + compile row")
+    ap.add_argument("--steps", type=int, default=32, help="decode_graphs: timed steps per configuration")
     a = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     import triton
     res["triton"] = triton.__version__
     for s in a.sections.split(","):
         try:
-            globals()[f"section_{s}"](res)
+            if s == "decode_graphs":
+                section_decode_graphs(res, steps=a.steps, long=a.long, compile_baseline=not a.no_compile)
+            else:
+                globals()[f"section_{s}"](res)
         except Exception as e:  # noqa: BLE001 - keep the other sections
             import traceback
             traceback.print_exc()

@@ -13,6 +13,7 @@ from ..errors import HeadplanError, PlanError
 from ..kernels import patterns as P
 from ..plan import Plan, load_plan
 from .attention import NAME, LayerRuntime, headplan_attention
+from . import graphs
 from .generate import generate
 from .state import ATTR, PlanState, state_of
 
@@ -74,7 +75,7 @@ def check_plan_fits(model, plan: Plan) -> None:
 
 
 def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int | None = None,
-          dense_below: int | None = None):
+          dense_below: int | None = None, decode: str = "auto"):
     """Patch ``model`` in place so its attention runs ``plan``; returns the model.
 
     ``dense_below``: on CUDA, unpadded prompts shorter than this many tokens run dense SDPA instead of
@@ -82,6 +83,9 @@ def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int
     heads pay ~4 ms of index building per layer call, see BENCHMARKS.md). Default: always the plan.
     ``prefill_chunk``: generate() feeds prompts longer than this through the per-head cache in chunks
     of this many tokens, so peak KV memory follows the plan rather than the prompt length.
+    ``decode``: how generate() runs its one-token steps: "auto" (CUDA: "graph", else "eager"), "graph" (a
+    preallocated cache and a CUDA-graph-captured step, replayed), "static" (that step without the graph),
+    "eager" (the model's forward per step). README "Decode with CUDA graphs" lists what falls back to eager.
 
     Applying again replaces the plan; ``unapply(model)`` restores the model as it was before the first
     apply. Dense attention is one call away: ``headplan.runtime.dense(model)`` (a context manager).
@@ -110,6 +114,7 @@ def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int
                             f"{rt.lwin or 'none'}")
         rt.dense_below = int(dense_below or 0)
         runtimes.append(rt)
+    graphs.check_mode(decode)
     if prefill_chunk is not None and int(prefill_chunk) < 1:
         raise HeadplanError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     prev = state_of(model)
@@ -120,7 +125,7 @@ def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int
         _detach(prev)
     st = PlanState(plan=plan, tables=tables, modules=mods, runtimes=runtimes,
                    prefill_chunk=int(prefill_chunk) if prefill_chunk else None, orig_generate=orig,
-                   own_generate=own_gen, orig_attn=orig_attn)
+                   own_generate=own_gen, orig_attn=orig_attn, decode=decode)
     _attach(model, st)
     if prev is None:
         model.generate = functools.partial(generate, orig, model)
@@ -146,6 +151,7 @@ def unapply(model):
     if st is None:
         return model
     _detach(st)
+    st.decoders.clear()
     del model.__dict__[ATTR]
     if st.own_generate:
         model.generate = st.orig_generate

@@ -111,11 +111,11 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
     else:
         if Lq == 1:
             valid1 = None if attention_mask is None else _valid_keys(attention_mask, B, 1, query.device)[:, 0]
-            qpos1 = layer.n_logical  # the new token's position (commit_one replaces, not mutates, it)
             vlen = layer.commit_one(key[:, :, 0], value[:, :, 0], valid1)
             out = backend.decode(query[:, :, 0], layer.k_buf, layer.v_buf, layer.slot_pos,
-                                 layer.head_off(query.device), layer.head_cap(query.device), qpos1,
+                                 layer.head_off(query.device), layer.head_cap(query.device), layer.n_logical,
                                  table, scale, valid_len=vlen, max_cap=max(layer.cap))[:, :, None]
+            layer.advance_one(valid1)
         else:
             valid = _valid_keys(attention_mask, B, Lq, query.device)
             qpos = _positions(valid, layer.n_logical)

@@ -124,6 +124,14 @@ def decode(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale: fl
     return R.decode_ref(q, k_buf, v_buf, slot_pos, head_off, head_cap, qpos, table, scale)
 
 
+def decode_capturable(dtype: torch.dtype, head_dim: int, device) -> bool:
+    """Whether the decode step's kernels (cache write and attention) run with no host synchronisation, so a
+    CUDA graph can capture them: true exactly when :func:`decode` and :func:`commit_decode` pick Triton
+    (the reference reads head offsets on the host)."""
+    return (torch.device(device).type == "cuda" and not _reference_forced() and dtype in _SUPPORTED_DTYPES
+            and head_dim in _SUPPORTED_DIMS and _kernel("decode") is not None)
+
+
 def attend(q, k, v, qpos, kpos, table, scale: float, block: int = 64):
     """General case (chunked prefill over a cache, right padding): explicit per-head positions."""
     return R.attention_ref(q, k, v, qpos, kpos, table, scale, block)

@@ -160,7 +160,7 @@ class HeadplanLayer(CacheLayerMixin):
         for h in range(len(self.cap)):
             if self.cap[h]:
                 self._scatter(h, pos, key_states[:, h], value_states[:, h], valid)
-        self.n_logical = self.n_logical + valid.sum(dim=1)
+        self.n_logical += valid.sum(dim=1)  # in place: a captured decode graph reads this buffer
 
     def commit_contiguous(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """First prefill without padding: tokens 0..n-1 of every row. Slice copies, no host sync."""
@@ -188,23 +188,40 @@ class HeadplanLayer(CacheLayerMixin):
                 self.k_buf.index_copy_(1, slots, key_states[:, h, lo:n])
                 self.v_buf.index_copy_(1, slots, value_states[:, h, lo:n])
                 self.slot_pos.index_copy_(1, slots, p.to(torch.int32).expand(self.slot_pos.shape[0], -1).contiguous())
-        self.n_logical = self.n_logical + n
+        self.n_logical += n
 
     def commit_one(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Decode step: store one token per row (k, v (B, Hkv, D)) at position n_logical, for every head
         in one write (a Triton kernel on CUDA). ``valid`` (B,) marks real tokens (None = all).
-        Returns valid_len (B, Hkv): slots in use per head region."""
+        Returns valid_len (B, Hkv): slots in use per head region. ``n_logical`` still holds the new
+        token's position afterwards (the decode attention reads it): ``advance_one`` moves it on.
+
+        No host synchronisation and no allocation that outlives the step: a CUDA graph can capture it."""
         if self.seen > self.layout_len:
             if not self.grow:
                 raise ValueError(f"headplan cache was sized for {self.layout_len} tokens, the sequence needs "
                                  f"{self.seen}; make it with a larger max_length (or grow=True)")
             self._grow(self.seen)
         dev = k.device
-        vlen = backend.commit_decode(k, v, self.k_buf, self.v_buf, self.slot_pos, self.n_logical, valid,
+        return backend.commit_decode(k, v, self.k_buf, self.v_buf, self.slot_pos, self.n_logical, valid,
                                      self.head_off(dev), self.head_cap(dev), self._dev_tensor("ring", dev),
                                      self._dev_tensor("sink", dev))
-        self.n_logical = self.n_logical + (1 if valid is None else valid.long())
-        return vlen
+
+    def advance_one(self, valid: torch.Tensor | None) -> None:
+        """After the decode attention: count the step's token (in place, so a captured graph sees it)."""
+        if valid is None:
+            self.n_logical += 1
+        else:
+            self.n_logical += valid.long()
+
+    def clear(self) -> None:
+        """Empty the cache but keep its buffers (and their addresses, which a captured decode graph holds)."""
+        self.seen = 0
+        if self.is_initialized:
+            self.k_buf.zero_()
+            self.v_buf.zero_()
+            self.slot_pos.fill_(-1)
+            self.n_logical.zero_()
 
     # -- reading -------------------------------------------------------------------------------
     def head_view(self, h: int):
@@ -259,7 +276,7 @@ class HeadplanLayer(CacheLayerMixin):
         new_n = self.n_logical - n
         self.slot_pos = torch.where(self.slot_pos.long() >= new_n[:, None], torch.full_like(self.slot_pos, -1),
                                     self.slot_pos)
-        self.n_logical = new_n
+        self.n_logical.copy_(new_n)
         self.seen -= n
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -284,6 +301,11 @@ class HeadplanCache(Cache):
 
     def __init__(self, tables: list[torch.Tensor], max_length: int, grow: bool = True):
         super().__init__(layers=[HeadplanLayer(t, max_length, grow) for t in tables])
+
+    def clear(self) -> None:
+        """Empty every layer, keeping the buffers (see ``HeadplanLayer.clear``)."""
+        for layer in self.layers:
+            layer.clear()
 
     def kv_bytes(self) -> int:
         """Bytes the K/V buffers hold: the model's dtype, preallocated for max_length tokens (kv_report

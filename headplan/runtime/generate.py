@@ -45,7 +45,10 @@ def cache_kwarg(model) -> str:
 
 def generate(orig, model, *args, **kwargs):
     """``model.generate`` while a plan is applied: gives it a per-head cache sized for the request (and
-    feeds long prompts through it in chunks) unless the caller brought a cache or runs dense."""
+    feeds long prompts through it in chunks) unless the caller brought a cache or runs dense. On CUDA its
+    decode steps are replayed from a captured CUDA graph (runtime/graphs.py; ``apply(..., decode=)``)."""
+    from . import graphs
+
     st = state_of(model)
     if st is not None and kwargs.get("past_key_values") is None and kwargs.get("cache") is None \
             and kwargs.get("use_cache", True) and model.config._attn_implementation == NAME:
@@ -59,11 +62,19 @@ def generate(orig, model, *args, **kwargs):
                 bool((t[:, P.C_KIND] == P.STREAMING).any()) for t in st.tables):
             raise HeadplanError("beam search is not supported with streaming heads (evicted tokens cannot be "
                                 "re-ordered back); use greedy or sampling")
-        cache = new_cache(model, n + int(new) + 1)
+        need = n + int(new) + 1
+        mode = graphs.resolve(st.decode, model)
+        why = "decode='eager'" if mode == "eager" else graphs.eager_reason(model, st, kwargs, ids, mode == "graph")
+        st.last_decode = (mode if why is None else "eager", why)
+        step = None if why is not None else graphs.decoder_for(model, st, ids.shape[0], need, mode == "graph")
+        cache = new_cache(model, need) if step is None else step.cache
         kwargs[cache_kwarg(model)] = cache
         chunk = st.prefill_chunk
         if chunk and ids is not None and n > chunk:
             prefill_chunked(model, ids, cache, chunk, kwargs.get("attention_mask"), upto=n - 1)
+        if step is not None:
+            with graphs.intercept(model, step):
+                return orig(*args, **kwargs)
     return orig(*args, **kwargs)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 ATTR = "_headplan"  # the model's PlanState; each patched attention module's LayerRuntime
@@ -23,6 +23,9 @@ class PlanState:
     orig_generate: Any
     own_generate: bool  # `generate` was an instance attribute before apply
     orig_attn: str | None
+    decode: str = "auto"  # generate()'s decode mode (runtime/graphs.py MODES)
+    decoders: dict = field(default_factory=dict)  # the kept graph-captured decode step (graphs.decoder_for)
+    last_decode: tuple | None = None  # (mode taken, reason it fell back to eager or None) of the last generate()
 
 
 def state_of(model) -> PlanState | None:
