@@ -600,6 +600,8 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
     lengths = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
     feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget, lm.identity)
+    if refine and not select:
+        refine = _refine_fits(lm, data, texts, parse_lengths(lengths), refine, rep)
     t_load = time.time() - t0
     prof_path = out / "profile.safetensors"
     plan_path = out / "plan.yaml"
@@ -633,6 +635,23 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     return summary
+
+
+def _refine_fits(lm, data, texts, lengths: list[int], rounds: int, rep: Reporter) -> int:
+    """``rounds``, or 0 with one line when the calibration length (the shortest profiled one, at most the
+    mixture's gates.length) cannot hold the mixture's answered samples."""
+    from .data import Haystack, answer_options, load_task_file, load_texts, mixture_samples
+    from .profile.runner import gate_options
+
+    spec = load_task_file(data, "profile")
+    opt = gate_options(spec, lengths)
+    try:
+        mixture_samples(Haystack(lm.tokenizer, load_texts(texts)[0]), spec, opt["length"], opt["samples"],
+                        reserve=answer_options(spec)[1])
+    except HeadplanError as e:
+        rep.log(f"plan in the loop skipped: its calibration samples at {opt['length']} tokens do not fit ({e})")
+        return 0
+    return rounds
 
 
 def _flat(d, prefix: str = "") -> dict:
