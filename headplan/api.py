@@ -331,7 +331,8 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
     score = None
     if validate:  # held-out samples of `headplan select`'s mixture (its own seed) at the calibration length
         score = lambda plans: measure(lm, plans, vspec, [opt["length"]], texts, None, rep)  # noqa: E731
-    plan, hist = refine(lm, prof, settings, seqs, rounds, ref, score, rep, profile_ref(profile_path, out, prof.sha256))
+    plan, hist = refine(lm, prof, settings, seqs, rounds, ref, score, rep, profile_ref(profile_path, out, prof.sha256),
+                        tolerance)
     save_plan(plan, out)
     return plan, hist
 
@@ -712,9 +713,13 @@ def do_check(plan_path: str | Path, profile_path: str | Path | None = None, *,
         profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path", "pass --profile", root)
     prof = _recorded_profile(profile_path, pref)
     if (prov.get("search") or {}).get("refine"):
-        raise PlanError(f"{plan_path.name}: refined with the model in the loop (provenance.search.refine); `headplan "
-                        "check` regenerates model-free plans only: re-run `headplan refine` to reproduce it")
-    if prov.get("baseline"):
+        from .search.refine import replay
+
+        try:
+            new = replay(prof, plan, pref or None)
+        except HeadplanError as e:
+            raise PlanError(f"{plan_path.name}: {e}") from None
+    elif prov.get("baseline"):
         from .search.baselines import regenerate
 
         new = regenerate(prof, plan)

@@ -147,3 +147,29 @@ def test_refine_rounds_measure_at_the_plan(setup):
         refine(lm, p, st, seqs, 0, ref)
     with pytest.raises(HeadplanError, match="needs the recall signal"):
         refine(lm, dataclasses.replace(p, method="mse", parts={}), st, seqs, 1, ref)
+
+
+def test_refined_plan_is_checked_without_the_model(tmp_path):
+    """`headplan check` regenerates a refined plan from its recorded worths; a changed worth is drift."""
+    import yaml
+    from headplan.api import do_check, do_refine
+    from headplan.profile import save_profile
+
+    lm = tiny("llama")
+    p = profile(lm, [384], candidate_set("small"), SPEC, samples=2, block=16)
+    save_profile(p, tmp_path / "p.safetensors")
+    plan, hist = do_refine("random:llama", tmp_path / "p.safetensors", tmp_path / "plan.yaml", density=0.5,
+                           rounds=2, data=None, lm=lm)
+    info = plan.provenance["search"]["refine"]
+    assert len(info["worths"]) == 2 and info["kept"] == "round2" and len(hist) == 3
+    assert do_check(tmp_path / "plan.yaml") == (True, "")
+    d = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    w = d["provenance"]["search"]["refine"]["worths"]
+    sparse = [(li, h) for li, layer in enumerate(d["layers"]) for h, e in enumerate(layer["heads"])
+              if e.get("pattern") != "full"]
+    for r in range(2):  # make every sparse head of the kept plan priceless: the re-solve must change it
+        for li, h in sparse:
+            w[r][li][h] = 1e6
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    ok, diff = do_check(tmp_path / "bad.yaml", tmp_path / "p.safetensors")
+    assert not ok and "kv_head" in diff

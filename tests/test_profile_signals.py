@@ -334,7 +334,7 @@ def test_cli_profile_gradient_plot_and_bad_method(tmp_path):
                                  str(tmp_path / "q.safetensors")])
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == ["headplan: error: unknown profiling method 'attention' "
-                                             "(known: gradient, mse, recall)"]
+                                             "(known: gradient, mse, recall, gates)"]
 
 
 def test_torchrun_two_ranks_give_the_same_profile(tmp_path):

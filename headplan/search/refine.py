@@ -48,40 +48,85 @@ def operating_point(prof: Profile, plan: Plan, ref: int) -> tuple[torch.Tensor, 
     return full.float(), rows, low
 
 
+def _rounded(worth: torch.Tensor) -> torch.Tensor:
+    """Worths as the plan records them (6 significant digits): the search runs on exactly what is recorded,
+    so ``replay`` regenerates the plan from its provenance without the model."""
+    return torch.tensor([[float(f"{float(x):.6g}") for x in row] for row in worth.tolist()], dtype=torch.float64)
+
+
+def _rounds(prof: Profile, settings, profile_ref, ref: int, rounds: int, worth_of) -> tuple[dict, list]:
+    """Round 0 = the search; round r = the search on the mean of rounds 1..r's costs, each round's worths
+    from ``worth_of(r, gates at the previous plan, its sparse sides' rows)``."""
+    from ..profile import head_scaled_loss
+    from .assemble import search
+
+    recall = recall_part(prof)
+    plans = {"round0": search(prof, settings, profile_ref)}
+    later = dataclasses.replace(settings, signals=(), keep=())  # rounds solve on their own measured costs
+    costs, worths = [], []
+    for r in range(1, rounds + 1):
+        at, rows, low = operating_point(prof, plans[f"round{r - 1}"], ref)
+        w = _rounded(worth_of(r, at, rows))
+        worths.append(w)
+        costs.append(head_scaled_loss(w, recall, low))
+        loss = torch.stack(costs).mean(0).float()
+        plans[f"round{r}"] = search(dataclasses.replace(prof, loss=loss), later, profile_ref)
+    return plans, worths
+
+
+def replay(prof: Profile, plan: Plan, profile_ref: dict | None = None) -> Plan:
+    """The refined plan regenerated from its provenance (``search.refine``: the settings, the reference
+    candidate, each round's recorded worths and the kept round), with no model: what ``headplan check`` runs."""
+    from .settings import SearchSettings
+
+    info = plan.provenance["search"]["refine"]
+    try:
+        settings = SearchSettings.from_dict(info["settings"])
+        names = [c.name for c in prof.candidates]
+        ref = names.index(info["reference"])
+        worths = [torch.tensor(w, dtype=torch.float64) for w in info["worths"]]
+        kept = str(info["kept"])
+    except (KeyError, TypeError, ValueError):
+        raise HeadplanError("provenance.search.refine: malformed (needs settings, reference, worths, kept)") from None
+    m = prof.model
+    if any(tuple(w.shape) != (m.num_layers, m.num_kv_heads) for w in worths):
+        raise HeadplanError("provenance.search.refine.worths: not one value per layer and KV head")
+    plans, _ = _rounds(prof, settings, profile_ref, ref, len(worths), lambda r, at, rows: worths[r - 1])
+    if kept not in plans:
+        raise HeadplanError(f"provenance.search.refine.kept: no round {kept!r}")
+    new = plans[kept]
+    new.provenance["search"]["refine"] = info
+    return new
+
+
 def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score=None, reporter=None,
-           profile_ref: dict | None = None) -> tuple[Plan, list[dict]]:
+           profile_ref: dict | None = None, tolerance: float = 0.02) -> tuple[Plan, list[dict]]:
     """Plan in the loop (module doc). ``seqs``: calibration sequences (``profile.runner.gate_sequences``);
     ``score(plans: dict[str, Plan]) -> {name: row}`` measures plans on validation samples (rows as
-    ``eval.validate``'s, for ``choose``); without it the last round is kept. Returns (the kept plan, one
-    record per round: name, plan, counts and the measured row)."""
+    ``eval.validate``'s, for ``choose`` with ``tolerance``); without it the last round is kept. Returns (the
+    kept plan, one record per round: name, plan, counts and the measured row). The plan's
+    ``provenance.search.refine`` records each round's measured worths, so ``replay`` regenerates it."""
+    from ..profile import gate_gradients
     from ..progress import Reporter
-    from ..profile import gate_gradients, head_scaled_loss
-    from .assemble import search
     from .family import choose
 
     if rounds < 1:
         raise HeadplanError(f"--rounds must be at least 1, got {rounds}")
     rep = reporter or Reporter()
-    recall = recall_part(prof)
-    plans = {"round0": search(prof, settings, profile_ref)}
-    later = dataclasses.replace(settings, signals=(), keep=())  # rounds solve on their own measured costs
-    costs = []
+    recall_part(prof)
     with rep.task(f"plan in the loop ({rounds} rounds x {len(seqs)} samples)", rounds * len(seqs)) as advance:
-        for r in range(1, rounds + 1):
-            at, rows, low = operating_point(prof, plans[f"round{r - 1}"], ref)
-            worth = gate_gradients(lm, seqs, rows, at, advance=advance)
-            costs.append(head_scaled_loss(worth, recall, low))
-            loss = torch.stack(costs).mean(0).float()
-            plans[f"round{r}"] = search(dataclasses.replace(prof, loss=loss), later, profile_ref)
+        plans, worths = _rounds(prof, settings, profile_ref, ref, rounds,
+                                lambda r, at, rows: gate_gradients(lm, seqs, rows, at, advance=advance))
     table = score(plans) if score is not None else None
-    pick = choose(table, 0.02) if table is not None else f"round{rounds}"
+    pick = choose(table, tolerance) if table is not None else f"round{rounds}"
     history = [{"round": m, "plan": p, "counts": p.counts(), **({"measured": table[m]} if table else {})}
                for m, p in plans.items()]
     plan = plans[pick]
     plan.provenance["search"]["refine"] = {
         "method": "plan in the loop", "rounds": rounds, "kept": pick, "samples": len(seqs),
-        "reference": prof.candidates[ref].name,
+        "reference": prof.candidates[ref].name, "settings": settings.to_dict(),
         "history": [{"round": h["round"], "counts": h["counts"],
                      **({k: round(v, 6) for k, v in h["measured"].items() if isinstance(v, float)}
-                        if "measured" in h else {})} for h in history]}
+                        if "measured" in h else {})} for h in history],
+        "worths": [w.tolist() for w in worths]}
     return plan, history
