@@ -224,7 +224,7 @@ def test_ruler_end_to_end_on_a_tiny_model_then_report(plan_path, tmp_path):
     r = invoke("report", out, "--out", tmp_path / "rep")
     assert r.exit_code == 0, r.output
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "RULER niah_single_1@512 (%)" in md and "lm-eval 0.4.13" in md
+    assert "RULER niah_single_1@512 (%)" in md and "lm-eval 0.4.13" in md and "RULER answers" in md
 
 
 @needs_lm_eval

@@ -191,6 +191,15 @@ def write_report(run_dir: str | Path, out: str | Path) -> dict:
                         *[(c.get("methods") or {res['primary']: c.get('plan', '')}).get(m, "–") for m in names]]
                        for t, n, c in cases])
 
+        rcases = [(r["task"], r["length"], c) for r in res.get("ruler", []) for c in r.get("cases", [])[:2]][:6]
+        if rcases:
+            doc.h(3, "RULER answers (first cases)")
+            names = [m["name"] for m in res["methods"]]
+            doc.table(["task", "length", "answer", "dense", *names],
+                      [[t, n, ", ".join(map(str, c["answer"])) if isinstance(c["answer"], list) else str(c["answer"]),
+                        c["dense"].strip()[:80], *[c["methods"].get(m, "–").strip()[:80] for m in names]]
+                       for t, n, c in rcases])
+
     doc.h(2, "Quality vs density")
     img = plot_quality_vs_density(groups, out / "quality_vs_density.png")
     images.append(img)
