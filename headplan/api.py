@@ -465,17 +465,42 @@ def do_apply(model: str, plan_path: str | Path, *, prompt: str | None = None, ma
     return res
 
 
+def _ruler_part(spec: dict, max_positions: int, tasks, lengths, samples, gen_tokens, only: bool) -> dict:
+    """The eval spec with its ``ruler`` section from the --ruler flags (over the spec's own), checked before
+    any work (lm-eval installed, offline tasks, lengths that fit); ``only``: that section alone."""
+    from .eval.ruler import ruler_spec
+
+    if tasks is None and "ruler" not in spec:
+        given = [f for f, v in (("--ruler-lengths", lengths), ("--ruler-samples", samples),
+                                ("--ruler-gen-tokens", gen_tokens), ("--ruler-only", only or None)) if v is not None]
+        if given:
+            raise HeadplanError(f"{given[0]} goes with --ruler TASKS (e.g. --ruler niah_single_1)")
+        return spec
+    base = spec.get("ruler")
+    if base is not None and not isinstance(base, dict):
+        raise HeadplanError("eval spec: ruler: expected a mapping {tasks, lengths, samples, gen_tokens}")
+    r = ruler_spec(tasks, lengths, samples, gen_tokens, max_positions, base)
+    if only:
+        return {"name": "ruler", "seed": spec.get("seed", 1000), "ruler": r}
+    return {**spec, "ruler": r}
+
+
 def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = None, *, data: str | None = None,
             texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
             reporter: Reporter | None = None, lm=None, baselines: bool | str | list | None = None,
-            profile: str | Path | None = None, seed: int = 0, lengths=None, samples: int | None = None) -> dict:
+            profile: str | Path | None = None, seed: int = 0, lengths=None, samples: int | None = None,
+            ruler=None, ruler_lengths=None, ruler_samples: int | None = None, ruler_gen_tokens: int | None = None,
+            ruler_only: bool = False) -> dict:
     """Dense vs the plan (and its baselines at the same budget) on held-out samples.
 
     plan_path: one plan, or a list (several budgets in one run: methods are named ``name@density``).
     baselines: True (all of streaming, duo, moa, random), a comma-separated string or a list of names;
     built from ``profile`` (default: the plan's provenance.profile.path, relative to the plan's folder)
     and saved as ``OUT/baselines/<name>.yaml``. Writes ``OUT/eval.json``. ``lengths`` / ``samples`` replace
-    the eval spec's lengths and samples (``headplan.eval.spec_for``).
+    the eval spec's lengths and samples (``headplan.eval.spec_for``). ``ruler``: lm-eval RULER tasks (a
+    comma-separated string or a list, e.g. ``niah_single_1,niah_multikey_2``) run at ``ruler_lengths`` with
+    ``ruler_samples`` per task and length (``headplan.eval.ruler``; needs ``pip install 'headplan[ruler]'``);
+    ``ruler_only`` runs them alone, without the eval spec's own tasks.
     """
     from .data import load_task_file
     from .eval import evaluate, spec_for
@@ -489,12 +514,14 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     plans = [load_plan(p) for p in paths]
     spec, note = spec_for(load_task_file(data, "eval"), min(p.model.max_positions for p in plans), lengths, samples,
                           given=data is not None)
+    spec = _ruler_part(spec, min(p.model.max_positions for p in plans), ruler, ruler_lengths, ruler_samples,
+                       ruler_gen_tokens, ruler_only)
     names = _baseline_names(baselines)
     multi = len(plans) > 1
 
     def label(name, plan):
         b = plan.budget
-        tag = f"{b.density:g}" if b.density is not None else f"kv{b.kv_budget:g}"
+        tag = f"{b.density:g}" if b.density is not None else f"kv{b.kv_budget:g}" if b.kv_budget is not None else "?"
         return f"{name}@{tag}" if multi else name
 
     methods, files, sources = {}, {}, {}
@@ -519,6 +546,12 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
     if note:  # said once the inputs are known good
         rep.log(note)
+    if spec.get("ruler"):  # RULER prompts that lm-eval cannot make with this tokenizer: refused before any work
+        from .eval.ruler import check_fits, hf_tokenizer
+
+        tok = hf_tokenizer(lm.tokenizer)
+        for n in spec["ruler"]["lengths"]:
+            check_fits(spec["ruler"]["tasks"], n, tok)
     first = next(iter(methods))
     t0 = time.time()
     res = evaluate(lm, methods[first], spec, texts, rep, {k: v for k, v in methods.items() if k != first}, first)

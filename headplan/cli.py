@@ -300,6 +300,9 @@ def _eval_table(res: dict):
         row(f"{r['task']} accuracy (n={r['samples']})", r["length"], r["acc"]["dense"], r["acc"], "{:.2f}")
         if r.get("answer_nll"):
             row(f"{r['task']} answer NLL", r["length"], r["answer_nll"]["dense"], r["answer_nll"], "{:.3f}", rel=True)
+    for r in res.get("ruler", []):
+        row(f"RULER {r['task']} (%, n={r['samples']})", r["length"], 100 * r["score"]["dense"],
+            {m: 100 * r["score"][m] for m in names}, "{:.1f}")
     info = {m["name"]: m for m in res["methods"]}
     for j, b in enumerate(res["budget"]):
         row("density / KV kept", b["length"], "1.000 / 1.000",
@@ -333,16 +336,28 @@ def eval_cmd(model: str = ModelArg,
                                                    "(every task), e.g. 1k,2k (k = 1024)"),
              samples: Optional[int] = typer.Option(None, "--samples", help="Replace the eval spec's samples "
                                                    "(per length, or per length x depth cell)"),
+             ruler: Optional[str] = typer.Option(None, "--ruler", help="lm-eval RULER tasks, comma-separated "
+                                                 "(offline ones: niah_single_1, niah_multikey_2, niah_multikey_3, vt, "
+                                                 "cwe, fwe); needs pip install 'headplan[ruler]'"),
+             ruler_lengths: Optional[str] = typer.Option(None, "--ruler-lengths", help="RULER lengths (default "
+                                                         "4096, or the model's positions if fewer), e.g. 1k,4k"),
+             ruler_samples: Optional[int] = typer.Option(None, "--ruler-samples", help="RULER samples per task "
+                                                         "and length (default 10)"),
+             ruler_gen_tokens: Optional[int] = typer.Option(None, "--ruler-gen-tokens", help="Tokens generated "
+                                                            "per RULER answer (default: each task's own, 30-128)"),
+             ruler_only: bool = Flag(False, "--ruler-only/--no-ruler-only", "Run only the RULER tasks, not the "
+                                     "eval spec's own"),
              as_json: bool = Flag(False, "--json/--no-json", "Print JSON instead of a table"),
              dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Dense vs plan on held-out samples: perplexity, KL, top-1, retrieval grids; --baselines adds
-    streaming, duo, moa and random plans at the same budget, side by side."""
+    streaming, duo, moa and random plans at the same budget, side by side; --ruler adds lm-eval's RULER tasks."""
     from .api import do_eval
 
     which = baseline_names if baseline_names else (True if baselines else None)
     res = do_eval(model, plan if len(plan) > 1 else plan[0], out, data=data, texts=text, dtype=dtype, device=device,
                   reporter=_reporter(), baselines=which, profile=profile_path, seed=seed, lengths=lengths,
-                  samples=samples)
+                  samples=samples, ruler=ruler, ruler_lengths=ruler_lengths, ruler_samples=ruler_samples,
+                  ruler_gen_tokens=ruler_gen_tokens, ruler_only=ruler_only)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, sort_keys=True) + "\n")
     else:

@@ -4,6 +4,7 @@ retrieval grids, continuations), and the spec fitted to the model's positions.""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -144,9 +145,9 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
     cont_spec = spec.get("continuations") or {}
     grids = {t: spec[t] for t in GRID_TASKS if spec.get(t) and spec[t].get("lengths")}
     for k in spec:
-        if k not in (*GRID_TASKS, "perplexity", "continuations", "name", "seed", "description"):
+        if k not in (*GRID_TASKS, "perplexity", "continuations", "ruler", "name", "seed", "description"):
             raise HeadplanError(f"eval spec: unknown key {k!r} (known: perplexity, {', '.join(GRID_TASKS)}, "
-                                "continuations, name, seed)")
+                                "continuations, ruler, name, seed)")
     all_lengths = list(ppl_spec.get("lengths", [])) + [n for g in grids.values() for n in g["lengths"]]
     if cont_spec:
         all_lengths.append(int(cont_spec.get("length", 512)) + int(cont_spec.get("tokens", 32)))
@@ -170,7 +171,8 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                   + 2 * sum(len(g["lengths"]) * len(cells(t, g)) for t, g in grids.items())
                   + (int(cont_spec.get("samples", 2)) if cont_spec else 0))
     memory: dict = {}
-    with rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) as advance:
+    bar = rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) if jobs else contextlib.nullcontext(lambda n=1: None)
+    with bar as advance:
         # ---- perplexity, KL, top-1 ---------------------------------------------------------------
         for n in ppl_spec.get("lengths", []):
             n = int(n)
@@ -299,9 +301,13 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                 prompt = lm.tokenizer.decode(list(s.input_ids[-48:]), skip_special_tokens=True)
                 results["continuations"].append({"length": n, "prompt_tail": prompt, "dense": outs["dense"],
                                                  "methods": {m: outs[m] for m in names}})
+    if spec.get("ruler"):  # lm-eval's RULER tasks (headplan.eval.ruler), its own progress bar
+        from .ruler import run_ruler
+
+        results["ruler"] = run_ruler(lm, methods, spec["ruler"], rep, seed)
     apply(model, plan, check=False)
 
-    lengths = sorted({r["length"] for r in results["perplexity"] + results["retrieval"]})
+    lengths = sorted({r["length"] for r in results["perplexity"] + results["retrieval"] + results.get("ruler", [])})
     results["methods"] = [method_info(m, p, lengths) for m, p in methods.items()]
     results["kv_cache_measured"] = [
         {"length": n, "kv_bytes_dense": m.get("dense"), "kv_bytes_plan": m.get(primary),

@@ -27,6 +27,8 @@ def results_table(res: dict) -> tuple[list[str], list[list[str]]]:
         head += [f"ppl@{r['length']}", f"KL@{r['length']}", f"top-1@{r['length']}"]
     for r in res["retrieval"]:
         head.append(f"{r['task']}@{r['length']}")
+    for r in res.get("ruler", []):
+        head.append(f"RULER {r['task']}@{r['length']} (%)")
     rows = []
     for name in ["dense", *names]:
         if name == "dense":
@@ -47,6 +49,9 @@ def results_table(res: dict) -> tuple[list[str], list[list[str]]]:
             k = round(a * r["samples"]) if a is not None else None
             nll = (r.get("answer_nll") or {}).get(name)
             row.append(("–" if a is None else f"{k}/{r['samples']}") + (f", NLL {nll:.2f}" if nll is not None else ""))
+        for r in res.get("ruler", []):
+            v = r["score"].get(name)
+            row.append("–" if v is None else f"{100 * v:.1f}")
         rows.append(row)
     return head, rows
 
@@ -141,11 +146,17 @@ def write_report(run_dir: str | Path, out: str | Path) -> dict:
         lab = _label(res, path, run_dir)
         groups.append((lab, method_points(res)))
         doc.h(2, f"Evaluation `{lab}`" if lab != "." else "Evaluation")
-        lens = sorted({r["length"] for r in res["perplexity"] + res["retrieval"]})
+        lens = sorted({r["length"] for r in res["perplexity"] + res["retrieval"] + res.get("ruler", [])})
         secs = f"; eval wall time {res['seconds']:.0f} s" if isinstance(res.get("seconds"), (int, float)) else ""
         doc.p(f"Methods: {', '.join(m['name'] for m in res['methods'])}; lengths {', '.join(map(str, lens))}{secs}.")
         head, rows = results_table(res)
         doc.table(head, rows)
+        if res.get("ruler"):
+            rr = res["ruler"]
+            doc.p(f"RULER: lm-eval {rr[0].get('lm_eval') or ''} tasks {', '.join(sorted({r['task'] for r in rr}))}, "
+                  f"its own synthetic samples ({', '.join(sorted({str(r['samples']) for r in rr}))} per task and "
+                  "length, the same for every method); score = lm-eval's string match (share of the reference "
+                  "answers found in the greedy output), in %.")
         for task in sorted({c["task"] for c in res["grid"]}):
             img = plot_heatmaps(res, task, out / f"heatmap_{k}_{task}.png",
                                 f"{task} accuracy (length x depth){'' if lab == '.' else ' — ' + lab}")
@@ -179,6 +190,15 @@ def write_report(run_dir: str | Path, out: str | Path) -> dict:
                       [[t, n, "–" if c.get("depth") is None else f"{c['depth']:g}", c["answer"], c["dense"],
                         *[(c.get("methods") or {res['primary']: c.get('plan', '')}).get(m, "–") for m in names]]
                        for t, n, c in cases])
+
+        rcases = [(r["task"], r["length"], c) for r in res.get("ruler", []) for c in r.get("cases", [])[:2]][:6]
+        if rcases:
+            doc.h(3, "RULER answers (first cases)")
+            names = [m["name"] for m in res["methods"]]
+            doc.table(["task", "length", "answer", "dense", *names],
+                      [[t, n, ", ".join(map(str, c["answer"])) if isinstance(c["answer"], list) else str(c["answer"]),
+                        c["dense"].strip()[:80], *[c["methods"].get(m, "–").strip()[:80] for m in names]]
+                       for t, n, c in rcases])
 
     doc.h(2, "Quality vs density")
     img = plot_quality_vs_density(groups, out / "quality_vs_density.png")
