@@ -21,7 +21,8 @@ from .progress import Reporter
 
 DEFAULT_DENSITY = 0.25
 DEFAULT_RUN_METHOD = "recall"  # the profiling signal(s) of `headplan run`
-DEFAULT_REFINE_ROUNDS = 3  # plan-in-the-loop rounds of `headplan run` (0 = the profile's search alone)
+DEFAULT_REFINE_ROUNDS = 2  # plan-in-the-loop rounds of `headplan run` (0 = the profile's search alone); measured:
+# a third round was never the one kept on validation (README Results, issue 15)
 
 
 class ProfileResult(tuple):
@@ -282,7 +283,7 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
 
 
 def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density: float | None = DEFAULT_DENSITY,
-              kv_budget: float | None = None, lengths=None, rounds: int = 2, data: str | None = None,
+              kv_budget: float | None = None, lengths=None, rounds: int = DEFAULT_REFINE_ROUNDS, data: str | None = None,
               samples: int | None = None, validate: bool = False, tolerance: float = 0.02,
               exclude_kinds: str | list | None = None, texts: list[str] | None = None, dtype: str = "float32",
               device: str = "cpu", reporter: Reporter | None = None, lm=None) -> tuple[Plan, list[dict]]:

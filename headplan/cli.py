@@ -186,7 +186,7 @@ def refine(model: str = ModelArg,
            density: Optional[float] = typer.Option(0.25, help="Max average attention density at every length"),
            kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Max average KV share kept"),
            lengths: Optional[str] = typer.Option(None, help="Subset of profiled lengths to constrain"),
-           rounds: int = typer.Option(3, "--rounds", help="Plan-in-the-loop rounds"),
+           rounds: int = typer.Option(2, "--rounds", help="Plan-in-the-loop rounds"),
            data: Optional[str] = typer.Option(None, help="Calibration mixture YAML (default: the profile's)"),
            samples: Optional[int] = typer.Option(None, help="Calibration samples (default: the mixture's gates.samples)"),
            validate: bool = Flag(True, "--validate/--no-validate", "Score every round on held-out validation samples "
@@ -483,7 +483,7 @@ def run(model: str = ModelArg,
         baselines: str = typer.Option("moa", "--baselines", help="Baselines evaluated beside the plan at its "
                                       "budget, from the same profile: a comma list of streaming,duo,moa,random, "
                                       "or none"),
-        refine: int = typer.Option(3, "--refine", help="Plan-in-the-loop rounds after the search (as `headplan "
+        refine: int = typer.Option(2, "--refine", help="Plan-in-the-loop rounds after the search (as `headplan "
                                    "refine`, keeping the best round on validation samples); 0 = search only"),
         dtype: str = DtypeOpt, device: str = DeviceOpt):
     """The whole pipeline: profile, search (or --select), eval beside dense and the MoA-style baseline at the
