@@ -173,3 +173,26 @@ def test_refined_plan_is_checked_without_the_model(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
     ok, diff = do_check(tmp_path / "bad.yaml", tmp_path / "p.safetensors")
     assert not ok and "kv_head" in diff
+
+
+def test_cli_refine_and_its_bad_input(tmp_path):
+    from headplan.profile import save_profile
+    from helpers import invoke
+
+    lm = tiny("llama")
+    p = profile(lm, [384], candidate_set("small"), SPEC, samples=2, block=16)
+    save_profile(p, tmp_path / "p.safetensors")
+    r = invoke("refine", "random:llama", tmp_path / "p.safetensors", "--density", "0.5", "--rounds", "1",
+               "--samples", "2", "--no-validate", "--out", tmp_path / "plan.yaml")
+    assert r.exit_code == 0, r.output
+    assert "kept round1 of 2" in r.output and (tmp_path / "plan.yaml").exists()
+    assert invoke("check", tmp_path / "plan.yaml").exit_code == 0
+    for args, msg in ((["--rounds", "0"], "--rounds must be at least 1"),
+                      (["--samples", "0"], "--samples must be at least 1"),
+                      (["--density", "0.01"], "infeasible"),
+                      (["--data", str(tmp_path / "nope.yaml")], "data spec not found")):
+        r = invoke("refine", "random:llama", tmp_path / "p.safetensors", "--out", tmp_path / "x.yaml", *args)
+        assert r.exit_code == 2 and msg in r.stderr and "Traceback" not in r.output, (args, r.output)
+        assert not (tmp_path / "x.yaml").exists()
+    r = invoke("refine", "random:qwen2", tmp_path / "p.safetensors", "--out", tmp_path / "x.yaml")
+    assert r.exit_code == 2 and "another model" in r.stderr
