@@ -23,6 +23,9 @@ DEFAULT_DENSITY = 0.25
 DEFAULT_RUN_METHOD = "recall"  # the profiling signal(s) of `headplan run`
 DEFAULT_REFINE_ROUNDS = 2  # plan-in-the-loop rounds of `headplan run` (0 = the profile's search alone); measured:
 # a third round was never the one kept on validation (README Results, issue 15)
+DEFAULT_RUN_EXCLUDE = "vslash,blocksparse"  # kinds `headplan run` leaves out of its plan: dynamic heads keep every KV
+# entry (and decode as full); measured on validation seeds, the plan without them kept the same passkeys at
+# 0.44x the KV and a better perplexity at 4K (README Results, issue 15)
 
 
 class ProfileResult(tuple):
@@ -613,7 +616,8 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
            eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
            device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
            method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02,
-           baselines: str | list | None = "moa", refine: int = DEFAULT_REFINE_ROUNDS) -> dict:
+           baselines: str | list | None = "moa", refine: int = DEFAULT_REFINE_ROUNDS,
+           exclude_kinds: str | list | None = DEFAULT_RUN_EXCLUDE) -> dict:
     """The whole pipeline: profile, search (or, with ``select``, ``headplan select``'s measured choice among a
     family of plans), eval beside dense and ``baselines`` (default: the MoA-style baseline at the same
     budget, so the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json."""
@@ -627,14 +631,18 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     load_task_file(eval_data, "eval")
     _baseline_names(baselines)  # a bad name fails before any work
     whole_number("--refine", refine)
+    kinds = pattern_kinds(None if str(exclude_kinds).strip().lower() == "none" else exclude_kinds)
     if refine and not select:  # plan in the loop needs answered calibration samples: fail before profiling
         from .profile.runner import gate_options
 
         gate_options(load_task_file(data, "profile"), parse_lengths(lengths or DEFAULT_LENGTHS))
-    feasible_or_raise(candidate_set(candidates), parse_lengths(lengths or DEFAULT_LENGTHS), density, kv_budget)
+    allowed = [c for c in candidate_set(candidates) if c.pattern.kind not in kinds]
+    if not allowed:
+        raise HeadplanError(f"--exclude-kinds leaves no candidate of the {candidates!r} set")
+    feasible_or_raise(allowed, parse_lengths(lengths or DEFAULT_LENGTHS), density, kv_budget)
     lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
     lengths = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
-    feasible_or_raise(candidate_set(candidates), parse_lengths(lengths), density, kv_budget, lm.identity)
+    feasible_or_raise(allowed, parse_lengths(lengths), density, kv_budget, lm.identity)
     if refine and not select:
         refine = _refine_fits(lm, data, texts, parse_lengths(lengths), refine, rep)
     t_load = time.time() - t0
@@ -650,11 +658,12 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
         selection = {"chosen": plan.provenance["selection"]["chosen"], "tolerance": tolerance, "candidates": table}
     elif refine:
         plan, hist = do_refine(model, prof_path, plan_path, density=density, kv_budget=kv_budget, rounds=refine,
-                               data=data, validate=True, tolerance=tolerance, texts=texts, reporter=rep, lm=lm)
+                               data=data, validate=True, tolerance=tolerance, exclude_kinds=kinds, texts=texts,
+                               reporter=rep, lm=lm)
         selection = {"chosen": plan.provenance["search"]["refine"]["kept"], "tolerance": tolerance,
                      "candidates": {h["round"]: {**h.get("measured", {}), "counts": h["counts"]} for h in hist}}
     else:
-        plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget)
+        plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget, exclude_kinds=kinds)
     res = do_eval(model, plan_path, out, data=eval_data, texts=texts, reporter=rep, lm=lm, baselines=baselines,
                   profile=prof_path)
     summary = {

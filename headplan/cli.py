@@ -483,6 +483,9 @@ def run(model: str = ModelArg,
         baselines: str = typer.Option("moa", "--baselines", help="Baselines evaluated beside the plan at its "
                                       "budget, from the same profile: a comma list of streaming,duo,moa,random, "
                                       "or none"),
+        exclude_kinds: str = typer.Option("vslash,blocksparse", "--exclude-kinds", help="Pattern kinds the plan "
+                                          "leaves out (default: the dynamic ones, which keep every KV entry; "
+                                          "'none' allows every kind)"),
         refine: int = typer.Option(2, "--refine", help="Plan-in-the-loop rounds after the search (as `headplan "
                                    "refine`, keeping the best round on validation samples); 0 = search only"),
         dtype: str = DtypeOpt, device: str = DeviceOpt):
@@ -494,7 +497,7 @@ def run(model: str = ModelArg,
 
     s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
                eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
-               candidates=candidates, select=select, tolerance=tolerance, refine=refine,
+               candidates=candidates, select=select, tolerance=tolerance, refine=refine, exclude_kinds=exclude_kinds,
                baselines=None if baselines.strip().lower() in ("", "none") else baselines,
                **({"method": method} if method else {}))
     con = _console()
