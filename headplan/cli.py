@@ -191,12 +191,15 @@ def refine(model: str = ModelArg,
            samples: Optional[int] = typer.Option(None, help="Calibration samples (default: the mixture's gates.samples)"),
            validate: bool = Flag(True, "--validate/--no-validate", "Score every round on held-out validation samples "
                                  "and keep the best (else the last round)"),
+           exclude_kinds: Optional[str] = typer.Option(None, "--exclude-kinds", help="Pattern kinds never to use, "
+                                                       "e.g. vslash,blocksparse"),
            text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search, then re-measure every head with the plan applied and re-solve (plan in the loop)."""
     from .api import do_refine
 
     plan, hist = do_refine(model, profile_path, out, density=density, kv_budget=kv_budget, lengths=lengths,
-                           rounds=rounds, data=data, samples=samples, validate=validate, texts=text, dtype=dtype,
+                           rounds=rounds, data=data, samples=samples, validate=validate, exclude_kinds=exclude_kinds,
+                           texts=text, dtype=dtype,
                            device=device, reporter=_reporter())
     kept = plan.provenance["search"]["refine"]["kept"]
     b = plan.budget

@@ -134,3 +134,19 @@ def test_run_shows_the_moa_baseline_beside_the_plan_by_default(run_dir):
     assert res["methods"][1]["budget"]  # the same budget as the plan
     r = invoke("run", "random:llama", "--out", run_dir.parent / "nob", "--baselines", "nope", *SMALL_RUN)
     assert r.exit_code == 2 and "unknown baseline" in r.output
+
+
+def test_run_defaults_to_plan_in_the_loop_without_dynamic_kinds(run_dir, tmp_path):
+    """The default run refines its plan (recorded, checkable) and leaves the dynamic kinds out; a bad kind
+    is refused before any work."""
+    import json
+
+    from headplan.plan import DYNAMIC_KINDS, load_plan
+
+    plan = load_plan(run_dir / "plan.yaml")
+    info = plan.provenance["search"]["refine"]
+    assert info["rounds"] == 2 and info["kept"] in ("round0", "round1", "round2")
+    assert not any(e.pattern.kind in DYNAMIC_KINDS for layer in plan.layers for e in layer)
+    assert json.loads((run_dir / "summary.json").read_text())["refine_rounds"] == 2
+    r = invoke("run", "random:llama", "--out", tmp_path / "x", "--exclude-kinds", "nope", *SMALL_RUN)
+    assert r.exit_code == 2 and "unknown pattern kind 'nope'" in r.stderr and not (tmp_path / "x").exists()
