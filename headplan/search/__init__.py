@@ -15,10 +15,14 @@ A multiple-choice knapsack solved exactly as a 0/1 integer program with HiGHS
 ε-constraints across lengths (each length its own budget row); ``pareto()`` sweeps one budget and
 writes the front; ``tune()`` runs Optuna over global knobs. Deterministic: the same profile and
 settings give the same plan, byte for byte.
+
+``refine()`` (plan in the loop, ``refine.py``) re-measures every head with the current plan applied and
+re-solves; ``replay()`` regenerates a refined plan from the worths it recorded, with no model.
 """
 
 from .assemble import profile_ref, search
 from .baselines import BASELINES, build_baselines, regenerate
+from .refine import refine, replay
 from .family import FULL_STEPS, QUALITY_GRID, build_family, cheapest, choose, family, meets
 from .settings import SearchSettings, parse_latency, parse_memory
 from .solve import TIE, profile_loss
@@ -26,4 +30,4 @@ from .sweep import pareto, tune, write_pareto
 
 __all__ = ["BASELINES", "FULL_STEPS", "QUALITY_GRID", "TIE", "cheapest", "meets", "SearchSettings", "build_baselines", "build_family", "choose",
            "family", "pareto", "parse_latency", "parse_memory", "profile_loss", "profile_ref",
-           "regenerate", "search", "tune", "write_pareto"]
+           "refine", "regenerate", "replay", "search", "tune", "write_pareto"]
