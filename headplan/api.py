@@ -288,12 +288,14 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
 def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density: float | None = DEFAULT_DENSITY,
               kv_budget: float | None = None, lengths=None, rounds: int = DEFAULT_REFINE_ROUNDS, data: str | None = None,
               samples: int | None = None, validate: bool = False, tolerance: float = 0.02,
-              exclude_kinds: str | list | None = None, texts: list[str] | None = None, dtype: str = "float32",
-              device: str = "cpu", reporter: Reporter | None = None, lm=None) -> tuple[Plan, list[dict]]:
+              exclude_kinds: str | list | None = None, validate_lengths=None, texts: list[str] | None = None,
+              dtype: str = "float32", device: str = "cpu", reporter: Reporter | None = None,
+              lm=None) -> tuple[Plan, list[dict]]:
     """Plan in the loop (``headplan.search.refine``): search, then ``rounds`` times measure every head's worth
     with the current plan applied and re-solve at the same budget. Calibration samples: the data spec's
     gate settings (``gates:``; default the profile's own spec); ``validate`` scores every round on
-    ``headplan select``'s validation samples at the calibration length and keeps the best by its rule
+    ``headplan select``'s validation samples at the calibration length (or at ``validate_lengths``, e.g. one
+    longer than profiled, so the kept round is the one that holds there) and keeps the best by its rule
     (else the last round)."""
     from .data import Haystack, load_task_file, load_texts
     from .eval.validate import check_arguments
@@ -311,6 +313,9 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
     if rounds < 1:
         raise HeadplanError(f"--rounds must be at least 1, got {rounds}")
     vspec = load_task_file(None, "select")
+    vlens = optional_lengths(validate_lengths)
+    if vlens and not validate:
+        raise HeadplanError("--validate-lengths needs --validate")
     if validate:
         check_arguments(vspec, None, tolerance)
     text, _ = load_texts(texts)
@@ -329,12 +334,15 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
     if lm.identity.fingerprint != prof.model.fingerprint:
         raise HeadplanError(f"the profile is for another model ({prof.model_spec}) than {model}")
+    for n in vlens or ():
+        if n > lm.identity.max_positions:
+            raise HeadplanError(f"--validate-lengths: {n} exceeds the model's {lm.identity.max_positions} positions")
     dev = lm.model.get_input_embeddings().weight.device
     seqs = gate_sequences(lm, Haystack(lm.tokenizer, text), spec, opt["length"], opt["samples"], dev)
     ref = reference_candidate(list(prof.candidates), opt["length"])
     score = None
     if validate:  # held-out samples of `headplan select`'s mixture (its own seed) at the calibration length
-        score = lambda plans: measure(lm, plans, vspec, [opt["length"]], texts, None, rep)  # noqa: E731
+        score = lambda plans: measure(lm, plans, vspec, list(vlens or [opt["length"]]), texts, None, rep)  # noqa: E731
     plan, hist = refine(lm, prof, settings, seqs, rounds, ref, score, rep, profile_ref(profile_path, out, prof.sha256),
                         tolerance)
     save_plan(plan, out)

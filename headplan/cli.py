@@ -193,12 +193,16 @@ def refine(model: str = ModelArg,
                                  "and keep the best (else the last round)"),
            exclude_kinds: Optional[str] = typer.Option(None, "--exclude-kinds", help="Pattern kinds never to use, "
                                                        "e.g. vslash,blocksparse"),
+           validate_lengths: Optional[str] = typer.Option(None, "--validate-lengths", help="Score the rounds at "
+                                                          "these lengths (default: the calibration length), e.g. "
+                                                          "one longer than profiled"),
            text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search, then re-measure every head with the plan applied and re-solve (plan in the loop)."""
     from .api import do_refine
 
     plan, hist = do_refine(model, profile_path, out, density=density, kv_budget=kv_budget, lengths=lengths,
                            rounds=rounds, data=data, samples=samples, validate=validate, exclude_kinds=exclude_kinds,
+                           validate_lengths=validate_lengths,
                            texts=text, dtype=dtype,
                            device=device, reporter=_reporter())
     kept = plan.provenance["search"]["refine"]["kept"]

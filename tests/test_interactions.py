@@ -196,3 +196,28 @@ def test_cli_refine_and_its_bad_input(tmp_path):
         assert not (tmp_path / "x.yaml").exists()
     r = invoke("refine", "random:qwen2", tmp_path / "p.safetensors", "--out", tmp_path / "x.yaml")
     assert r.exit_code == 2 and "another model" in r.stderr
+
+
+def test_refine_validates_at_the_lengths_asked(tmp_path):
+    """--validate-lengths scores the rounds at those lengths (here one longer than profiled)."""
+    from headplan.profile import save_profile
+    from helpers import invoke
+
+    lm = tiny("llama")
+    p = profile(lm, [384], candidate_set("small"), SPEC, samples=2, block=16)
+    save_profile(p, tmp_path / "p.safetensors")
+    r = invoke("refine", "random:llama", tmp_path / "p.safetensors", "--density", "0.5", "--rounds", "1",
+               "--samples", "2", "--validate-lengths", "512", "--out", tmp_path / "plan.yaml")
+    assert r.exit_code == 0, r.output
+    from headplan.api import do_refine
+    from headplan.plan import load_plan
+
+    hist = load_plan(tmp_path / "plan.yaml").provenance["search"]["refine"]["history"]
+    _, at_cal = do_refine("random:llama", tmp_path / "p.safetensors", tmp_path / "cal.yaml", density=0.5, rounds=1,
+                          samples=2, validate=True, lm=lm)
+    assert [h["round"] for h in hist] == ["round0", "round1"]
+    assert all(h["lm_nll"] != round(c["measured"]["lm_nll"], 6) for h, c in zip(hist, at_cal))  # other samples
+    for args, msg in ((["--validate-lengths", "512", "--no-validate"], "needs --validate"),
+                      (["--validate-lengths", "99999"], "exceeds the model's")):
+        r = invoke("refine", "random:llama", tmp_path / "p.safetensors", "--out", tmp_path / "x.yaml", *args)
+        assert r.exit_code == 2 and msg in r.stderr, r.output
