@@ -103,7 +103,7 @@ class _Gated:
     """The model with gated attention for the duration of a ``with``: the weights frozen, dense references of
     the sequences taken first with the model's own attention."""
 
-    def __init__(self, lm, seqs: list, low_rows: list[list[dict]], init: torch.Tensor):
+    def __init__(self, lm, seqs: list, low_rows: list[list[dict]], init: torch.Tensor, targets: list | None = None):
         model = lm.model
         self.model = model
         self.dev = model.get_input_embeddings().weight.device
@@ -112,7 +112,7 @@ class _Gated:
         if not any(s.meta.get("task") != "lm" for s in seqs):
             raise HeadplanError("the gate signal needs answered calibration samples (passkey, needle, ...) "
                                 "in the data spec")
-        self.targets = [_targets(model, s, self.dev) for s in seqs]
+        self.targets = targets if targets is not None else dense_targets(lm, seqs)
         self.theta = init.detach().to(self.dev, torch.float32).clone().requires_grad_(True)
         self.low = [P.make_table(rows) for rows in low_rows]
 
@@ -170,11 +170,18 @@ def train_gates(lm, seqs: list, low_rows: list[list[dict]], steps: int, lr: floa
         return run.theta.detach().clamp(0.0, 1.0).cpu(), losses
 
 
-def gate_gradients(lm, seqs: list, low_rows: list[list[dict]], at: torch.Tensor, advance=None) -> torch.Tensor:
+def dense_targets(lm, seqs: list) -> list:
+    """The dense references of the sequences (taken once; every round of plan in the loop reuses them)."""
+    dev = lm.model.get_input_embeddings().weight.device
+    return [_targets(lm.model, s, dev) for s in seqs]
+
+
+def gate_gradients(lm, seqs: list, low_rows: list[list[dict]], at: torch.Tensor, advance=None,
+                   targets: list | None = None) -> torch.Tensor:
     """What each head is worth at the operating point ``at`` (gates (layers, KV heads), 1 = dense, 0 = its
     sparse side): -dL/dg, the first-order loss a head saves by being dense rather than its sparse side, with
     every other head as ``at`` has it; L = the mean over sequences of their fit losses. (layers, KV heads)."""
-    with _Gated(lm, seqs, low_rows, at) as run:
+    with _Gated(lm, seqs, low_rows, at, targets) as run:
         grad = torch.zeros_like(run.theta)
         for t in range(len(run.targets)):
             with torch.enable_grad():

@@ -106,7 +106,7 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
     ``eval.validate``'s, for ``choose`` with ``tolerance``); without it the last round is kept. Returns (the
     kept plan, one record per round: name, plan, counts and the measured row). The plan's
     ``provenance.search.refine`` records each round's measured worths, so ``replay`` regenerates it."""
-    from ..profile import gate_gradients
+    from ..profile.gates import dense_targets, gate_gradients
     from ..progress import Reporter
     from .family import choose
 
@@ -114,9 +114,10 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
         raise HeadplanError(f"--rounds must be at least 1, got {rounds}")
     rep = reporter or Reporter()
     recall_part(prof)
+    targets = dense_targets(lm, seqs) if seqs else None  # dense references once, for every round
     with rep.task(f"plan in the loop ({rounds} rounds x {len(seqs)} samples)", rounds * len(seqs)) as advance:
         plans, worths = _rounds(prof, settings, profile_ref, ref, rounds,
-                                lambda r, at, rows: gate_gradients(lm, seqs, rows, at, advance=advance))
+                                lambda r, at, rows: gate_gradients(lm, seqs, rows, at, advance, targets))
     table = score(plans) if score is not None else None
     pick = choose(table, tolerance) if table is not None else f"round{rounds}"
     history = [{"round": m, "plan": p, "counts": p.counts(), **({"measured": table[m]} if table else {})}
