@@ -21,6 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModelArg = typer.Argument("smollm2-135m", help="smollm2-135m | HF directory | file.gguf | random:<family> | "
                                                "random:<config.json>")
 TextOpt = typer.Option(None, "--text", help="Haystack text file (repeatable); default: pydoc_data/topics.py")
+ExcludeKindsOpt = typer.Option(None, "--exclude-kinds", help="Pattern kinds never to use, e.g. vslash,blocksparse")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N")
 
@@ -153,8 +154,7 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
            study: Optional[Path] = typer.Option(None, "--study", help="sqlite file: resumable Optuna study"),
            signals: Optional[str] = typer.Option(None, "--signals", help="Re-weight the profile's stored signals, "
                                                                           "e.g. gradient=0.3,recall=0.7"),
-           exclude_kinds: Optional[str] = typer.Option(None, "--exclude-kinds", help="Pattern kinds never to use, "
-                                                                                     "e.g. vslash,blocksparse"),
+           exclude_kinds: Optional[str] = ExcludeKindsOpt,
            keep: Optional[str] = typer.Option(None, "--keep", help="Epsilon-constraint: keep a stored signal's loss "
                                                                    "within SLACK x its own optimum under the same "
                                                                    "budgets, e.g. recall=1.2"),
@@ -191,8 +191,7 @@ def refine(model: str = ModelArg,
            samples: Optional[int] = typer.Option(None, help="Calibration samples (default: the mixture's gates.samples)"),
            validate: bool = Flag(True, "--validate/--no-validate", "Score every round on held-out validation samples "
                                  "and keep the best (else the last round)"),
-           exclude_kinds: Optional[str] = typer.Option(None, "--exclude-kinds", help="Pattern kinds never to use, "
-                                                       "e.g. vslash,blocksparse"),
+           exclude_kinds: Optional[str] = ExcludeKindsOpt,
            validate_lengths: Optional[str] = typer.Option(None, "--validate-lengths", help="Score the rounds at "
                                                           "these lengths (default: the calibration length), e.g. "
                                                           "one longer than profiled"),
