@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import patterns as P
+from . import prefill_hopper as _hp
 from ._triton import K_BLOCKSPARSE, K_STREAMING, K_STRIDED, K_VSLASH, head_row, window
 from ._triton import interpret as _interpret
 from .dynamic_index import block_select, vslash_select
@@ -239,7 +240,15 @@ def build_plan(q, k, table, scale, pad=None, block=P.DEFAULT_BLOCK):
     kinds = [r[P.C_KIND] for r in rows]
     has_bs = P.BLOCKSPARSE in kinds
     has_vs = P.VSLASH in kinds
-    BM, QT, BN, W, S = _config(D, G, block, has_bs, has_bs or has_vs)
+    # the one place that picks the kernel: the Hopper (TMA) path on sm90 where it serves the table's kinds,
+    # else the portable kernel (other GPUs, the interpreter, VSLASH heads, pattern blocks across tiles)
+    hcfg = _hp.config(D, G, has_bs, block) if _hp.enabled(dev) and _hp.supported_kinds(q.dtype, kinds) else None
+    GS = 1
+    if hcfg is not None:
+        GS, QT, BN, W, S = hcfg
+        BM = GS * QT
+    else:
+        BM, QT, BN, W, S = _config(D, G, block, has_bs, has_bs or has_vs)
     padt = pad.to(device=dev, dtype=torch.int32).contiguous() if pad is not None else None
     padk = padt if padt is not None else torch.zeros(B, dtype=torch.int32, device=dev)
     lr = (L - padt.long()) if padt is not None else torch.full((B,), L, dtype=torch.int64, device=dev)
@@ -251,11 +260,13 @@ def build_plan(q, k, table, scale, pad=None, block=P.DEFAULT_BLOCK):
         if not (has_bs or has_vs):
             st["lists"] = _finish(any_, all_, None, None, B, Hkv)
         _put(skey, st)
-    plan = {"B": B, "Hq": Hq, "Hkv": Hkv, "L": L, "D": D, "G": G, "BM": BM, "QT": QT, "BN": BN,
+    plan = {"path": "hopper" if hcfg is not None else "portable", "GS": GS,
+            "B": B, "Hq": Hq, "Hkv": Hkv, "L": L, "D": D, "G": G, "BM": BM, "QT": QT, "BN": BN,
             "W": W, "S": S, "block": block, "pad": padt, "padk": padk, "tab": info["tab"], "kinds": kinds,
             "has_bs": has_bs, "has_vs": has_vs, "dev": dev}
     plan["has_local"] = any(kd in (P.STREAMING, P.STRIDED) for kd in kinds)
     plan["has_strided"] = P.STRIDED in kinds
+    plan["has_lwin"] = any(r[P.C_LWIN] > 0 for r in rows)
     plan["bs_gather"] = has_bs and not (block % QT == 0 and block % BN == 0)
     NM, NN = triton.cdiv(L, QT), triton.cdiv(L, BN)
     NB = triton.cdiv(L, block)
@@ -346,9 +357,11 @@ def run_plan(q, k, v, plan, scale):
     if L == 0 or B == 0:
         return out
     padt = plan["pad"]
+    if plan["path"] == "hopper":
+        q, k, v = _hp.tma_ready(q), _hp.tma_ready(k), _hp.tma_ready(v)
     grid = (B * plan["Hkv"] * plan["NM"],)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    vkey = (q.dtype, D, plan["G"], plan["BM"], plan["BN"], plan["W"], plan["has_local"], plan["has_strided"],
+    vkey = (plan["path"], plan["GS"], q.dtype, D, plan["G"], plan["BM"], plan["BN"], plan["W"], plan["has_local"], plan["has_strided"],
             plan["has_bs"], plan["bs_gather"], plan["has_vs"], plan["pad"] is not None)
     stages = _STAGES.get(vkey, plan["S"])
     while True:
@@ -368,6 +381,9 @@ def run_plan(q, k, v, plan, scale):
 
 
 def _launch(q, k, v, out, plan, scale, grid, prec, stages):
+    if plan["path"] == "hopper":
+        _hp.launch(q, k, v, out, plan, scale, stages)
+        return
     L, D = q.shape[2], q.shape[3]
     _prefill_kernel[grid](
         q, k, v, out, plan["padk"], plan["tab"], plan["order"], plan["cnt"],
