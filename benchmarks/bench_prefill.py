@@ -211,6 +211,7 @@ def main():
     ap.add_argument("--plans", default="", help="comma list of plan names (default all)")
     ap.add_argument("--json", default="", help="write results here")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-flex-gen", action="store_true", help="skip the generic table-driven Flex mask (compile time)")
     ap.add_argument("--cfgs", default="", help="';'-separated BM,BN,W,S headplan configs to try (kernel only)")
     ap.add_argument("--ref-max", type=int, default=8192, help="also check against prefill_ref up to this length")
     a = ap.parse_args()
@@ -251,11 +252,12 @@ def main():
             dyn, sel, cm, om = dyn_tensors(q, k, table, scale, n)
             pairs = count_pairs(table, n, dyn)
             flops = 4 * pairs * G * D
-            rec = {"plan": name, "N": n, "rows": plans[name], "visible_pairs_kv": pairs, "flops": flops,
+            rec = {"plan": name, "N": n, "rows": plans[name], "hcfg": os.environ.get("HEADPLAN_PREFILL_HCFG", ""), "visible_pairs_kv": pairs, "flops": flops,
                    "density": flops / causal_flops, "sdpa_flash_ms": t_flash, "sdpa_cudnn_ms": t_cudnn,
                    "causal_flops": causal_flops}
             plan = KP.build_plan(q, k, table, scale)
             out_hp = KP.run_plan(q, k, v, plan, scale)
+            rec["path"] = plan.get("path", "portable")
             torch.cuda.synchronize()
             rec["headplan_ms"] = bench(lambda: KP.run_plan(q, k, v, plan, scale))
             rec["headplan_e2e_ms"] = bench(lambda: KP.sparse_prefill(q, k, v, table, scale))
@@ -282,7 +284,8 @@ def main():
                     rec[f"{key}_tflops"] = flops / rec[f"{key}_ms"] * 1e-9
                     rec[f"speedup_vs_{key}"] = rec[f"{key}_ms"] / rec[against]
 
-                time_flex(flex_block_mask(*make_mask_mod(table, sel, cm, om), n), "flex", "headplan_ms")
+                if not a.no_flex_gen:
+                    time_flex(flex_block_mask(*make_mask_mod(table, sel, cm, om), n), "flex", "headplan_ms")
                 hw = hand_mask(plans[name], dev)
                 if hw is not None:
                     time_flex(flex_hw_block_mask(hw[0], hw[1], n), "flex_hw", "headplan_e2e_ms")
