@@ -119,6 +119,9 @@ def main():
             pl = KP.build_plan(q, k, table, scale)
             KP.run_plan(q, k, v, pl, scale)
             res["dyn"][name + "_build_plan_ms"] = bench(lambda: KP.build_plan(q, k, table, scale), rep=40)
+            os.environ["HEADPLAN_RECT_GENERAL"] = "1"  # before: prefix-sum rectangles for aligned tiles too
+            res["dyn"][name + "_build_plan_general_rect_ms"] = bench(lambda: KP.build_plan(q, k, table, scale), rep=40)
+            del os.environ["HEADPLAN_RECT_GENERAL"]
             res["dyn"][name + "_kernel_ms"] = bench(lambda: KP.run_plan(q, k, v, pl, scale), rep=40)
             res["dyn"][name + "_path"] = pl["path"]
         print("dynamic index:", json.dumps(res["dyn"]), flush=True)

@@ -7,6 +7,8 @@ sliding window (column C_LWIN)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -77,6 +79,12 @@ def _static_flags(tab64, L, QT, BN, lr, block, device):
 
 def _rect_flags(sel, L, QT, BN, lr, block):
     """(any, all) over each tile's rectangle of pattern blocks; sel (B, H, NB, NB) bool."""
+    if block % QT == 0 and block % BN == 0 and os.environ.get("HEADPLAN_RECT_GENERAL") != "1":
+        # every tile lies inside one pattern block: its rectangle is one entry of sel (no prefix sums)
+        NM, NN = triton.cdiv(L, QT), triton.cdiv(L, BN)
+        r = sel.repeat_interleave(block // QT, dim=2)[:, :, :NM] if block != QT else sel[:, :, :NM]
+        r = r.repeat_interleave(block // BN, dim=3)[..., :NN] if block != BN else r[..., :NN]
+        return r, r
     device = sel.device
     NM, NN, q0, q1, k0, k1, lr4 = _geometry(L, QT, BN, lr, device)
     NB = sel.shape[-1]
