@@ -89,11 +89,12 @@ def vslash_select(q, k, heads, verts, slashes, scale, pad, lr):
     padv = pad.view(B, 1).long() if pad is not None else torch.zeros(B, 1, dtype=torch.long, device=dev)
     i = torch.arange(L - m, L, device=dev).view(1, m) - padv  # (B, m) logical rows
     j = torch.arange(L, device=dev).view(1, L) - padv  # (B, L) logical columns
-    s = torch.einsum("bhgmd,bhld->bhgml", ql, kf) * scale
-    vis = (j.view(B, 1, L) >= 0) & (j.view(B, 1, L) <= i.view(B, m, 1)) & (i.view(B, m, 1) >= 0)  # (B, m, L)
-    s = s.masked_fill(~vis.view(B, 1, 1, m, L), -math.inf)
+    s = torch.einsum("bhgmd,bhld->bhgml", ql, kf)  # (B, Hv, G, m, L): one batched matmul, G and m folded
+    hidden = (j.view(B, 1, L) < 0) | (j.view(B, 1, L) > i.view(B, m, 1)) | (i.view(B, m, 1) < 0)  # (B, m, L)
+    s.mul_(scale).masked_fill_(hidden.view(B, 1, 1, m, L), -math.inf)
     p = torch.softmax(s, dim=-1)
-    p = torch.where(vis.view(B, 1, 1, m, L), p, torch.zeros_like(p)).sum(2)  # (B, Hv, m, L)
+    del s
+    p = p.masked_fill_(hidden.view(B, 1, 1, m, L), 0.0).sum(2)  # (B, Hv, m, L); all-hidden rows (NaN) -> 0
     col_slot = p.sum(2)  # (B, Hv, L) by slot
     d = (i.view(B, m, 1) - j.view(B, 1, L)).clamp(min=0, max=L - 1)  # slot_i - slot_j
     diag = torch.zeros(B, Hv, L, device=dev)
