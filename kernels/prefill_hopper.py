@@ -130,7 +130,9 @@ def _hopper_prefill_kernel(DQ, DK, DV, DO, PAD, TAB, ORDER, CNT, LIST,
 # ---------------------------------------------------------------------------------------------
 
 # (GS query heads per program, QT query positions, BN keys per tile, num_warps, num_stages) per head_dim on
-# sm90, chosen by benchmarks/bench_prefill.py --hcfgs on one H200 (BENCHMARKS.md, issue 17).
+# sm90. D=128: the best geometric mean over the five static 32K plans of benchmarks/bench_hopper_sweep.py on
+# one H200 (BENCHMARKS.md, issue 17; 255 registers, ~30-78 bytes spilled, yet 1.2-1.3x the spill-free 8-warp
+# configs). D=64 / 256: not timed, picked from the compiler's report (no spills, fits shared memory).
 HOPPER_CFG = {64: (1, 128, 64, 4, 3), 128: (1, 128, 64, 4, 2), 256: (1, 64, 64, 4, 2)}
 # with BLOCKSPARSE heads the tiles must not straddle 64-token pattern blocks
 HOPPER_CFG_BS = {64: (2, 64, 64, 4, 3), 128: (2, 64, 64, 4, 2), 256: (1, 64, 64, 4, 2)}

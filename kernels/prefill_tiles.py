@@ -71,6 +71,11 @@ def _static_flags(tab64, L, QT, BN, lr, block, device):
     klast = torch.minimum(khi, (b1 - torch.remainder(b1 - off, stride)) * block + block - 1)  # last shard key
     shard_any = strided & (off >= 0) & (off < stride) & (kstart <= khi) & (q0 <= q1) & (q0 - klast < lwb)
     any_ = any_ | shard_any
+    if block % BN == 0:
+        # a tile inside one shard block, entirely below every row's diagonal and inside the layer's window, is
+        # seen whole by every row: no mask (before, only tiles the streaming part covers skipped it)
+        shard_all = strided & (torch.remainder(b0, stride) == off) & (k1 <= q0) & (k1 < lr4) & (q1 - k0 < lwb)
+        all_ = all_ | shard_all
     skip = kind == P.SKIP
     any_ = any_ & ~skip
     all_ = all_ & ~skip & exists
