@@ -17,6 +17,10 @@ Layout of the work
 * Static tables (no BLOCKSPARSE / VSLASH head) have their lists cached per (table, L, pad).
 * Programs are launched heavy-first (sorted by tile count on the device), so a FULL head among
   streaming heads starts early instead of trailing at the end.
+* On compute capability 9.0 :func:`build_plan` picks the Hopper path (:mod:`kernels.prefill_hopper`: TMA
+  tensor descriptors, one query head per 128-row tile) for every table it serves; the kernel below stays
+  for other GPUs, the interpreter, VSLASH heads, tile-straddling pattern blocks and fp32.
+  ``HEADPLAN_PREFILL_PATH=portable`` forces this kernel.
 """
 
 from __future__ import annotations
