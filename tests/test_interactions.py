@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 import torch
-from headplan.candidates import candidate_set
+from headplan.candidates import candidate_set, kv_share
 from headplan.data import Haystack, pydoc_text
 from headplan.errors import HeadplanError
 from headplan.plan import plan_from_rows
@@ -11,7 +11,7 @@ from headplan.profile import gate_gradients, head_scaled_loss, profile, referenc
 from headplan.profile.gates import _Gated
 from headplan.profile.runner import gate_options, gate_sequences
 from headplan.search import SearchSettings, search
-from headplan.search.refine import operating_point, plan_indices, refine
+from headplan.search.refine import _rounds, operating_point, plan_indices, refine, shrunk
 from helpers import tiny
 
 SPEC = {"name": "t", "seed": 0, "samples_per_length": 2,
@@ -149,6 +149,26 @@ def test_refine_rounds_measure_at_the_plan(setup):
         refine(lm, dataclasses.replace(p, method="mse", parts={}), st, seqs, 1, ref)
 
 
+def test_worths_are_shrunk_toward_the_mean(setup):
+    w = torch.tensor([[-0.2, 0.0, 0.1], [0.3, -0.01, 0.6]])
+    s = shrunk(w)
+    mean = w.clamp(min=0).mean()
+    assert torch.allclose(s, w.double().clamp(min=0) + mean)
+    assert (s >= mean - 1e-12).all() and s.argmax() == w.argmax()  # nobody free, the vital head stays on top
+    # a re-solve on worths where most heads measure <= 0 does not starve those heads to the narrowest window
+    lm, _ = setup
+    cands = candidate_set("small")
+    p = profile(lm, [384], cands, SPEC, samples=2, block=16)
+    ref = reference_candidate(cands, 384)
+    L, H = p.model.num_layers, p.model.num_kv_heads
+    worth = torch.full((L, H), -0.01, dtype=torch.float64)
+    worth[0, 0] = 1.0
+    plans, _ = _rounds(p, SearchSettings(density=0.5), None, ref, 1, lambda r, at, rows: worth, shrink=True)
+    narrow = min((c for c in cands if c.pattern.kind == "streaming"), key=lambda c: kv_share(c.pattern, 384)).name
+    chosen = [e.candidate for layer in plans["round1"].layers for e in layer]
+    assert chosen.count(narrow) < len(chosen) - 1
+
+
 def test_refined_plan_is_checked_without_the_model(tmp_path):
     """`headplan check` regenerates a refined plan from its recorded worths; a changed worth is drift."""
     import yaml
@@ -173,6 +193,15 @@ def test_refined_plan_is_checked_without_the_model(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
     ok, diff = do_check(tmp_path / "bad.yaml", tmp_path / "p.safetensors")
     assert not ok and "kv_head" in diff
+    # --shrink-worths is recorded, and the replay applies it (the same worths without it give another plan)
+    shr, _ = do_refine("random:llama", tmp_path / "p.safetensors", tmp_path / "s.yaml", density=0.5, rounds=2,
+                       lm=lm, shrink_worths=True)
+    assert shr.provenance["search"]["refine"]["shrink"] is True and do_check(tmp_path / "s.yaml") == (True, "")
+    d = yaml.safe_load((tmp_path / "s.yaml").read_text())
+    d["provenance"]["search"]["refine"]["shrink"] = "yes"
+    (tmp_path / "bad2.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(HeadplanError, match="refine.shrink"):
+        do_check(tmp_path / "bad2.yaml", tmp_path / "p.safetensors")
 
 
 def test_cli_refine_and_its_bad_input(tmp_path):

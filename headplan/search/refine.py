@@ -6,8 +6,8 @@ pattern, and a gate per KV head (``profile.gates``: 1 = dense, 0 = its sparse si
 backward pass per calibration sample, what each head saves by being dense rather than sparse while
 every other head is as the plan has it (-dL/dg, L = the distillation loss of gate optimisation). A sparse
 head's sparse side is its chosen candidate; a full head's is the reference candidate (sink + short
-window). The measured worths scale each head's recall profile (``head_scaled_loss``), the MILP re-solves
-at the same budget, and the rounds' cost tensors are averaged (so a head measured once as vital stays
+window). The measured worths (optionally shrunk toward their mean, ``shrunk``) scale each head's recall
+profile (``head_scaled_loss``), the MILP re-solves at the same budget, and the rounds' cost tensors are averaged (so a head measured once as vital stays
 expensive). Every round's plan is scored on held-out validation samples and the best is kept
 (``search.family.choose``'s rule over the rounds).
 """
@@ -54,7 +54,20 @@ def _rounded(worth: torch.Tensor) -> torch.Tensor:
     return torch.tensor([[float(f"{float(x):.6g}") for x in row] for row in worth.tolist()], dtype=torch.float64)
 
 
-def _rounds(prof: Profile, settings, profile_ref, ref: int, rounds: int, worth_of) -> tuple[dict, list]:
+def shrunk(worth: torch.Tensor) -> torch.Tensor:
+    """Worths as costs with ``shrink`` (``headplan refine --shrink-worths``): each head's measured worth (clamped
+    at 0) plus the mean over heads. A worth is a gradient on a few short calibration samples, so many heads
+    measure ~0 or slightly negative; taken as is, those heads cost nothing and the search gives them its
+    shortest window, which holds at the calibration length but less at longer ones (SmolLM2, 25%: 39 of 90
+    heads at <= 0). Adding the mean keeps every head at least an average head's worth while the heads measured
+    as vital stay far above the rest. Measured on SmolLM2 it trades retrieval at 1K-2K for perplexity at 8K,
+    so it is off by default (README, issue 15)."""
+    w = worth.double().clamp(min=0.0)
+    return w + w.mean()
+
+
+def _rounds(prof: Profile, settings, profile_ref, ref: int, rounds: int, worth_of,
+            shrink: bool = False) -> tuple[dict, list]:
     """Round 0 = the search; round r = the search on the mean of rounds 1..r's costs, each round's worths
     from ``worth_of(r, gates at the previous plan, its sparse sides' rows)``."""
     from ..profile import head_scaled_loss
@@ -68,7 +81,7 @@ def _rounds(prof: Profile, settings, profile_ref, ref: int, rounds: int, worth_o
         at, rows, low = operating_point(prof, plans[f"round{r - 1}"], ref)
         w = _rounded(worth_of(r, at, rows))
         worths.append(w)
-        costs.append(head_scaled_loss(w, recall, low))
+        costs.append(head_scaled_loss(shrunk(w) if shrink else w, recall, low))
         loss = torch.stack(costs).mean(0).float()
         plans[f"round{r}"] = search(dataclasses.replace(prof, loss=loss), later, profile_ref)
     return plans, worths
@@ -91,7 +104,10 @@ def replay(prof: Profile, plan: Plan, profile_ref: dict | None = None) -> Plan:
     m = prof.model
     if any(tuple(w.shape) != (m.num_layers, m.num_kv_heads) for w in worths):
         raise HeadplanError("provenance.search.refine.worths: not one value per layer and KV head")
-    plans, _ = _rounds(prof, settings, profile_ref, ref, len(worths), lambda r, at, rows: worths[r - 1])
+    shrink = info.get("shrink", False)
+    if not isinstance(shrink, bool):
+        raise HeadplanError("provenance.search.refine.shrink: expected true or false")
+    plans, _ = _rounds(prof, settings, profile_ref, ref, len(worths), lambda r, at, rows: worths[r - 1], shrink)
     if kept not in plans:
         raise HeadplanError(f"provenance.search.refine.kept: no round {kept!r}")
     new = plans[kept]
@@ -100,12 +116,13 @@ def replay(prof: Profile, plan: Plan, profile_ref: dict | None = None) -> Plan:
 
 
 def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score=None, reporter=None,
-           profile_ref: dict | None = None, tolerance: float = 0.02) -> tuple[Plan, list[dict]]:
+           profile_ref: dict | None = None, tolerance: float = 0.02, shrink: bool = False) -> tuple[Plan, list[dict]]:
     """Plan in the loop (module doc). ``seqs``: calibration sequences (``profile.runner.gate_sequences``);
     ``score(plans: dict[str, Plan]) -> {name: row}`` measures plans on validation samples (rows as
     ``eval.validate``'s, for ``choose`` with ``tolerance``); without it the last round is kept. Returns (the
     kept plan, one record per round: name, plan, counts and the measured row). The plan's
-    ``provenance.search.refine`` records each round's measured worths, so ``replay`` regenerates it."""
+    ``provenance.search.refine`` records each round's measured worths, so ``replay`` regenerates it.
+    ``shrink``: the rounds cost heads by ``shrunk`` worths."""
     from ..profile.gates import dense_targets, gate_gradients
     from ..progress import Reporter
     from .family import choose
@@ -117,7 +134,7 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
     targets = dense_targets(lm, seqs) if seqs else None  # dense references once, for every round
     with rep.task(f"plan in the loop ({rounds} rounds x {len(seqs)} samples)", rounds * len(seqs)) as advance:
         plans, worths = _rounds(prof, settings, profile_ref, ref, rounds,
-                                lambda r, at, rows: gate_gradients(lm, seqs, rows, at, advance, targets))
+                                lambda r, at, rows: gate_gradients(lm, seqs, rows, at, advance, targets), shrink)
     table = score(plans) if score is not None else None
     pick = choose(table, tolerance) if table is not None else f"round{rounds}"
     history = [{"round": m, "plan": p, "counts": p.counts(), **({"measured": table[m]} if table else {})}
@@ -125,7 +142,7 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
     plan = plans[pick]
     plan.provenance["search"]["refine"] = {
         "method": "plan in the loop", "rounds": rounds, "kept": pick, "samples": len(seqs),
-        "reference": prof.candidates[ref].name, "settings": settings.to_dict(),
+        "reference": prof.candidates[ref].name, "settings": settings.to_dict(), **({"shrink": True} if shrink else {}),
         "history": [{"round": h["round"], "counts": h["counts"],
                      **({k: round(v, 6) for k, v in h["measured"].items() if isinstance(v, float)}
                         if "measured" in h else {})} for h in history],
