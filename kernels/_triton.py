@@ -57,3 +57,20 @@ def window(alpha, beta, n):
     xq = x // BETA_SCALE
     xq = tl.where((x < 0) & (xq * BETA_SCALE != x), xq - 1, xq)  # floor division, like torch
     return alpha + xq
+
+
+@triton.jit
+def online_update(acc, m_i, l_i, q, k, v, vis, qk_scale, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One flash-attention step over a K/V tile: scores, optional mask, running max/sum rescale, P@V
+    (exp2 domain: ``qk_scale`` includes log2(e)). Shared by the portable and the Hopper prefill kernels."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, m_new, l_i

@@ -36,6 +36,7 @@ from . import patterns as P
 from . import prefill_hopper as _hp
 from ._triton import K_BLOCKSPARSE, K_STREAMING, K_STRIDED, K_VSLASH, head_row, window
 from ._triton import interpret as _interpret
+from ._triton import online_update as _update
 from .dynamic_index import block_select, vslash_select
 from .prefill_tiles import _compact, _rect_flags, _static_flags, _vslash_flags
 
@@ -46,21 +47,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def _update(acc, m_i, l_i, q, k, v, vis, qk_scale, MASKED: tl.constexpr, PREC: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if MASKED:
-        s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-    return acc, m_new, l_i
-
 
 @triton.jit
 def _prefill_kernel(Q, K, V, O, PAD, TAB, ORDER, CNT, LIST, GCNT, GLIST, SEL, CM, OM,

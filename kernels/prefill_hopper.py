@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import patterns as P
-from ._triton import K_STREAMING, K_STRIDED, head_row, window
+from ._triton import K_STREAMING, K_STRIDED, head_row, online_update, window
 from ._triton import interpret as _interpret
 
 try:  # triton >= 3.3
@@ -109,16 +109,7 @@ def _hopper_prefill_kernel(DQ, DK, DV, DO, PAD, TAB, ORDER, CNT, LIST,
             vis = (dq >= 0) & (dq < lw)
         else:
             vis = dq >= 0
-        s = tl.dot(q, kk.T) * qk_scale
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(dt), vv, acc)
-        m_i = m_new
+        acc, m_i, l_i = online_update(acc, m_i, l_i, q, kk, vv, vis, qk_scale, True, "tf32")
 
     den = tl.where(l_i > 0, l_i, 1.0)
     out = (acc / den[:, None]).to(dt)
