@@ -290,7 +290,7 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
               samples: int | None = None, validate: bool = False, tolerance: float = 0.02,
               exclude_kinds: str | list | None = None, validate_lengths=None, texts: list[str] | None = None,
               dtype: str = "float32", device: str = "cpu", reporter: Reporter | None = None,
-              lm=None, shrink_worths: bool = False) -> tuple[Plan, list[dict]]:
+              lm=None, shrink_worths: bool = False, profile_windows: bool = False) -> tuple[Plan, list[dict]]:
     """Plan in the loop (``headplan.search.refine``): search, then ``rounds`` times measure every head's worth
     with the current plan applied and re-solve at the same budget. Calibration samples: the data spec's
     gate settings (``gates:``; default the profile's own spec); ``validate`` scores every round on
@@ -344,7 +344,7 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
     if validate:  # held-out samples of `headplan select`'s mixture (its own seed) at the calibration length
         score = lambda plans: measure(lm, plans, vspec, list(vlens or [opt["length"]]), texts, None, rep)  # noqa: E731
     plan, hist = refine(lm, prof, settings, seqs, rounds, ref, score, rep, profile_ref(profile_path, out, prof.sha256),
-                        tolerance, shrink_worths)
+                        tolerance, shrink_worths, profile_windows)
     save_plan(plan, out)
     return plan, hist
 
@@ -625,7 +625,8 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
            device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
            method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02,
            baselines: str | list | None = "moa", refine: int = DEFAULT_REFINE_ROUNDS,
-           exclude_kinds: str | list | None = DEFAULT_RUN_EXCLUDE, shrink_worths: bool = False) -> dict:
+           exclude_kinds: str | list | None = DEFAULT_RUN_EXCLUDE, shrink_worths: bool = False,
+           profile_windows: bool = False) -> dict:
     """The whole pipeline: profile, search (or, with ``select``, ``headplan select``'s measured choice among a
     family of plans), eval beside dense and ``baselines`` (default: the MoA-style baseline at the same
     budget, so the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json."""
@@ -667,7 +668,7 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     elif refine:
         plan, hist = do_refine(model, prof_path, plan_path, density=density, kv_budget=kv_budget, rounds=refine,
                                data=data, validate=True, tolerance=tolerance, exclude_kinds=kinds, texts=texts,
-                               reporter=rep, lm=lm, shrink_worths=shrink_worths)
+                               reporter=rep, lm=lm, shrink_worths=shrink_worths, profile_windows=profile_windows)
         selection = {"chosen": plan.provenance["search"]["refine"]["kept"], "tolerance": tolerance,
                      "candidates": {h["round"]: {**h.get("measured", {}), "counts": h["counts"]} for h in hist}}
     else:
@@ -690,8 +691,8 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
 
 
 def _refine_fits(lm, data, texts, lengths: list[int], rounds: int, rep: Reporter) -> int:
-    """``rounds``, or 0 with one line when the calibration length (the shortest profiled one, at most the
-    mixture's gates.length) cannot hold the mixture's answered samples."""
+    """``rounds``, or 0 with one line when the calibration length (the mixture's gates.length, at most the
+    longest profiled length) cannot hold the mixture's answered samples."""
     from .data import Haystack, answer_options, load_task_file, load_texts, mixture_samples
     from .profile.runner import gate_options
 

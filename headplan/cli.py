@@ -33,6 +33,8 @@ def Flag(default: bool | None, decls: str, help: str, **kw):
 
 ShrinkOpt = Flag(False, "--shrink-worths/--no-shrink-worths", "Plan in the loop: shrink the measured head worths "
                  "toward their mean, so no head is free (holds longer contexts better, keeps less retrieval)")
+WindowsOpt = Flag(False, "--profile-windows/--no-profile-windows", "Plan in the loop: also try each round's full "
+                  "heads with the other heads' windows re-chosen from the profile's own costs")
 
 
 def _version(value: bool):
@@ -199,7 +201,7 @@ def refine(model: str = ModelArg,
            validate_lengths: Optional[str] = typer.Option(None, "--validate-lengths", help="Score the rounds at "
                                                           "these lengths (default: the calibration length), e.g. "
                                                           "one longer than profiled"),
-           shrink_worths: bool = ShrinkOpt,
+           shrink_worths: bool = ShrinkOpt, profile_windows: bool = WindowsOpt,
            text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search, then re-measure every head with the plan applied and re-solve (plan in the loop)."""
     from .api import do_refine
@@ -207,6 +209,7 @@ def refine(model: str = ModelArg,
     plan, hist = do_refine(model, profile_path, out, density=density, kv_budget=kv_budget, lengths=lengths,
                            rounds=rounds, data=data, samples=samples, validate=validate, exclude_kinds=exclude_kinds,
                            validate_lengths=validate_lengths, shrink_worths=shrink_worths,
+                           profile_windows=profile_windows,
                            texts=text, dtype=dtype,
                            device=device, reporter=_reporter())
     kept = plan.provenance["search"]["refine"]["kept"]
@@ -499,7 +502,7 @@ def run(model: str = ModelArg,
                                           "'none' allows every kind)"),
         refine: int = typer.Option(2, "--refine", help="Plan-in-the-loop rounds after the search (as `headplan "
                                    "refine`, keeping the best round on validation samples); 0 = search only"),
-        shrink_worths: bool = ShrinkOpt,
+        shrink_worths: bool = ShrinkOpt, profile_windows: bool = WindowsOpt,
         dtype: str = DtypeOpt, device: str = DeviceOpt):
     """The whole pipeline: profile, search (or --select), eval beside dense and the MoA-style baseline at the
     same budget; writes everything into --out."""
@@ -510,7 +513,7 @@ def run(model: str = ModelArg,
     s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
                eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
                candidates=candidates, select=select, tolerance=tolerance, refine=refine, exclude_kinds=exclude_kinds,
-               shrink_worths=shrink_worths, baselines=None if baselines.strip().lower() in ("", "none") else baselines,
+               shrink_worths=shrink_worths, profile_windows=profile_windows, baselines=None if baselines.strip().lower() in ("", "none") else baselines,
                **({"method": method} if method else {}))
     con = _console()
     con.print(_eval_table(s["eval"]))

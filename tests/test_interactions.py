@@ -250,3 +250,51 @@ def test_refine_validates_at_the_lengths_asked(tmp_path):
                       (["--validate-lengths", "99999"], "exceeds the model's")):
         r = invoke("refine", "random:llama", tmp_path / "p.safetensors", "--out", tmp_path / "x.yaml", *args)
         assert r.exit_code == 2 and msg in r.stderr, r.output
+
+
+def test_profile_windows_members_keep_a_rounds_full_heads(setup, tmp_path):
+    """--profile-windows: round r's full heads exactly, every other head re-chosen by the plain search on the
+    profile's costs (so the same as the plain search restricted to those full heads), within the budget;
+    recorded, replayed by check; a full set that names no KV head is refused with the field's name."""
+    import yaml
+    from headplan.api import do_check, do_refine
+    from headplan.profile import save_profile
+    from headplan.search.refine import full_heads_of
+
+    lm, _ = setup
+    cands = candidate_set("small")
+    p = profile(lm, [384], cands, SPEC, samples=2, block=16)
+    L, H = p.model.num_layers, p.model.num_kv_heads
+    worth = torch.zeros((L, H), dtype=torch.float64)
+    worth[0, 0], worth[1, 1] = 5.0, 3.0  # two vital heads: the round makes them full
+    st = SearchSettings(density=0.5)
+    ref = reference_candidate(cands, 384)
+    plans, _ = _rounds(p, st, None, ref, 1, lambda r, at, rows: worth, windows=True)
+    assert set(plans) == {"round0", "round1", "round1w"}
+    f1 = full_heads_of(plans["round1"])
+    assert f1 and full_heads_of(plans["round1w"]) == f1
+    assert plans["round1w"].budget.achieved_density[0] <= 0.5 + 1e-9
+    # the windows are the plain search's: a head outside the set takes the candidate the profile's costs pick
+    direct = search(p, dataclasses.replace(st, full_set=f1))
+    assert [e.candidate for layer in direct.layers for e in layer] == \
+        [e.candidate for layer in plans["round1w"].layers for e in layer]
+    assert [e.candidate for layer in plans["round1w"].layers for e in layer] != \
+        [e.candidate for layer in plans["round1"].layers for e in layer]
+    with pytest.raises(HeadplanError, match="search.full_set: head 99"):
+        search(p, dataclasses.replace(st, full_set=(99,)))
+    save_profile(p, tmp_path / "p.safetensors")
+    plan, hist = do_refine("random:llama", tmp_path / "p.safetensors", tmp_path / "w.yaml", density=0.5, rounds=1,
+                           lm=lm, profile_windows=True, validate=True, samples=2)
+    assert plan.provenance["search"]["refine"]["windows"] is True
+    assert {h["round"] for h in hist} >= {"round0", "round1"} and do_check(tmp_path / "w.yaml") == (True, "")
+    d = yaml.safe_load((tmp_path / "w.yaml").read_text())
+    d["provenance"]["search"]["refine"]["windows"] = 1
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(HeadplanError, match="refine.windows"):
+        do_check(tmp_path / "bad.yaml", tmp_path / "p.safetensors")
+
+
+def test_calibration_length_may_reach_the_longest_profiled_length():
+    assert gate_options({**SPEC, "gates": {"length": 4096}}, [2048, 4096])["length"] == 4096
+    assert gate_options({**SPEC, "gates": {"length": 8000}}, [1024, 2048])["length"] == 2048
+    assert gate_options({**SPEC, "gates": {}}, [2048, 4096])["length"] == 1024

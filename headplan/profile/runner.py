@@ -186,7 +186,7 @@ GATE_DEFAULTS = {"length": 1024, "samples": 8, "steps": 32, "lr": 0.05, "penalty
 
 def gate_options(spec: dict, lengths: list[int]) -> dict:
     """The gate optimisation's settings: the data spec's ``gates:`` mapping over ``GATE_DEFAULTS``; the
-    training length is at most the shortest profiled length."""
+    training length is at most the longest profiled length."""
     given = spec.get("gates") or {}
     if not isinstance(given, dict):
         raise HeadplanError("data spec: gates must be a mapping (length, samples, steps, lr, penalty, seed)")
@@ -202,7 +202,7 @@ def gate_options(spec: dict, lengths: list[int]) -> dict:
             raise HeadplanError(f"data spec: gates.{k} must be a number, got {v!r}") from None
         if isinstance(v, bool) or not (out[k] >= 0) or (k != "penalty" and k != "seed" and out[k] <= 0):
             raise HeadplanError(f"data spec: gates.{k} must be positive, got {v!r}")
-    out["length"] = min(out["length"], min(lengths))
+    out["length"] = min(out["length"], max(lengths))
     if out["length"] < 64:
         raise HeadplanError(f"data spec: gates.length must be at least 64, got {out['length']}")
     from ..data import ANSWER_TASKS, mixture_counts

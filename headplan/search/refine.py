@@ -66,10 +66,19 @@ def shrunk(worth: torch.Tensor) -> torch.Tensor:
     return w + w.mean()
 
 
+def full_heads_of(plan: Plan) -> tuple[int, ...]:
+    """The plan's full KV heads, flat (layer * KV heads + head)."""
+    H = plan.model.num_kv_heads
+    return tuple(li * H + e.kv_head for li, layer in enumerate(plan.layers) for e in layer if e.pattern.kind == "full")
+
+
 def _rounds(prof: Profile, settings, profile_ref, ref: int, rounds: int, worth_of,
-            shrink: bool = False) -> tuple[dict, list]:
+            shrink: bool = False, windows: bool = False) -> tuple[dict, list]:
     """Round 0 = the search; round r = the search on the mean of rounds 1..r's costs, each round's worths
-    from ``worth_of(r, gates at the previous plan, its sparse sides' rows)``."""
+    from ``worth_of(r, gates at the previous plan, its sparse sides' rows)``. ``windows``: beside each round r
+    also ``round{r}w``, round r's full heads with every other head's window re-chosen by the plain search on
+    the profile's own costs (which keep how each head's loss grows with length; a round's worths were
+    measured at one calibration length)."""
     from ..profile import head_scaled_loss
     from .assemble import search
 
@@ -84,6 +93,12 @@ def _rounds(prof: Profile, settings, profile_ref, ref: int, rounds: int, worth_o
         costs.append(head_scaled_loss(shrunk(w) if shrink else w, recall, low))
         loss = torch.stack(costs).mean(0).float()
         plans[f"round{r}"] = search(dataclasses.replace(prof, loss=loss), later, profile_ref)
+        if windows:
+            try:
+                plans[f"round{r}w"] = search(prof, dataclasses.replace(
+                    settings, full_set=full_heads_of(plans[f"round{r}"]), full_heads=None), profile_ref)
+            except HeadplanError:  # the round's full heads leave no room for the windows the budget needs
+                pass
     return plans, worths
 
 
@@ -104,10 +119,12 @@ def replay(prof: Profile, plan: Plan, profile_ref: dict | None = None) -> Plan:
     m = prof.model
     if any(tuple(w.shape) != (m.num_layers, m.num_kv_heads) for w in worths):
         raise HeadplanError("provenance.search.refine.worths: not one value per layer and KV head")
-    shrink = info.get("shrink", False)
-    if not isinstance(shrink, bool):
-        raise HeadplanError("provenance.search.refine.shrink: expected true or false")
-    plans, _ = _rounds(prof, settings, profile_ref, ref, len(worths), lambda r, at, rows: worths[r - 1], shrink)
+    shrink, windows = info.get("shrink", False), info.get("windows", False)
+    for key, v in (("shrink", shrink), ("windows", windows)):
+        if not isinstance(v, bool):
+            raise HeadplanError(f"provenance.search.refine.{key}: expected true or false")
+    plans, _ = _rounds(prof, settings, profile_ref, ref, len(worths), lambda r, at, rows: worths[r - 1], shrink,
+                       windows)
     if kept not in plans:
         raise HeadplanError(f"provenance.search.refine.kept: no round {kept!r}")
     new = plans[kept]
@@ -116,13 +133,14 @@ def replay(prof: Profile, plan: Plan, profile_ref: dict | None = None) -> Plan:
 
 
 def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score=None, reporter=None,
-           profile_ref: dict | None = None, tolerance: float = 0.02, shrink: bool = False) -> tuple[Plan, list[dict]]:
+           profile_ref: dict | None = None, tolerance: float = 0.02, shrink: bool = False,
+           windows: bool = False) -> tuple[Plan, list[dict]]:
     """Plan in the loop (module doc). ``seqs``: calibration sequences (``profile.runner.gate_sequences``);
     ``score(plans: dict[str, Plan]) -> {name: row}`` measures plans on validation samples (rows as
     ``eval.validate``'s, for ``choose`` with ``tolerance``); without it the last round is kept. Returns (the
     kept plan, one record per round: name, plan, counts and the measured row). The plan's
     ``provenance.search.refine`` records each round's measured worths, so ``replay`` regenerates it.
-    ``shrink``: the rounds cost heads by ``shrunk`` worths."""
+    ``shrink``: the rounds cost heads by ``shrunk`` worths. ``windows``: the ``round{r}w`` members too."""
     from ..profile.gates import dense_targets, gate_gradients
     from ..progress import Reporter
     from .family import choose
@@ -134,7 +152,8 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
     targets = dense_targets(lm, seqs) if seqs else None  # dense references once, for every round
     with rep.task(f"plan in the loop ({rounds} rounds x {len(seqs)} samples)", rounds * len(seqs)) as advance:
         plans, worths = _rounds(prof, settings, profile_ref, ref, rounds,
-                                lambda r, at, rows: gate_gradients(lm, seqs, rows, at, advance, targets), shrink)
+                                lambda r, at, rows: gate_gradients(lm, seqs, rows, at, advance, targets), shrink,
+                                windows)
     table = score(plans) if score is not None else None
     pick = choose(table, tolerance) if table is not None else f"round{rounds}"
     history = [{"round": m, "plan": p, "counts": p.counts(), **({"measured": table[m]} if table else {})}
@@ -143,6 +162,7 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
     plan.provenance["search"]["refine"] = {
         "method": "plan in the loop", "rounds": rounds, "kept": pick, "samples": len(seqs),
         "reference": prof.candidates[ref].name, "settings": settings.to_dict(), **({"shrink": True} if shrink else {}),
+        **({"windows": True} if windows else {}),
         "history": [{"round": h["round"], "counts": h["counts"],
                      **({k: round(v, 6) for k, v in h["measured"].items() if isinstance(v, float)}
                         if "measured" in h else {})} for h in history],

@@ -21,6 +21,7 @@ class SearchSettings:
     signals: tuple[tuple[str, float], ...] = ()  # re-weight the profile's stored signals; () = as profiled
     keep: tuple[tuple[str, float], ...] = ()  # (signal, slack): that signal's loss <= slack x its own optimum
     full_heads: int | None = None  # exactly this many KV heads full (DuoAttention-style retrieval heads)
+    full_set: tuple[int, ...] | None = None  # exactly these KV heads (layer * KV heads + head) full, no others
 
     def to_dict(self) -> dict:
         d = {"density": self.density, "kv_budget": self.kv_budget,
@@ -42,6 +43,8 @@ class SearchSettings:
             d["keep"] = {k: w for k, w in self.keep}
         if self.full_heads is not None:
             d["full_heads"] = self.full_heads
+        if self.full_set is not None:
+            d["full_set"] = list(self.full_set)
         return d
 
     @staticmethod
@@ -58,7 +61,8 @@ class SearchSettings:
             validate_lengths=tuple(s.get("validate_lengths") or ()),
             signals=tuple((str(k), float(w)) for k, w in (s.get("signals") or {}).items()),
             keep=tuple((str(k), float(w)) for k, w in (s.get("keep") or {}).items()),
-            full_heads=int(s["full_heads"]) if s.get("full_heads") is not None else None)
+            full_heads=int(s["full_heads"]) if s.get("full_heads") is not None else None,
+            full_set=tuple(int(h) for h in s["full_set"]) if s.get("full_set") is not None else None)
 
 
 def parse_latency(s: str | None) -> tuple[float, int] | None:

@@ -160,6 +160,24 @@ def keep_row(prob: _Problem, sig: str, slack: float, part: np.ndarray, best: np.
     prob.le(idx, [part[i // C, i % C] / scale for i in idx], slack * opt / scale + 1e-9)
 
 
+def full_set_mask(allowed: np.ndarray, heads, is_full: np.ndarray) -> np.ndarray:
+    """``allowed`` (H, C) narrowed so that exactly the KV heads ``heads`` (flat: layer * KV heads + head) are
+    full and every other head is not."""
+    H = allowed.shape[0]
+    bad = [h for h in heads if not (isinstance(h, (int, np.integer)) and 0 <= h < H)]
+    if bad:
+        raise HeadplanError(f"search.full_set: head {bad[0]!r} is not a KV head index in [0, {H})")
+    if heads and not is_full.any():
+        raise HeadplanError("search.full_set: the candidates have no full pattern")
+    pick = np.zeros(H, dtype=bool)
+    pick[list(heads)] = True
+    out = allowed & np.where(pick[:, None], is_full[None, :], ~is_full[None, :])
+    out[pick] = is_full[None, :].repeat(int(pick.sum()), axis=0)  # a set head is full even where kinds were excluded
+    if not out.any(axis=1).all():
+        raise HeadplanError("search.full_set: a head outside the set has no allowed non-full candidate")
+    return out
+
+
 def _check_slack(sig: str, slack: float) -> None:
     if not (slack >= 1.0 and math.isfinite(slack)):
         raise HeadplanError(f"--keep: the slack of {sig!r} must be >= 1 (a factor on its optimum), got {slack}")
@@ -185,6 +203,8 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
     if not allowed.any():
         raise HeadplanError("every candidate kind is excluded")
     allowed = np.repeat(_collapsed(prof, allowed), m.num_kv_heads, axis=0)  # (H, C)
+    if settings.full_set is not None:
+        allowed = full_set_mask(allowed, settings.full_set, np.array([k == "full" for k in kinds]))
     obj = loss.mean(axis=2) + TIE * dens.mean(axis=2)
     obj = np.where(allowed, obj, 1e6)  # excluded candidates are never worth it
     obj = np.round(obj, 12).reshape(-1)
