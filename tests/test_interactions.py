@@ -179,7 +179,7 @@ def test_refined_plan_is_checked_without_the_model(tmp_path):
     p = profile(lm, [384], candidate_set("small"), SPEC, samples=2, block=16)
     save_profile(p, tmp_path / "p.safetensors")
     plan, hist = do_refine("random:llama", tmp_path / "p.safetensors", tmp_path / "plan.yaml", density=0.5,
-                           rounds=2, data=None, lm=lm)
+                           rounds=2, data=None, lm=lm, profile_windows=False)
     info = plan.provenance["search"]["refine"]
     assert len(info["worths"]) == 2 and info["kept"] == "round2" and len(hist) == 3
     assert do_check(tmp_path / "plan.yaml") == (True, "")
@@ -195,7 +195,7 @@ def test_refined_plan_is_checked_without_the_model(tmp_path):
     assert not ok and "kv_head" in diff
     # --shrink-worths is recorded, and the replay applies it (the same worths without it give another plan)
     shr, _ = do_refine("random:llama", tmp_path / "p.safetensors", tmp_path / "s.yaml", density=0.5, rounds=2,
-                       lm=lm, shrink_worths=True)
+                       lm=lm, shrink_worths=True, profile_windows=False)
     assert shr.provenance["search"]["refine"]["shrink"] is True and do_check(tmp_path / "s.yaml") == (True, "")
     d = yaml.safe_load((tmp_path / "s.yaml").read_text())
     d["provenance"]["search"]["refine"]["shrink"] = "yes"
@@ -214,7 +214,7 @@ def test_cli_refine_and_its_bad_input(tmp_path):
     r = invoke("refine", "random:llama", tmp_path / "p.safetensors", "--density", "0.5", "--rounds", "1",
                "--samples", "2", "--no-validate", "--out", tmp_path / "plan.yaml")
     assert r.exit_code == 0, r.output
-    assert "kept round1 of 2" in r.output and (tmp_path / "plan.yaml").exists()
+    assert "kept round1w of 3" in r.output and (tmp_path / "plan.yaml").exists()
     assert invoke("check", tmp_path / "plan.yaml").exit_code == 0
     for args, msg in ((["--rounds", "0"], "--rounds must be at least 1"),
                       (["--samples", "0"], "--samples must be at least 1"),
@@ -244,8 +244,9 @@ def test_refine_validates_at_the_lengths_asked(tmp_path):
     hist = load_plan(tmp_path / "plan.yaml").provenance["search"]["refine"]["history"]
     _, at_cal = do_refine("random:llama", tmp_path / "p.safetensors", tmp_path / "cal.yaml", density=0.5, rounds=1,
                           samples=2, validate=True, lm=lm)
-    assert [h["round"] for h in hist] == ["round0", "round1"]
-    assert all(h["lm_nll"] != round(c["measured"]["lm_nll"], 6) for h, c in zip(hist, at_cal))  # other samples
+    assert [h["round"] for h in hist] == ["round0", "round1", "round1w"]  # the rounds are scored, not round1w
+    assert "lm_nll" not in hist[2] and "measured" not in at_cal[2]
+    assert all(h["lm_nll"] != round(c["measured"]["lm_nll"], 6) for h, c in zip(hist[:2], at_cal[:2]))  # other samples
     for args, msg in ((["--validate-lengths", "512", "--no-validate"], "needs --validate"),
                       (["--validate-lengths", "99999"], "exceeds the model's")):
         r = invoke("refine", "random:llama", tmp_path / "p.safetensors", "--out", tmp_path / "x.yaml", *args)

@@ -102,6 +102,15 @@ def _rounds(prof: Profile, settings, profile_ref, ref: int, rounds: int, worth_o
     return plans, worths
 
 
+def with_windows(pick: str, plans: dict, windows: bool) -> str:
+    """The member kept for the chosen round: with ``windows``, round r's ``round{r}w`` (its full heads, the
+    other windows from the profile's costs) where it could be built. Validation runs at the calibration
+    length: it can judge which heads a round made full (what retrieval needs), not how the round's windows,
+    tuned there, hold at longer lengths; the profile's costs see length (measured on SmolLM2 at 2K-8K, README
+    Results)."""
+    return f"{pick}w" if windows and f"{pick}w" in plans else pick
+
+
 def replay(prof: Profile, plan: Plan, profile_ref: dict | None = None) -> Plan:
     """The refined plan regenerated from its provenance (``search.refine``: the settings, the reference
     candidate, each round's recorded worths and the kept round), with no model: what ``headplan check`` runs."""
@@ -140,7 +149,8 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
     ``eval.validate``'s, for ``choose`` with ``tolerance``); without it the last round is kept. Returns (the
     kept plan, one record per round: name, plan, counts and the measured row). The plan's
     ``provenance.search.refine`` records each round's measured worths, so ``replay`` regenerates it.
-    ``shrink``: the rounds cost heads by ``shrunk`` worths. ``windows``: the ``round{r}w`` members too."""
+    ``shrink``: the rounds cost heads by ``shrunk`` worths. ``windows``: the chosen round's ``round{r}w`` member
+    is kept (``with_windows``)."""
     from ..profile.gates import dense_targets, gate_gradients
     from ..progress import Reporter
     from .family import choose
@@ -154,9 +164,10 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
         plans, worths = _rounds(prof, settings, profile_ref, ref, rounds,
                                 lambda r, at, rows: gate_gradients(lm, seqs, rows, at, advance, targets), shrink,
                                 windows)
-    table = score(plans) if score is not None else None
-    pick = choose(table, tolerance) if table is not None else f"round{rounds}"
-    history = [{"round": m, "plan": p, "counts": p.counts(), **({"measured": table[m]} if table else {})}
+    rounds_only = {m: p for m, p in plans.items() if not m.endswith("w")}
+    table = score(rounds_only) if score is not None else None
+    pick = with_windows(choose(table, tolerance) if table is not None else f"round{rounds}", plans, windows)
+    history = [{"round": m, "plan": p, "counts": p.counts(), **({"measured": table[m]} if table and m in table else {})}
                for m, p in plans.items()]
     plan = plans[pick]
     plan.provenance["search"]["refine"] = {
