@@ -358,12 +358,15 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
                          lengths=None, signals: str | dict | None = None, tolerance: float = 0.02,
                          data: str | None = None, samples: int | None = None, texts: list[str] | None = None,
                          dtype: str = "float32", device: str = "cpu", reporter: Reporter | None = None,
-                         lm=None) -> tuple[Plan, dict]:
-    """Budget at quality: the cheapest density budget (``search.family.QUALITY_GRID``, by bisection) at which
-    a member of the selection family meets the constraint on validation samples, that member (by the
-    selection rule among those that meet it), and the budget each baseline needs to meet the same constraint.
+                         lm=None, refine: int = 0) -> tuple[Plan, dict]:
+    """Budget at quality: the cheapest budget (``search.family.QUALITY_GRID``, by bisection; density and KV
+    share both at most the grid value) at which a member of the selection family meets the constraint on
+    validation samples, that member (by the selection rule among those that meet it), and the budget each
+    baseline needs to meet the same constraint. ``refine`` > 0 adds the ``refined`` member: plan in the loop
+    (``do_refine``, that many rounds, the default windows and kinds, the last round kept) at each budget.
     Returns (plan, {"headplan" | baseline: {"density", "kv_share", "measured"}})."""
     import math
+    import tempfile
 
     from .data import load_task_file, load_texts
     from .eval.validate import check_arguments, validate
@@ -391,13 +394,23 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
     sig = _signal_weights(signals, "--signals")
     seen: dict = {}
 
+    whole_number("--refine", refine)
+
     def family_at(i):
         if i not in seen:
-            base = SearchSettings(density=QUALITY_GRID[i], lengths=optional_lengths(lengths), signals=sig)
+            g = QUALITY_GRID[i]
+            base = SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths), signals=sig)
             try:
                 plans = build_family(prof, base, ref)
             except HeadplanError:
                 plans = {}
+            if refine and plans and g < 1.0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    plans["refined"], _ = do_refine(model, profile_path, Path(tmp) / "plan.yaml", density=g,
+                                                    kv_budget=g, lengths=lengths, rounds=refine,
+                                                    exclude_kinds=DEFAULT_RUN_EXCLUDE, texts=texts, reporter=rep,
+                                                    lm=lm, dtype=dtype, device=device)
+                plans["refined"].provenance["profile"] = ref  # refined in a scratch folder: point at the profile
             seen[i] = (plans, validate(lm, plans, spec, vlen, texts, samples, rep) if plans else {})
         return seen[i]
 

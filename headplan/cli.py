@@ -406,6 +406,8 @@ def select_cmd(model: str = ModelArg,
                max_answer_nll_increase: Optional[float] = typer.Option(
                    None, "--max-answer-nll-increase", help="With --max-ppl-increase: answer NLL at most dense's + "
                    "this many nats"),
+               refine: int = typer.Option(2, "--refine", help="With --max-ppl-increase: plan-in-the-loop rounds of "
+                                          "the 'refined' family member at each budget (0 = the search family only)"),
                text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search a family of plans at one budget (plain search, windows only, K full heads + windows), run each
     on validation samples, keep the best answerer within --tolerance of the best perplexity. With
@@ -418,7 +420,7 @@ def select_cmd(model: str = ModelArg,
         plan, budgets = do_select_at_quality(
             model, profile_path, out, max_ppl_increase=max_ppl_increase,
             max_answer_nll_increase=max_answer_nll_increase, lengths=lengths, signals=signals, tolerance=tolerance,
-            data=data, samples=samples, texts=text, dtype=dtype, device=device, reporter=_reporter())
+            data=data, samples=samples, texts=text, dtype=dtype, device=device, reporter=_reporter(), refine=refine)
         t = Table(title=f"cheapest budget with ppl <= dense +{100 * max_ppl_increase:g}%"
                   + (f", answer NLL <= dense + {max_answer_nll_increase:g}" if max_answer_nll_increase is not None
                      else ""))
