@@ -372,7 +372,7 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
     from .eval.validate import check_arguments, validate
     from .models import load_model
     from .profile import load_profile
-    from .search import QUALITY_GRID, SearchSettings, build_baselines, build_family, cheapest, choose, meets
+    from .search import QUALITY_GRID, SearchSettings, build_baselines, build_family, cheapest, choose, meets, search
     from .search import profile_ref as make_ref
 
     rep = reporter or Reporter()
@@ -395,6 +395,15 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
     seen: dict = {}
 
     whole_number("--refine", refine)
+
+    def template_at(i):
+        """The plain search at grid budget i (what a baseline takes its budget from), without validating it."""
+        g = QUALITY_GRID[i]
+        try:
+            return {"search": search(prof, SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths),
+                                                          signals=sig), ref)}
+        except HeadplanError:
+            return {}
 
     def family_at(i):
         if i not in seen:
@@ -432,7 +441,7 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
         bl = {}
 
         def passes(j, name=name, bl=bl):
-            plans_j = family_at(j)[0]
+            plans_j = seen[j][0] if j in seen else template_at(j)
             if not plans_j:
                 return False
             b = build_baselines(prof, next(iter(plans_j.values())), [name])[name]
@@ -657,6 +666,15 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     load_task_file(eval_data, "eval")
     _baseline_names(baselines)  # a bad name fails before any work
     whole_number("--refine", refine)
+
+    def template_at(i):
+        """The plain search at grid budget i (what a baseline takes its budget from), without validating it."""
+        g = QUALITY_GRID[i]
+        try:
+            return {"search": search(prof, SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths),
+                                                          signals=sig), ref)}
+        except HeadplanError:
+            return {}
     kinds = pattern_kinds(None if str(exclude_kinds).strip().lower() == "none" else exclude_kinds)
     if refine and not select:  # plan in the loop needs answered calibration samples: fail before profiling
         from .profile.runner import gate_options
