@@ -381,6 +381,7 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
         if v is not None and not (v >= 0 and math.isfinite(v)):
             raise HeadplanError(f"{flag} must be a non-negative number, got {v}")
     names = _baseline_names(list(baselines) if baselines else None)
+    whole_number("--refine", refine)
     spec = load_task_file(data, "select")
     check_arguments(spec, samples, tolerance)
     load_texts(texts)
@@ -393,8 +394,6 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
     vlen = optional_lengths(lengths) or prof.lengths
     sig = _signal_weights(signals, "--signals")
     seen: dict = {}
-
-    whole_number("--refine", refine)
 
     def template_at(i):
         """The plain search at grid budget i (what a baseline takes its budget from), without validating it."""
@@ -666,15 +665,6 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     load_task_file(eval_data, "eval")
     _baseline_names(baselines)  # a bad name fails before any work
     whole_number("--refine", refine)
-
-    def template_at(i):
-        """The plain search at grid budget i (what a baseline takes its budget from), without validating it."""
-        g = QUALITY_GRID[i]
-        try:
-            return {"search": search(prof, SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths),
-                                                          signals=sig), ref)}
-        except HeadplanError:
-            return {}
     kinds = pattern_kinds(None if str(exclude_kinds).strip().lower() == "none" else exclude_kinds)
     if refine and not select:  # plan in the loop needs answered calibration samples: fail before profiling
         from .profile.runner import gate_options

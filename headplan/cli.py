@@ -516,7 +516,8 @@ def run(model: str = ModelArg,
     s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
                eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
                candidates=candidates, select=select, tolerance=tolerance, refine=refine, exclude_kinds=exclude_kinds,
-               shrink_worths=shrink_worths, profile_windows=profile_windows, baselines=None if baselines.strip().lower() in ("", "none") else baselines,
+               shrink_worths=shrink_worths, profile_windows=profile_windows,
+               baselines=None if baselines.strip().lower() in ("", "none") else baselines,
                **({"method": method} if method else {}))
     con = _console()
     con.print(_eval_table(s["eval"]))

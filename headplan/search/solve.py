@@ -172,9 +172,9 @@ def full_set_mask(allowed: np.ndarray, heads, is_full: np.ndarray) -> np.ndarray
     pick = np.zeros(H, dtype=bool)
     pick[list(heads)] = True
     out = allowed & np.where(pick[:, None], is_full[None, :], ~is_full[None, :])
-    out[pick] = is_full[None, :].repeat(int(pick.sum()), axis=0)  # a set head is full even where kinds were excluded
     if not out.any(axis=1).all():
-        raise HeadplanError("search.full_set: a head outside the set has no allowed non-full candidate")
+        raise HeadplanError("search.full_set: a head has no allowed candidate of its side (full in the set, "
+                            "non-full outside it)")
     return out
 
 
