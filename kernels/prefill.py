@@ -233,9 +233,9 @@ def build_plan(q, k, table, scale, pad=None, block=P.DEFAULT_BLOCK):
     # the one place that picks the kernel: the Hopper (TMA) path on sm90 where it serves the table's kinds,
     # else the portable kernel (other GPUs, the interpreter, VSLASH heads, pattern blocks across tiles)
     hcfg = _hp.config(D, G, has_bs, block) if _hp.enabled(dev) and _hp.supported_kinds(q.dtype, kinds) else None
-    GS = 1
+    GS, WS = 1, False
     if hcfg is not None:
-        GS, QT, BN, W, S = hcfg
+        GS, QT, BN, W, S, WS = hcfg
         BM = GS * QT
     else:
         BM, QT, BN, W, S = _config(D, G, block, has_bs, has_bs or has_vs)
@@ -250,7 +250,7 @@ def build_plan(q, k, table, scale, pad=None, block=P.DEFAULT_BLOCK):
         if not (has_bs or has_vs):
             st["lists"] = _finish(any_, all_, None, None, B, Hkv)
         _put(skey, st)
-    plan = {"path": "hopper" if hcfg is not None else "portable", "GS": GS,
+    plan = {"path": "hopper" if hcfg is not None else "portable", "GS": GS, "WS": WS,
             "B": B, "Hq": Hq, "Hkv": Hkv, "L": L, "D": D, "G": G, "BM": BM, "QT": QT, "BN": BN,
             "W": W, "S": S, "block": block, "pad": padt, "padk": padk, "tab": info["tab"], "kinds": kinds,
             "has_bs": has_bs, "has_vs": has_vs, "dev": dev}

@@ -34,11 +34,24 @@ except ImportError:  # pragma: no cover - older triton: the portable kernel only
 
 
 @triton.jit
+def _unmasked_step(acc, m_i, l_i, q, kk, vv, qk_scale, dt: tl.constexpr):
+    s = tl.dot(q, kk.T)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(dt), vv, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _hopper_prefill_kernel(DQ, DK, DV, DO, PAD, TAB, ORDER, CNT, LIST,
                            L, HKV, NM, NN, qk_scale,
                            G: tl.constexpr, GS: tl.constexpr, QT: tl.constexpr, BN: tl.constexpr,
                            D: tl.constexpr, BLOCK: tl.constexpr, NCOLS: tl.constexpr,
-                           HAS_LOCAL: tl.constexpr, HAS_STRIDED: tl.constexpr, HAS_LWIN: tl.constexpr):
+                           HAS_LOCAL: tl.constexpr, HAS_STRIDED: tl.constexpr, HAS_LWIN: tl.constexpr,
+                           WS: tl.constexpr):
     BM: tl.constexpr = GS * QT
     NCH: tl.constexpr = G // GS
     pid = tl.program_id(0)
@@ -70,19 +83,19 @@ def _hopper_prefill_kernel(DQ, DK, DV, DO, PAD, TAB, ORDER, CNT, LIST,
     cmk = tl.load(CNT + item64 * 2 + 1)
     lbase = LIST + item64 * NN
 
-    # 1) tiles every row sees entirely: no mask
-    for i in range(0, cu):
-        n = tl.load(lbase + i)
-        kk = DK.load([b, h, pad + n * BN, 0]).reshape(BN, D)
-        vv = DV.load([b, h, pad + n * BN, 0]).reshape(BN, D)
-        s = tl.dot(q, kk.T)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(dt), vv, acc)
-        m_i = m_new
+    # 1) tiles every row sees entirely: no mask (WS: the compiler's automatic warp specialisation of this loop)
+    if WS:
+        for i in tl.range(0, cu, warp_specialize=True):
+            n = tl.load(lbase + i)
+            kk = DK.load([b, h, pad + n * BN, 0]).reshape(BN, D)
+            vv = DV.load([b, h, pad + n * BN, 0]).reshape(BN, D)
+            acc, m_i, l_i = _unmasked_step(acc, m_i, l_i, q, kk, vv, qk_scale, dt)
+    else:
+        for i in range(0, cu):
+            n = tl.load(lbase + i)
+            kk = DK.load([b, h, pad + n * BN, 0]).reshape(BN, D)
+            vv = DV.load([b, h, pad + n * BN, 0]).reshape(BN, D)
+            acc, m_i, l_i = _unmasked_step(acc, m_i, l_i, q, kk, vv, qk_scale, dt)
 
     # 2) partially visible tiles: token-exact mask, the portable kernel's rule written as per-row bounds on
     # the distance dq = qpos - kpos (keys past the sequence only meet rows past it, whose output is never
@@ -152,16 +165,17 @@ def enabled(device) -> bool:
 
 
 def config(D: int, G: int, has_bs: bool, block: int):
-    """(GS, QT, BN, W, S) for this head_dim / group size, or None when the Hopper path cannot serve it."""
-    GS, QT, BN, W, S = (HOPPER_CFG_BS if has_bs else HOPPER_CFG)[D]
-    env = os.environ.get("HEADPLAN_PREFILL_HCFG")  # "GS,QT,BN,W,S" override for tuning runs
+    """(GS, QT, BN, W, S, WS) for this head_dim / group size, or None when the Hopper path cannot serve it."""
+    GS, QT, BN, W, S, *ws = (HOPPER_CFG_BS if has_bs else HOPPER_CFG)[D]
+    env = os.environ.get("HEADPLAN_PREFILL_HCFG")  # "GS,QT,BN,W,S[,WS]" override for tuning runs
     if env:
-        GS, QT, BN, W, S = (int(x) for x in env.split(","))
+        GS, QT, BN, W, S, *ws = (int(x) for x in env.split(","))
+    WS = bool(ws and ws[0])
     while GS > 1 and G % GS:
         GS //= 2  # a chunk never straddles two KV groups (the TMA box would write the next group's output)
     if has_bs and (block % QT or block % BN):
         return None
-    return GS, QT, BN, W, S
+    return GS, QT, BN, W, S, WS
 
 
 def supported_kinds(dtype, kinds) -> bool:
@@ -191,5 +205,5 @@ def launch(q, k, v, out, plan, scale, stages):
         q.shape[2], plan["Hkv"], plan["NM"], plan["NN"], float(scale) * 1.4426950408889634,
         G=G, GS=GS, QT=QT, BN=BN, D=D, BLOCK=plan["block"], NCOLS=P.NCOLS,
         HAS_LOCAL=plan["has_local"], HAS_STRIDED=plan["has_strided"], HAS_LWIN=plan["has_lwin"],
-        num_warps=plan["W"], num_stages=stages,
+        WS=plan.get("WS", False), num_warps=plan["W"], num_stages=stages,
     )

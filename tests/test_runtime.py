@@ -273,3 +273,47 @@ def test_routed_prefill_equals_the_plan(monkeypatch):
     calls.clear()
     backend.prefill(q[:, :, :90], k[:, :, :90], v[:, :, :90], table, 0.125)  # shorter than the threshold
     assert calls == [4]
+
+
+def test_routing_follows_the_layers_cost_table(monkeypatch):
+    """The runtime asks the layer's FullRoute (its cost table) whether to split, per prompt length."""
+    import dataclasses
+    import math
+    import os
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from headplan.candidates import full, streaming
+    from headplan.costmodel import analytic
+    from headplan.runtime import backend
+
+    base = analytic(head_dim=64, group=2)
+    # split pays from ~120 tokens with these rates
+    cost = dataclasses.replace(base, dense_per_pair_ns=base.per_pair_ns["full"] / 2, route_fixed_us=0.0,
+                               route_ns_per_token=base.per_pair_ns["full"] * 30)
+    pats = [full().pattern, streaming(4, 16).pattern, full().pattern, streaming(2, 8).pattern]
+    assert not cost.routes_full(pats, 90) and cost.routes_full(pats, 150)
+    table = P.make_table([p.row() for p in pats])
+    route = backend.FullRoute(pats, 64, 0, cost)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 8, 150, 64, generator=g)
+    k = torch.randn(1, 4, 150, 64, generator=g)
+    v = torch.randn(1, 4, 150, 64, generator=g)
+    monkeypatch.setattr(backend, "_use_triton", lambda x: True)
+    calls = []
+    orig = backend._kernel("prefill")
+    monkeypatch.setattr(backend, "_kernel", lambda name: (lambda *a, **kw: calls.append(a[3].shape[0]) or orig(*a, **kw)))
+    out = backend.prefill(q, k, v, table, 0.125, route=route)
+    assert calls == [2]
+    torch.testing.assert_close(out, R.prefill_ref(q, k, v, table, 0.125), rtol=0, atol=1e-4)
+    calls.clear()
+    backend.prefill(q[:, :, :90], k[:, :, :90], v[:, :, :90], table, 0.125, route=route)
+    assert calls == [4]
+    assert math.isfinite(float(out.abs().max()))
+    # no full head, or a local layer: never split
+    assert not backend.FullRoute([streaming(4, 16).pattern] * 4, 64, 0, cost).split(1 << 20, "cpu", 64, 2)
+    assert not backend.FullRoute(pats, 64, 32, cost).split(1 << 20, "cpu", 64, 2)
+    # no table on a CPU device: the fixed rule
+    fr = backend.FullRoute(pats, 64, 0)
+    assert fr.source("cpu", 64, 2) == "fixed rule"
+    assert fr.split(backend.ROUTE_FULL_FROM, "cpu", 64, 2) and not fr.split(backend.ROUTE_FULL_FROM - 1, "cpu", 64, 2)

@@ -118,3 +118,72 @@ def test_latency_budget_counts_fixed_index_building_cost(prof):
     budget = cost.plan_prefill_ms(static, 256)
     plan = search(prof, SearchSettings(latency_budget=(budget, 256)), cost=cost)
     assert cost.plan_prefill_ms(plan, 256) <= budget + 1e-9
+
+
+def _routed_table(**kw):
+    """A table with dense-library rates: the dense library 1.3x faster per pair than the sparse kernel's full
+    heads, and a split layer paying a fixed and a per-token overhead (so splitting pays only at long prompts)."""
+    import dataclasses
+
+    base = analytic(head_dim=64, group=4)
+    full_ns = base.per_pair_ns["full"]
+    d = dict(dense_launch_us=15.0, dense_per_pair_ns=full_ns / 1.3, route_fixed_us=60.0, route_ns_per_token=0.4)
+    d.update(kw)
+    return dataclasses.replace(base, **d)
+
+
+def test_routing_decision_follows_the_cost_table():
+    from headplan.candidates import full, streaming
+
+    cost = _routed_table()
+    mixed = [full().pattern] * 2 + [streaming(64, 1024).pattern] * 6
+    ns = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    dec = [cost.routes_full(mixed, n) for n in ns]
+    assert dec[0] is False and dec[-1] is True
+    assert dec == sorted(dec)  # one threshold: quadratic gain against a linear overhead
+    for n in ns:  # the layer time is what the runtime runs: the faster of the two
+        s, t = cost.sparse_layer_ms(mixed, n), cost.split_layer_ms(mixed, n)
+        assert cost.layer_prefill_ms(mixed, n) == pytest.approx(min(s, t))
+        assert cost.routes_full(mixed, n) == (t < s)
+    # never split: no full head, a local layer, no dense rates, or a table without the fields
+    assert cost.split_layer_ms([streaming(64, 1024).pattern] * 8, 65536) is None
+    assert not cost.routes_full(mixed, 65536, lwin=4096)
+    assert not analytic(head_dim=64, group=4).routes_full(mixed, 1 << 20)
+    # an all-full layer is the dense library alone (what the runtime runs for it)
+    assert cost.split_layer_ms([full().pattern] * 8, 4096) < cost.sparse_layer_ms([full().pattern] * 8, 4096)
+    # a slower dense library is never picked
+    assert not any(_routed_table(dense_per_pair_ns=cost.per_pair_ns["full"] * 1.2).routes_full(mixed, n) for n in ns)
+
+
+def test_route_rates_are_fitted_from_samples_and_carried_to_other_shapes(tmp_path):
+    from headplan.costmodel import fit_route, load_cost_table
+
+    samples = [{"kind": "dense", "n": n, "pairs": n * (n + 1) / 2 * 32, "ms": 0.02 + n * (n + 1) / 2 * 32 * 1.7e-9}
+               for n in (4096, 16384, 32768)]
+    samples += [{"kind": "route", "n": n, "heads": 8, "pairs": 0.0, "ms": 0.05 + n * 8 * 5e-7}
+                for n in (4096, 16384, 32768)]
+    dl, dp, rf, rt = fit_route(samples)
+    assert dl == pytest.approx(20.0, rel=1e-3) and dp == pytest.approx(1.7e-3, rel=1e-3)
+    assert rf == pytest.approx(50.0, rel=1e-3) and rt == pytest.approx(0.5, rel=1e-3)
+    assert fit_route([]) == (0.0, 0.0, 0.0, 0.0)
+    cost = _routed_table()
+    cost.save(tmp_path / "c.yaml")
+    back = load_cost_table(tmp_path / "c.yaml")
+    assert back.dense_per_pair_ns == cost.dense_per_pair_ns and back.route_ns_per_token == cost.route_ns_per_token
+    other = cost.for_shape(128, 8)
+    assert other.dense_per_pair_ns == pytest.approx(2 * cost.dense_per_pair_ns)
+    assert other.per_pair_ns["full"] == pytest.approx(2 * cost.per_pair_ns["full"])
+    assert other.route_ns_per_token == pytest.approx(cost.route_ns_per_token * 2 * 9 / 5)
+    assert cost.for_shape(64, 4) is cost
+
+
+def test_shipped_cost_tables_load_and_route():
+    from headplan.candidates import full, streaming
+    from headplan.costmodel import shipped_tables
+
+    tabs = shipped_tables()
+    assert tabs, "no cost table shipped with the package"
+    for t in tabs:
+        assert t.dense_per_pair_ns > 0 and t.device.get("name")
+        mixed = [full().pattern] * 2 + [streaming(128, 2048).pattern] * 6
+        assert not t.routes_full(mixed, 1024)  # a short prompt never pays the split

@@ -16,8 +16,9 @@ plans.
 
 from .check import random_layer, summary, validate
 from .measure import measure
-from .table import (SCHEMA, CostTable, analytic, check_fits, fit_prefill, kv_coefficients, load_cost_table,
-                    prefill_coefficients, refit)
+from .table import (SCHEMA, CostTable, analytic, check_fits, fit_prefill, fit_route, kv_coefficients,
+                    load_cost_table, prefill_coefficients, refit, shipped_tables)
 
-__all__ = ["SCHEMA", "CostTable", "analytic", "check_fits", "fit_prefill", "kv_coefficients", "load_cost_table",
-           "measure", "prefill_coefficients", "random_layer", "refit", "summary", "validate"]
+__all__ = ["SCHEMA", "CostTable", "analytic", "check_fits", "fit_prefill", "fit_route", "kv_coefficients",
+           "load_cost_table", "measure", "prefill_coefficients", "random_layer", "refit", "shipped_tables", "summary",
+           "validate"]

@@ -46,7 +46,7 @@ def validate(table: CostTable, n_plans: int = 20, lengths=(8192, 16384, 32768), 
         rows = random_layer(rng)
         n = rng.choice(lengths)
         ms = measured[i] if measured is not None else _time_layer(rows, n, table.head_dim, table.group)
-        pred = table.layer_prefill_ms([Pattern.from_row(r) for r in rows], n)
+        pred = table.sparse_layer_ms([Pattern.from_row(r) for r in rows], n)  # what _time_layer times
         out.append({"plan": i, "n": n, "kinds": [r["kind"] for r in rows], "measured_ms": ms, "predicted_ms": pred,
                     "rel_error": (pred - ms) / ms})
     return out

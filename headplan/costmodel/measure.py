@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import HeadplanError
 from ..plan import DYNAMIC_KINDS, Pattern
-from .table import CostTable, fit_prefill
+from .table import CostTable, fit_prefill, fit_route
 
 
 def _grid(lengths):
@@ -51,6 +51,41 @@ def _time_layer(rows: list[dict], n: int, head_dim: int, group: int, hkv: int = 
     return do_bench(lambda: sparse_prefill(q, k, v, table, head_dim ** -0.5), warmup=5, rep=30)
 
 
+def _route_samples(lengths, head_dim: int, group: int, hkv: int, adv):
+    """Per length: the dense library on a whole layer ("dense": causal, every head), and the overhead of a
+    split layer ("route": 2 full + the rest streaming, split time minus its two parts timed on
+    pre-gathered inputs)."""
+    import torch
+    from triton.testing import do_bench
+
+    from ..kernels import patterns as P
+    from ..kernels.prefill import sparse_prefill
+    from ..runtime import backend
+
+    out = []
+    for n in lengths:
+        q = torch.randn(1, hkv * group, n, head_dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, n, head_dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        s = head_dim ** -0.5
+        ms = do_bench(lambda: backend.dense_causal(q, k, v, s), warmup=5, rep=30)
+        out.append({"kind": "dense", "row": {"kind": "full"}, "n": n, "pairs": n * (n + 1) / 2 * hkv * group,
+                    "ms": ms})
+        adv()
+        rows = [{"kind": "full"}] * 2 + [{"kind": "streaming", "sink": 64, "alpha": 2048}] * (hkv - 2)
+        table = P.make_table(rows).cuda()
+        fq, fk, rq, rk, rest = backend.split_heads(table, group, q.device)
+        qf, kf, vf, qr, kr, vr = q[:, fq], k[:, fk], v[:, fk], q[:, rq], k[:, rk], v[:, rk]
+        t_split = do_bench(lambda: backend.split_prefill(q, k, v, table, s, 64, sparse_prefill), warmup=5, rep=30)
+        t_dense = do_bench(lambda: backend.dense_causal(qf, kf, vf, s), warmup=5, rep=30)
+        t_rest = do_bench(lambda: sparse_prefill(qr, kr, vr, rest, s), warmup=5, rep=30)
+        out.append({"kind": "route", "row": {"kind": "full"}, "n": n, "heads": hkv, "pairs": 0.0,
+                    "ms": t_split - t_dense - t_rest, "split_ms": t_split})
+        adv()
+        del q, k, v, qf, kf, vf, qr, kr, vr
+    return out
+
+
 def measure(head_dim: int = 128, group: int = 4, lengths=(4096, 16384, 32768), reporter=None) -> CostTable:
     """Time the kernels over the grid and fit the rates (needs CUDA)."""
     import numpy as np
@@ -79,7 +114,10 @@ def measure(head_dim: int = 128, group: int = 4, lengths=(4096, 16384, 32768), r
             ms = _time_layer([{"kind": "skip"}] * hkv, n, head_dim, group, hkv)
             samples.append({"kind": "skip", "row": {"kind": "skip"}, "n": n, "pairs": 0.0, "ms": ms})
             adv()
+    with rep.task("measuring the dense library and the split", 2 * len(lengths)) as adv:
+        samples += _route_samples(lengths, head_dim, group, hkv, adv)
     launch_ms, per_pair, dyn, dyn_fixed = fit_prefill(samples)
+    dense_launch, dense_pair, route_fixed, route_tok = fit_route(samples)
     # decode: all-full caches at two sizes give bandwidth and launch cost
     from ..kernels import patterns as P
     from triton.testing import do_bench
@@ -102,7 +140,8 @@ def measure(head_dim: int = 128, group: int = 4, lengths=(4096, 16384, 32768), r
     bw = 1.0 / max(float(coef[1]) * 1e-3, 1e-15)
     return CostTable(device=_device_info(), head_dim=head_dim, group=group, dtype="bfloat16",
                      prefill_launch_us=launch_ms * 1e3, per_pair_ns=per_pair, dyn_ns_per_token=dyn,
-                     dyn_fixed_us=dyn_fixed,
+                     dyn_fixed_us=dyn_fixed, dense_launch_us=dense_launch, dense_per_pair_ns=dense_pair,
+                     route_fixed_us=route_fixed, route_ns_per_token=route_tok,
                      decode_launch_us=max(float(coef[0]), 0.0) * 1e3, decode_bytes_per_s=bw,
                      samples=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.items()} for s in samples])
 

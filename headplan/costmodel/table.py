@@ -30,6 +30,12 @@ class CostTable:
     samples: list = field(default_factory=list, compare=False)
     source: str = "measured"
     dyn_fixed_us: dict = field(default_factory=dict)  # dynamic kind -> fixed us per layer call
+    # the dense library (cuDNN / flash through SDPA, causal) on a layer's full heads, and what splitting a layer
+    # between it and the sparse kernel costs (gathers, scatters, a second launch); 0 = not measured, never split
+    dense_launch_us: float = 0.0
+    dense_per_pair_ns: float = 0.0  # per (query, key) pair per query head
+    route_fixed_us: float = 0.0
+    route_ns_per_token: float = 0.0  # per token per KV head (its G query heads), on top of both parts
 
     # -- predictions ----------------------------------------------------------------------------
     def head_prefill_ms(self, p: Pattern, n: int, block: int = 64, lwin: int = 0) -> float:
@@ -40,11 +46,51 @@ class CostTable:
         pairs = density(p, n, block, lwin) * n * (n + 1) / 2
         return self.per_pair_ns.get(p.kind, self.per_pair_ns["full"]) * pairs * self.group * 1e-6
 
-    def layer_prefill_ms(self, patterns: list[Pattern], n: int, block: int = 64, lwin: int = 0) -> float:
+    def sparse_layer_ms(self, patterns: list[Pattern], n: int, block: int = 64, lwin: int = 0) -> float:
+        """One layer call of the sparse kernel on all of the layer's heads."""
         t = self.prefill_launch_us * 1e-3 + sum(self.head_prefill_ms(p, n, block, lwin) for p in patterns)
         for k in {p.kind for p in patterns if p.kind in DYNAMIC_KINDS}:  # index building, once per kind per layer
             t += self.dyn_ns_per_token.get(k, 0.0) * n * 1e-6 + self.dyn_fixed_us.get(k, 0.0) * 1e-3
         return t
+
+    def split_layer_ms(self, patterns: list[Pattern], n: int, block: int = 64, lwin: int = 0) -> float | None:
+        """The layer with its full heads on the dense library and the others on the sparse kernel (a global
+        layer with a full head only; an all-full layer is the dense library alone), or None when the table has
+        no dense rates or the layer cannot be split."""
+        full = [p for p in patterns if p.kind == "full"]
+        if lwin or not full or self.dense_per_pair_ns <= 0:
+            return None
+        t = self.dense_launch_us * 1e-3 + self.dense_per_pair_ns * len(full) * self.group * n * (n + 1) / 2 * 1e-6
+        rest = [p for p in patterns if p.kind != "full"]
+        if rest:
+            t += self.sparse_layer_ms(rest, n, block, lwin) + self.route_fixed_us * 1e-3 + \
+                self.route_ns_per_token * n * len(patterns) * 1e-6
+        return t
+
+    def routes_full(self, patterns: list[Pattern], n: int, block: int = 64, lwin: int = 0) -> bool:
+        """Whether the runtime sends this layer's full heads to the dense library at length n: where the
+        table predicts the split layer faster than the sparse kernel alone."""
+        t = self.split_layer_ms(patterns, n, block, lwin)
+        return t is not None and t < self.sparse_layer_ms(patterns, n, block, lwin)
+
+    def layer_prefill_ms(self, patterns: list[Pattern], n: int, block: int = 64, lwin: int = 0) -> float:
+        """One layer's prefill as the runtime runs it (split when :meth:`routes_full`)."""
+        t = self.sparse_layer_ms(patterns, n, block, lwin)
+        s = self.split_layer_ms(patterns, n, block, lwin)
+        return t if s is None else min(t, s)
+
+    def for_shape(self, head_dim: int, group: int) -> "CostTable":
+        """This table's rates carried to another head_dim / GQA group (per-pair and per-token costs scale with
+        head_dim; per-query-head rates need no change): an approximation for routing, where a table of the
+        model's own shape is missing."""
+        if (head_dim, group) == (self.head_dim, self.group):
+            return self
+        f = head_dim / self.head_dim
+        return dataclasses.replace(
+            self, head_dim=head_dim, group=group, per_pair_ns={k: v * f for k, v in self.per_pair_ns.items()},
+            dense_per_pair_ns=self.dense_per_pair_ns * f,
+            route_ns_per_token=self.route_ns_per_token * f * (group + 1) / (self.group + 1),
+            source=f"{self.source}, scaled from head_dim {self.head_dim} / group {self.group}")
 
     def plan_prefill_ms(self, plan: Plan, n: int) -> float:
         return sum(self.layer_prefill_ms([e.pattern for e in layer], n, plan.block_size, plan.model.window(li))
@@ -78,6 +124,18 @@ def load_cost_table(path) -> CostTable:
         raise HeadplanError(f"{p}.schema_version: expected {SCHEMA}")
     _check_table(d, str(p))
     return CostTable(**{k: v for k, v in d.items() if k != "schema_version"})
+
+
+_SHIPPED: list | None = None
+
+
+def shipped_tables() -> list:
+    """The cost tables measured by the project and shipped with the package (``headplan/costmodel/devices``)."""
+    global _SHIPPED
+    if _SHIPPED is None:
+        here = Path(__file__).parent / "devices"
+        _SHIPPED = [load_cost_table(p) for p in sorted(here.glob("*.yaml"))]
+    return _SHIPPED
 
 
 _TYPES = {"dict": dict, "int": int, "float": (int, float), "str": str, "list": list}
@@ -186,9 +244,35 @@ def fit_prefill(samples: list[dict]):
     return launch_ms, per_pair, dyn, dyn_fixed
 
 
+def _line(xs, ys):
+    """Least squares y = a + b·x with a, b >= 0 (a single point: through the origin)."""
+    import numpy as np
+
+    X = np.array([[1.0, x] for x in xs])
+    y = np.array(ys, dtype=float)
+    if len(xs) > 1:
+        (a, b), *_ = np.linalg.lstsq(X, y, rcond=None)
+        if a >= 0 and b >= 0:
+            return float(a), float(b)
+    b = max(float((y * X[:, 1]).sum() / max((X[:, 1] ** 2).sum(), 1e-30)), 0.0)
+    return 0.0, b
+
+
+def fit_route(samples: list[dict]):
+    """Dense-library rates (launch us, ns per pair) from the "dense" samples and the split overhead (fixed
+    us, ns per token per KV head) from the "route" samples; zeros where a table has none."""
+    d = [s for s in samples if s["kind"] == "dense"]
+    r = [s for s in samples if s["kind"] == "route"]
+    a, b = _line([s["pairs"] for s in d], [s["ms"] for s in d]) if d else (0.0, 0.0)
+    c, e = _line([s["n"] * s["heads"] for s in r], [max(s["ms"], 0.0) for s in r]) if r else (0.0, 0.0)
+    return a * 1e3, b * 1e6, c * 1e3, e * 1e6
+
+
 def refit(table: "CostTable") -> "CostTable":
     """Re-fit a table's rates from its stored samples (after a change of the fitting rule)."""
     launch_ms, per_pair, dyn, dyn_fixed = fit_prefill(table.samples)
+    dl, dp, rf, rt = fit_route(table.samples)
     return dataclasses.replace(table, prefill_launch_us=launch_ms * 1e3, per_pair_ns=per_pair,
-                               dyn_ns_per_token=dyn, dyn_fixed_us=dyn_fixed)
+                               dyn_ns_per_token=dyn, dyn_fixed_us=dyn_fixed, dense_launch_us=dl,
+                               dense_per_pair_ns=dp, route_fixed_us=rf, route_ns_per_token=rt)
 

@@ -75,7 +75,7 @@ def check_plan_fits(model, plan: Plan) -> None:
 
 
 def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int | None = None,
-          dense_below: int | None = None, decode: str = "auto"):
+          dense_below: int | None = None, decode: str = "auto", cost_table=None):
     """Patch ``model`` in place so its attention runs ``plan``; returns the model.
 
     ``dense_below``: on CUDA, unpadded prompts shorter than this many tokens run dense SDPA instead of
@@ -86,6 +86,10 @@ def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int
     ``decode``: how generate() runs its one-token steps: "auto" (CUDA: "graph", else "eager"), "graph" (a
     preallocated cache and a CUDA-graph-captured step, replayed), "static" (that step without the graph),
     "eager" (the model's forward per step). README "Decode with CUDA graphs" lists what falls back to eager.
+    ``cost_table``: a cost table (path or ``CostTable``, from ``headplan costmodel measure`` on this GPU) that
+    decides, per layer and prompt length, whether the layer's full heads run on the dense library (cuDNN /
+    flash) while the others run the sparse kernel. Default: the table shipped for this GPU, else a fixed
+    length rule (README "Routing full heads").
 
     Applying again replaces the plan; ``unapply(model)`` restores the model as it was before the first
     apply. Dense attention is one call away: ``headplan.runtime.dense(model)`` (a context manager).
@@ -100,14 +104,18 @@ def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int
         if tuple(layer_windows(model.config)) != tuple(plan.model.layer_windows):
             raise PlanError(f"plan's layer windows {list(plan.model.layer_windows) or 'none'} differ from the "
                             f"model's {list(layer_windows(model.config)) or 'none'}")
+    if cost_table is not None and not hasattr(cost_table, "routes_full"):
+        from ..costmodel import load_cost_table
+
+        cost_table = load_cost_table(cost_table)
     register()
     tables = compile_tables(plan)
     mods = attention_modules(model)
     if len(mods) != len(tables):
         raise PlanError(f"plan has {len(tables)} layers but the model has {len(mods)} attention modules")
     runtimes = []
-    for m, t in zip(mods, tables):
-        rt = LayerRuntime(t, plan.block_size)
+    for m, t, layer in zip(mods, tables, plan.layers):
+        rt = LayerRuntime(t, plan.block_size, [e.pattern for e in layer], cost_table)
         own = getattr(m, "sliding_window", None)
         if own is not None and int(own or 0) != rt.lwin:
             raise PlanError(f"layer {m.layer_idx}: the model's sliding window {own} differs from the plan's "

@@ -15,7 +15,7 @@ NAME = "headplan"
 class LayerRuntime:
     """What one attention module needs at run time: its head table (cached per device)."""
 
-    def __init__(self, table: torch.Tensor, block: int):
+    def __init__(self, table: torch.Tensor, block: int, patterns=(), cost=None):
         from ..kernels import patterns as P
 
         self.table = table.cpu()
@@ -24,6 +24,7 @@ class LayerRuntime:
         # every head full in a global layer: the model's own causal attention (dense SDPA is the same)
         self.all_full = bool((self.table[:, P.C_KIND] == P.FULL).all()) and self.lwin == 0
         self.dense_below = 0  # CUDA prompts shorter than this run dense SDPA (opt-in; see README)
+        self.route = backend.FullRoute(patterns, block, self.lwin, cost)  # full heads to the dense library?
         self._on: dict = {}
 
     def table_on(self, device) -> torch.Tensor:
@@ -86,7 +87,7 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
             if rt.all_full or (query.is_cuda and Lk < rt.dense_below and not rt.lwin):
                 out = backend.dense_causal(query, key, value, scale)
             else:
-                out = backend.prefill(query, key, value, table, scale, pad=None, block=rt.block)
+                out = backend.prefill(query, key, value, table, scale, pad=None, block=rt.block, route=rt.route)
             if layer is not None:
                 layer.commit_contiguous(key, value)
             return out.transpose(1, 2).contiguous(), None
@@ -103,7 +104,7 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
             out = backend.dense_causal(query, key, value, scale)
         elif Lq == Lk and pad is not None:
             out = backend.prefill(query, key, value, table, scale, pad=pad if bool(pad.any()) else None,
-                                  block=rt.block)
+                                  block=rt.block, route=rt.route)
         else:
             out = backend.attend(query, key, value, qpos, kpos, table, scale, rt.block)
         if layer is not None:

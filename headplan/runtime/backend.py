@@ -38,9 +38,10 @@ def _kernel(name: str):
     return fn
 
 
-# Measured on one H200 (BENCHMARKS.md, "Prefill against the FlexAttention a user would write"): sending a
-# layer's full KV heads to cuDNN on that head subset and the rest to the sparse kernel pays from ~16K
-# tokens (32K, 2 full + 6 windowed heads: 6.87 ms vs 7.91) and costs below (8K: 1.09 vs 0.97).
+# Where no cost table with dense-library rates is known for the GPU (see :class:`FullRoute`): measured on one
+# H200 (BENCHMARKS.md, "Prefill against the FlexAttention a user would write"), sending a layer's full KV heads
+# to cuDNN on that head subset pays from ~16K tokens (32K, 2 full + 6 windowed heads: 6.87 ms vs 7.91) and
+# costs below (8K: 1.09 vs 0.97).
 ROUTE_FULL_FROM = 16384
 _DENSE_ORDER = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
@@ -64,16 +65,16 @@ def dense_causal(q, k, v, scale: float):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
 
 
-_ROUTES: dict = {}
+_SPLITS: dict = {}
 
 
-def _route(table, G: int, device):
+def split_heads(table, G: int, device):
     """(full query heads, full KV heads, other query heads, other KV heads, the others' table) of a layer
     whose full heads see plain causal attention (global layer), or None when it has none or only those."""
     from ..kernels import patterns as P
 
     key = (table.data_ptr(), table._version, G, str(device))
-    hit = _ROUTES.get(key)
+    hit = _SPLITS.get(key)
     if hit is None:
         rows = table.detach().cpu()
         full = [h for h in range(rows.shape[0]) if int(rows[h, P.C_KIND]) == P.FULL and int(rows[h, P.C_LWIN]) == 0]
@@ -82,29 +83,95 @@ def _route(table, G: int, device):
         if full and rest:
             idx = lambda hs, g: torch.tensor([h * g + i for h in hs for i in range(g)], device=device)  # noqa: E731
             hit = (idx(full, G), idx(full, 1), idx(rest, G), idx(rest, 1), rows[rest].to(device).contiguous())
-        if len(_ROUTES) > 64:
-            _ROUTES.clear()
-        _ROUTES[key] = hit
+        if len(_SPLITS) > 64:
+            _SPLITS.clear()
+        _SPLITS[key] = hit
     return hit
 
 
-def prefill(q, k, v, table, scale: float, pad=None, block: int = 64):
+def split_prefill(q, k, v, table, scale: float, block: int, fn, split=None):
+    """The layer's full heads through :func:`dense_causal` on that head subset, the others through ``fn``
+    (the sparse kernel): the same result as ``fn`` on every head, up to dtype tolerance."""
+    fq, fk, rq, rk, rest = split or split_heads(table, q.shape[1] // k.shape[1], q.device)
+    out = torch.empty_like(q)
+    out[:, fq] = dense_causal(q[:, fq], k[:, fk], v[:, fk], scale)
+    out[:, rq] = fn(q[:, rq], k[:, rk], v[:, rk], rest, scale, pad=None, block=block)
+    return out
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def device_cost_table(device, head_dim: int, group: int):
+    """The cost table shipped for this GPU (``headplan/costmodel/devices/*.yaml``, matched on the device
+    name), carried to this head_dim / group; None when none is shipped for it or it has no dense rates."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    key = (name, head_dim, group)
+    if key not in _DEVICE_TABLES:
+        from ..costmodel import shipped_tables
+
+        tabs = [t for t in shipped_tables() if t.device.get("name") == name and t.dense_per_pair_ns > 0]
+        tabs.sort(key=lambda t: (abs(t.head_dim - head_dim), abs(t.group - group)))
+        _DEVICE_TABLES[key] = tabs[0].for_shape(head_dim, group) if tabs else None
+    return _DEVICE_TABLES[key]
+
+
+class FullRoute:
+    """Per layer: whether an unpadded CUDA prefill of n tokens sends the layer's full heads to the dense
+    library, decided from a cost table (``CostTable.routes_full``: the split layer's predicted time against
+    the sparse kernel's): the one given to ``apply(cost_table=...)``, else the one shipped for this GPU, else
+    the measured fixed rule ``n >= ROUTE_FULL_FROM``. Decisions are memoised per (n, head_dim, group)."""
+
+    def __init__(self, patterns, block: int, lwin: int, cost=None):
+        self.patterns = list(patterns)
+        self.block, self.lwin, self.cost = block, lwin, cost
+        kinds = {p.kind for p in self.patterns}
+        self.possible = not lwin and "full" in kinds and len(kinds) > 1
+        self._memo: dict = {}
+
+    def source(self, device, head_dim: int, group: int) -> str:
+        c = self._table(device, head_dim, group)
+        return "fixed rule" if c is None else (c.device.get("name", "?") + " cost table")
+
+    def _table(self, device, head_dim, group):
+        if self.cost is not None:
+            return self.cost.for_shape(head_dim, group)
+        return device_cost_table(device, head_dim, group)
+
+    def split(self, n: int, device, head_dim: int, group: int) -> bool:
+        if not self.possible:
+            return False
+        key = (n, head_dim, group, str(device))
+        hit = self._memo.get(key)
+        if hit is None:
+            c = self._table(device, head_dim, group)
+            hit = n >= ROUTE_FULL_FROM if c is None else c.routes_full(self.patterns, n, self.block, self.lwin)
+            if len(self._memo) > 256:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
+
+def prefill(q, k, v, table, scale: float, pad=None, block: int = 64, route: FullRoute | None = None):
     """Self-attention prefill from an empty cache (q, k, v cover the same left-padded slots).
 
-    On CUDA, unpadded prompts of at least ``ROUTE_FULL_FROM`` tokens send the layer's full heads to
-    :func:`dense_causal` on that head subset and the others to the sparse kernel (same result)."""
+    On CUDA, unpadded prompts send the layer's full heads to :func:`dense_causal` on that head subset and
+    the others to the sparse kernel (same result) where ``route`` (the layer's :class:`FullRoute`) says so;
+    without one, from ``ROUTE_FULL_FROM`` tokens."""
     if _use_triton(q):
         fn = _kernel("prefill")
         if fn is not None:
-            route = _route(table, q.shape[1] // k.shape[1], q.device) \
-                if pad is None and q.shape[2] >= ROUTE_FULL_FROM else None
-            if route is None:
+            G = q.shape[1] // k.shape[1]
+            split = None
+            if pad is None:
+                go = route.split(q.shape[2], q.device, q.shape[-1], G) if route is not None else \
+                    q.shape[2] >= ROUTE_FULL_FROM
+                split = split_heads(table, G, q.device) if go else None
+            if split is None:
                 return fn(q, k, v, table, scale, pad=pad, block=block)
-            fq, fk, rq, rk, rest = route
-            out = torch.empty_like(q)
-            out[:, fq] = dense_causal(q[:, fq], k[:, fk], v[:, fk], scale)
-            out[:, rq] = fn(q[:, rq], k[:, rk], v[:, rk], rest, scale, pad=None, block=block)
-            return out
+            return split_prefill(q, k, v, table, scale, block, fn, split)
     # the reference's visibility, attention fused by SDPA (set HEADPLAN_BACKEND=reference for the explicit oracle)
     return R.prefill_ref(q, k, v, table, scale, pad=pad, block=block,
                          fused=not _reference_forced())
