@@ -504,6 +504,10 @@ def section_prefill(res, sizes=(32768, 131072)):
             "duo_2full_6win2048": lambda li, h: {"kind": "full"} if h < 2 else {"kind": "streaming", "sink": 128,
                                                                               "alpha": 2048},
         }
+        if N <= 32768:  # dynamic heads: their index building (per layer call) counts in the time to first token
+            topk = max(1, round(0.1 * N / (2 * 64)) - 2)
+            plans["vslash_all"] = lambda li, h: {"kind": "vslash", "vertical": 1024, "slash": 2048}
+            plans["blocksparse10_all"] = lambda li, h: {"kind": "blocksparse", "topk": topk}
         if N > 32768:
             plans = {k: v for k, v in plans.items() if k in ("dense_sdpa_cudnn", "kv25_stream")}
         for name, fn in plans.items():

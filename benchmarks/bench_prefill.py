@@ -293,7 +293,17 @@ def main():
                 run = routed(q, k, v, table, plans[name], scale)
                 rec["diff_routed"] = (run().float() - out_hp.float()).abs().max().item()
                 rec["headplan_routed_ms"] = bench(run)
+                from headplan.plan import Pattern
+                from headplan.runtime import backend
+                route = backend.FullRoute([Pattern.from_row(r) for r in plans[name]], 64, 0)
+                rec["runtime_splits"] = route.split(n, dev, D, G)  # what headplan.runtime does (its cost table)
+                rec["runtime_route_source"] = route.source(dev, D, G)
             results.append(rec)
+            if a.json:  # progressively: a run cut short keeps what it measured
+                with open(a.json, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), "results": results},
+                              f, indent=1)
             g = lambda key: rec.get(key, float("nan"))  # noqa: E731
             line = (f"{name:<16}{n:>7}{rec['density']:>6.3f} {t_flash:>7.3f} {t_cudnn:>7.3f} {g('flex_ms'):>8.3f} "
                     f"{g('flex_hw_ms'):>7.3f} {g('headplan_ms'):>7.3f} {g('headplan_e2e_ms'):>7.3f} "

@@ -10,6 +10,7 @@ import torch
 import triton
 
 from . import patterns as P
+from . import vslash_scores as _fused
 
 
 def _logical(x, pad, L):
@@ -71,21 +72,21 @@ def block_select(q, k, heads, topks, pad, lr, block):
     return sel
 
 
-def vslash_select(q, k, heads, verts, slashes, scale, pad, lr):
-    """Vertical and slash selections for the listed KV heads, as build_vslash_index defines them.
-
-    Returns (cmask, omask) (B, Hv, L) bool over logical columns / offsets, and the sorted column
-    list cols (B, Hv, max(verts)) int64 padded with L.
-    """
+def _vslash_scores_torch(q, k, heads, scale, pad):
+    """(col_slot, diag) (B, len(heads), L) of vslash_select, in torch: for the last m = min(LAST_Q, L)
+    query rows, softmax probabilities over slot columns (hidden: logical column < 0, column > row,
+    logical row < 0) summed over the G query heads and the rows per slot column, and per slot offset
+    i - j. Computed in fp32 (fp64 for fp64 inputs); the fallback of :mod:`kernels.vslash_scores`."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     dev = q.device
+    dt = torch.promote_types(q.dtype, torch.float32)
     hs = torch.tensor(heads, device=dev)
     Hv = len(heads)
     m = min(P.LAST_Q, L)
-    ql = q.reshape(B, Hkv, G, L, D)[:, hs, :, L - m:].float()  # (B, Hv, G, m, D)
-    kf = k[:, hs].float()  # (B, Hv, L, D)
+    ql = q.reshape(B, Hkv, G, L, D)[:, hs, :, L - m:].to(dt)  # (B, Hv, G, m, D)
+    kf = k[:, hs].to(dt)  # (B, Hv, L, D)
     padv = pad.view(B, 1).long() if pad is not None else torch.zeros(B, 1, dtype=torch.long, device=dev)
     i = torch.arange(L - m, L, device=dev).view(1, m) - padv  # (B, m) logical rows
     j = torch.arange(L, device=dev).view(1, L) - padv  # (B, L) logical columns
@@ -97,8 +98,26 @@ def vslash_select(q, k, heads, verts, slashes, scale, pad, lr):
     p = p.masked_fill_(hidden.view(B, 1, 1, m, L), 0.0).sum(2)  # (B, Hv, m, L); all-hidden rows (NaN) -> 0
     col_slot = p.sum(2)  # (B, Hv, L) by slot
     d = (i.view(B, m, 1) - j.view(B, 1, L)).clamp(min=0, max=L - 1)  # slot_i - slot_j
-    diag = torch.zeros(B, Hv, L, device=dev)
+    diag = torch.zeros(B, Hv, L, dtype=dt, device=dev)
     diag.scatter_add_(2, d.view(B, 1, m * L).expand(B, Hv, m * L), p.reshape(B, Hv, m * L))
+    return col_slot, diag
+
+
+def vslash_select(q, k, heads, verts, slashes, scale, pad, lr):
+    """Vertical and slash selections for the listed KV heads, as build_vslash_index defines them.
+
+    Returns (cmask, omask) (B, Hv, L) bool over logical columns / offsets, and the sorted column
+    list cols (B, Hv, max(verts)) int64 padded with L. The scores come from the fused Triton
+    kernels (:mod:`kernels.vslash_scores`) where they serve, else from ``_vslash_scores_torch``.
+    """
+    B, L = q.shape[0], q.shape[2]
+    dev = q.device
+    Hv = len(heads)
+    padv = pad.view(B, 1).long() if pad is not None else torch.zeros(B, 1, dtype=torch.long, device=dev)
+    if _fused.supported(q, k):
+        col_slot, diag = _fused.vslash_scores(q, k, heads, scale, pad)
+    else:
+        col_slot, diag = _vslash_scores_torch(q, k, heads, scale, pad)
     # slot -> logical for the columns
     src = (torch.arange(L, device=dev).view(1, L) + padv).clamp(max=L - 1)
     col = torch.gather(col_slot, 2, src.view(B, 1, L).expand(B, Hv, L))
@@ -117,7 +136,7 @@ def vslash_select(q, k, heads, verts, slashes, scale, pad, lr):
         if kk > 0:
             val, idx = torch.topk(score, kk, dim=-1)
             rank = torch.arange(kk, device=dev).view(1, 1, kk)
-            ok = (val > -math.inf) & (rank < torch.tensor(ns, device=dev).view(1, Hv, 1))
+            ok = (val > -math.inf) & (rank < _fused.cached_ints(ns, dev).view(1, Hv, 1))  # cached, no copy
             idx = torch.where(ok, idx, torch.full_like(idx, L))
             out[..., :kk] = idx.sort(dim=-1).values
             mask.scatter_(2, idx, True)
