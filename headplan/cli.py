@@ -236,6 +236,10 @@ def costmodel_measure(out: Path = typer.Option(Path("cost.yaml"), "--out", "-o")
 
     t = do_costmodel_measure(out, head_dim=head_dim, group=group, lengths=lengths, reporter=_reporter())
     _console().print(f"cost table for {t.device.get('name')} -> {out}")
+    if t.dense_per_pair_ns > 0:
+        _console().print(f"dense library {t.dense_per_pair_ns * 1e3:.3f} ps/pair vs sparse kernel full heads "
+                         f"{t.per_pair_ns['full'] * 1e3:.3f} ps/pair; splitting a layer costs {t.route_fixed_us:.0f} us"
+                         f" + {t.route_ns_per_token:.2f} ns per token per KV head (apply(cost_table=...) routes by it)")
 
 
 @costmodel_app.command("validate")
