@@ -167,26 +167,13 @@ def flex_hw_block_mask(mask, same, n):
         return torch.compile(create_block_mask)(mask, 1, None if same else HQ, n, n, device="cuda")
 
 
-def routed(q, k, v, table, rows, scale):
-    """Full KV-head groups through cuDNN SDPA on that head subset, the others through the sparse kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def routed(q, k, v, table, scale):
+    """Full KV-head groups through cuDNN SDPA on that head subset, the others through the sparse kernel: the
+    runtime's split layer (``headplan.runtime.backend.split_prefill``), head indices built once."""
+    from headplan.runtime import backend
 
-    full = [h for h, r in enumerate(rows) if r["kind"] == "full"]
-    rest = [h for h, r in enumerate(rows) if r["kind"] != "full"]
-    fq = torch.tensor([h * G + g for h in full for g in range(G)], device=q.device)
-    rq = torch.tensor([h * G + g for h in rest for g in range(G)], device=q.device)
-    fk = torch.tensor(full, device=q.device)
-    rk = torch.tensor(rest, device=q.device)
-    sub = table[rk].contiguous()
-
-    def run():
-        out = torch.empty_like(q)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            out[:, fq] = torch.nn.functional.scaled_dot_product_attention(q[:, fq], k[:, fk], v[:, fk], is_causal=True,
-                                                                          scale=scale, enable_gqa=True)
-        out[:, rq] = KP.sparse_prefill(q[:, rq], k[:, rk], v[:, rk], sub, scale)
-        return out
-    return run
+    split = backend.split_heads(table, G, q.device)
+    return lambda: backend.split_prefill(q, k, v, table, scale, 64, KP.sparse_prefill, split)
 
 
 def flex_block_mask(mask_kv, mask_q, n):
@@ -290,7 +277,7 @@ def main():
                 if hw is not None:
                     time_flex(flex_hw_block_mask(hw[0], hw[1], n), "flex_hw", "headplan_e2e_ms")
             if any(r["kind"] == "full" for r in plans[name]) and any(r["kind"] != "full" for r in plans[name]):
-                run = routed(q, k, v, table, plans[name], scale)
+                run = routed(q, k, v, table, scale)
                 rec["diff_routed"] = (run().float() - out_hp.float()).abs().max().item()
                 rec["headplan_routed_ms"] = bench(run)
                 from headplan.plan import Pattern

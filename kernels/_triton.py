@@ -1,11 +1,13 @@
 """Shared Triton pieces of the kernels: the head-table columns by name, the window rule, the
 interpreter flag. The constants come from :mod:`kernels.patterns` (the one definition), so a kernel
-never spells a column index or the window grid as a literal."""
+never spells a column index or the window grid as a literal; and the host-side helpers the kernels' launchers
+share."""
 
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -27,6 +29,21 @@ K_BLOCKSPARSE = tl.constexpr(P.BLOCKSPARSE)
 K_VSLASH = tl.constexpr(P.VSLASH)
 K_SKIP = tl.constexpr(P.SKIP)
 NO_LIMIT = tl.constexpr(1 << 30)  # "no layer window": larger than any distance
+
+
+_INTS: dict = {}
+
+
+def device_ints(values, device) -> torch.Tensor:
+    """``values`` (head lists, per-head counts) as an int32 tensor on ``device``, cached: no host-to-device copy
+    per layer call."""
+    key = (tuple(int(v) for v in values), str(device))
+    t = _INTS.get(key)
+    if t is None:
+        if len(_INTS) >= 256:
+            _INTS.clear()
+        t = _INTS[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
+    return t
 
 
 def interpret() -> bool:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import patterns as P
-from ._triton import C_KIND, K_SKIP, K_STREAMING, K_STRIDED, head_row, window
+from ._triton import C_KIND, K_SKIP, K_STREAMING, K_STRIDED, device_ints, head_row, window
 from ._triton import interpret as _interpret
 
 __all__ = ["sparse_decode", "pick_config"]
@@ -207,9 +207,6 @@ def _decode_combine_kernel(
 # host side
 # ---------------------------------------------------------------------------------------------
 
-_DEV_CACHE: dict = {}
-
-
 def _as_i32(x, device) -> tuple[torch.Tensor, int | None]:
     """Device int32 tensor for head_off/head_cap; also its max when it is known on the host."""
     if isinstance(x, torch.Tensor):
@@ -221,14 +218,7 @@ def _as_i32(x, device) -> tuple[torch.Tensor, int | None]:
             return x.to(device=device, dtype=torch.int32).contiguous(), None
     else:
         host = tuple(int(v) for v in x)
-    key = (host, str(device))
-    t = _DEV_CACHE.get(key)
-    if t is None:
-        if len(_DEV_CACHE) > 256:
-            _DEV_CACHE.clear()
-        t = torch.tensor(host, dtype=torch.int32, device=device)
-        _DEV_CACHE[key] = t
-    return t, (max(host) if host else 0)
+    return device_ints(host, device), (max(host) if host else 0)
 
 
 def _num_sms(device) -> int:

@@ -11,6 +11,7 @@ import triton
 
 from . import patterns as P
 from . import vslash_scores as _fused
+from ._triton import device_ints
 
 
 def _logical(x, pad, L):
@@ -35,7 +36,7 @@ def block_select(q, k, heads, topks, pad, lr, block):
     G = Hq // Hkv
     dev = q.device
     NB = triton.cdiv(L, block)
-    hs = torch.tensor(heads, device=dev)
+    hs = device_ints(heads, dev)
     Hb = len(heads)
     if heads == list(range(Hkv)):  # no copy of q/k when every head is dynamic
         qg, kg = q.reshape(B, Hkv, G, L, D), k
@@ -62,7 +63,7 @@ def block_select(q, k, heads, topks, pad, lr, block):
         kk = min(kmax, NB)
         val, idx = torch.topk(score, kk, dim=-1)
         rank = torch.arange(kk, device=dev).view(1, 1, 1, kk)
-        tk = torch.tensor(topks, device=dev).view(1, Hb, 1, 1)
+        tk = device_ints(topks, dev).view(1, Hb, 1, 1)
         ok = torch.isfinite(val) & (rank < tk)
         sel.scatter_(3, torch.where(ok, idx, torch.full_like(idx, NB)), True)
     sel = sel[..., :NB]
@@ -82,7 +83,7 @@ def _vslash_scores_torch(q, k, heads, scale, pad):
     G = Hq // Hkv
     dev = q.device
     dt = torch.promote_types(q.dtype, torch.float32)
-    hs = torch.tensor(heads, device=dev)
+    hs = device_ints(heads, dev)
     Hv = len(heads)
     m = min(P.LAST_Q, L)
     ql = q.reshape(B, Hkv, G, L, D)[:, hs, :, L - m:].to(dt)  # (B, Hv, G, m, D)
@@ -136,7 +137,7 @@ def vslash_select(q, k, heads, verts, slashes, scale, pad, lr):
         if kk > 0:
             val, idx = torch.topk(score, kk, dim=-1)
             rank = torch.arange(kk, device=dev).view(1, 1, kk)
-            ok = (val > -math.inf) & (rank < _fused.cached_ints(ns, dev).view(1, Hv, 1))  # cached, no copy
+            ok = (val > -math.inf) & (rank < device_ints(ns, dev).view(1, Hv, 1))
             idx = torch.where(ok, idx, torch.full_like(idx, L))
             out[..., :kk] = idx.sort(dim=-1).values
             mask.scatter_(2, idx, True)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from . import patterns as P
 from . import prefill_hopper as _hp
-from ._triton import K_BLOCKSPARSE, K_STREAMING, K_STRIDED, K_VSLASH, head_row, window
+from ._triton import K_BLOCKSPARSE, K_STREAMING, K_STRIDED, K_VSLASH, device_ints, head_row, window
 from ._triton import interpret as _interpret
 from ._triton import online_update as _update
 from .dynamic_index import block_select, vslash_select
@@ -271,7 +271,7 @@ def build_plan(q, k, table, scale, pad=None, block=P.DEFAULT_BLOCK):
         heads = [h for h, kd in enumerate(kinds) if kd == P.BLOCKSPARSE]
         sel = block_select(q, k, heads, [rows[h][P.C_TOPK] for h in heads], padt, lr, block)
         ra, rl = _rect_flags(sel, L, QT, BN, lr, block)
-        hs = torch.tensor(heads, device=dev)
+        hs = device_ints(heads, dev)
         any_[:, hs] &= ra
         all_[:, hs] &= rl
         if plan["bs_gather"]:
@@ -285,7 +285,7 @@ def build_plan(q, k, table, scale, pad=None, block=P.DEFAULT_BLOCK):
         slashes = [rows[h][P.C_SLASH] for h in heads]
         cmask, omask, cols = vslash_select(q, k, heads, verts, slashes, scale, padt, lr)
         slash, gl, gc = _vslash_flags(cmask, omask, cols, L, QT, BN, lr, max(slashes))
-        hs = torch.tensor(heads, device=dev)
+        hs = device_ints(heads, dev)
         any_[:, hs] &= slash
         all_[:, hs] = False
         cm = torch.zeros(B, Hkv, L, dtype=torch.uint8, device=dev)

@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover - older triton: the portable kernel only
 
 @triton.jit
 def _unmasked_step(acc, m_i, l_i, q, kk, vv, qk_scale, dt: tl.constexpr):
+    """``_triton.online_update`` for a tile every row sees whole: no mask and no empty-row guard, and the scale
+    folded into the max and the exponent (one FMA per score), as the fastest loop measured on sm90 has it."""
     s = tl.dot(q, kk.T)
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.exp2(s * qk_scale - m_new[:, None])

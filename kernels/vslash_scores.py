@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import patterns as P
-from ._triton import interpret
+from ._triton import device_ints, interpret
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -161,20 +161,6 @@ def _probs_kernel(Q, K, HS, PAD, LSE, COL, SCR, DP, sqb, sqh, sql, skb, skh, skl
                  mask=(xz < pc * BN) & (xz < L))
 
 
-_HEADS: dict = {}
-
-
-def cached_ints(heads, dev):
-    """The head list as an int32 device tensor, cached (no host-to-device copy per call)."""
-    key = (tuple(int(h) for h in heads), str(dev))
-    t = _HEADS.get(key)
-    if t is None:
-        if len(_HEADS) >= 256:
-            _HEADS.clear()
-        t = _HEADS[key] = torch.tensor(key[0], dtype=torch.int32, device=dev)
-    return t
-
-
 def vslash_scores(q, k, heads, scale, pad):
     """(col_slot, diag), each (B, len(heads), L) fp32, for q (B, Hq, L, D), k (B, Hkv, L, D),
     KV heads ``heads`` and left padding ``pad`` ((B,) ints or None); see the module docstring."""
@@ -193,7 +179,7 @@ def vslash_scores(q, k, heads, scale, pad):
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
-    hs = cached_ints(heads, dev)
+    hs = device_ints(heads, dev)
     has_pad = pad is not None
     padt = pad.to(dev) if has_pad else hs  # not read without padding
     prec = "ieee" if q.dtype == torch.float32 else "tf32"

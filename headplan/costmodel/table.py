@@ -212,6 +212,21 @@ def kv_coefficients(table: CostTable, candidates, n: int, model):
                      for li in range(model.num_layers)])
 
 
+def _line(xs, ys):
+    """Least squares y = a + b·x kept non-negative: a negative intercept refits through the origin, a
+    negative slope leaves the mean."""
+    import numpy as np
+
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    (b, a), *_ = np.linalg.lstsq(np.stack([x, np.ones_like(x)], 1), y, rcond=None)
+    if a < 0:
+        return 0.0, max(float((y * x).sum() / (x ** 2).sum()), 0.0)
+    if b < 0:
+        return max(float(y.mean()), 0.0), 0.0
+    return float(a), float(b)
+
+
 def fit_prefill(samples: list[dict]):
     """Least-squares rates from timing samples: launch (ms), per-pair ns per kind, and for dynamic
     kinds the index-building cost as fixed us + ns per token."""
@@ -229,33 +244,12 @@ def fit_prefill(samples: list[dict]):
             # visible pairs run the same flash loop as full heads; the rest is index building and
             # masked tiles, fitted as a + b·N (non-negative) on what the pairs do not explain
             per_pair[kind] = per_pair.get("full", 1e-6)
-            r = y - pairs * per_pair[kind] * 1e-6
-            X = np.array([[s["n"], 1.0] for s in ss])
-            coef, *_ = np.linalg.lstsq(X, r, rcond=None)
-            b, a = float(coef[0]), float(coef[1])
-            if a < 0:
-                b, a = max(float((r * X[:, 0]).sum() / (X[:, 0] ** 2).sum()), 0.0), 0.0
-            elif b < 0:
-                b, a = 0.0, max(float(r.mean()), 0.0)
+            a, b = _line([s["n"] for s in ss], y - pairs * per_pair[kind] * 1e-6)
             dyn[kind] = b * 1e6
             dyn_fixed[kind] = a * 1e3
         else:
             per_pair[kind] = max(float((y * pairs).sum() / (pairs ** 2).sum()) * 1e6, 1e-6)
     return launch_ms, per_pair, dyn, dyn_fixed
-
-
-def _line(xs, ys):
-    """Least squares y = a + b·x with a, b >= 0 (a single point: through the origin)."""
-    import numpy as np
-
-    X = np.array([[1.0, x] for x in xs])
-    y = np.array(ys, dtype=float)
-    if len(xs) > 1:
-        (a, b), *_ = np.linalg.lstsq(X, y, rcond=None)
-        if a >= 0 and b >= 0:
-            return float(a), float(b)
-    b = max(float((y * X[:, 1]).sum() / max((X[:, 1] ** 2).sum(), 1e-30)), 0.0)
-    return 0.0, b
 
 
 def fit_route(samples: list[dict]):
