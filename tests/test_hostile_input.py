@@ -332,6 +332,21 @@ def test_cost_table_fields_are_checked_without_echo(tmp_path, extra):
     assert load_cost_table(good).head_dim == 16
 
 
+@pytest.mark.parametrize("field,value", [("prefill_launch_us", -3.0), ("decode_launch_us", float("nan")),
+                                         ("decode_bytes_per_s", 0.0), ("dense_per_pair_ns", -1e-3),
+                                         ("route_ns_per_token", float("inf")), ("head_dim", 0), ("group", -2)])
+def test_cost_table_numbers_are_range_checked(tmp_path, field, value):
+    """Negative, NaN or infinite rates (and a zero bandwidth or head size) are refused on load, naming the field."""
+    from headplan.costmodel import SCHEMA, analytic, load_cost_table
+    from headplan.errors import HeadplanError
+
+    d = {**analytic(16, 2).to_dict(), "schema_version": SCHEMA, field: value}
+    f = tmp_path / "cost.yaml"
+    f.write_text(yaml.safe_dump(d))
+    with pytest.raises(HeadplanError, match=f"cost.yaml.{field}: expected a finite number"):
+        load_cost_table(f)
+
+
 # -- 5: profiles are byte-identical across processes -------------------------------------------------------
 
 def test_profile_bytes_do_not_depend_on_the_process(tmp_path):

@@ -118,3 +118,12 @@ def test_samples_are_seeded_and_exact_length():
     assert all(len(s.input_ids) == 700 for s in a)
     pk = [s for s in a if s.task == "passkey"]
     assert pk and all(s.answer in lm.tokenizer.decode(s.input_ids) for s in pk)
+
+
+def test_a_tie_goes_to_the_exact_candidate():
+    """Gemma 3 shape (sliding window 128 on five of six layers), profiled at 384 with every kind allowed: at
+    density 1 every candidate that sees what the layer sees ties at zero loss, and the search must pick the
+    exact one (full), not a dynamic kind whose zero loss holds only at the profiled length."""
+    prof = profile(tiny("gemma3"), [384], candidate_set("default"), LM_ONLY, samples=2)
+    plan = search(prof, SearchSettings(density=1.0))
+    assert plan.counts() == {"full": prof.model.num_layers * prof.model.num_kv_heads}

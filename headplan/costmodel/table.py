@@ -138,6 +138,7 @@ def shipped_tables() -> list:
     return _SHIPPED
 
 
+_POSITIVE = ("head_dim", "group", "decode_bytes_per_s")  # divisors and shapes; every other number is a rate >= 0
 _TYPES = {"dict": dict, "int": int, "float": (int, float), "str": str, "list": list}
 
 
@@ -154,9 +155,11 @@ def _check_table(d: dict, where: str) -> None:
                 raise HeadplanError(f"{where}.{name}: missing field")
             continue
         v = d[name]
-        if isinstance(v, bool) or not isinstance(v, _TYPES[str(f.type).split()[0]]) or \
-                (isinstance(v, float) and not math.isfinite(v)):
-            raise HeadplanError(f"{where}.{name}: expected {str(f.type).split()[0]}, got {type(v).__name__}")
+        typ = str(f.type).split()[0]
+        if isinstance(v, bool) or not isinstance(v, _TYPES[typ]):
+            raise HeadplanError(f"{where}.{name}: expected {typ}, got {type(v).__name__}")
+        if typ in ("int", "float") and not (math.isfinite(v) and v >= (1 if name in _POSITIVE else 0)):
+            raise HeadplanError(f"{where}.{name}: expected a finite number {'> 0' if name in _POSITIVE else '>= 0'}")
         if name in ("per_pair_ns", "dyn_ns_per_token", "dyn_fixed_us"):
             for k, x in v.items():
                 if k not in KINDS:

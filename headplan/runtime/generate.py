@@ -54,10 +54,7 @@ def generate(orig, model, *args, **kwargs):
             and kwargs.get("use_cache", True) and model.config._attn_implementation == NAME:
         ids = kwargs.get("input_ids", args[0] if args else None)
         n = ids.shape[1] if ids is not None else 0
-        new = kwargs.get("max_new_tokens")
-        if new is None:
-            gc = kwargs.get("generation_config") or model.generation_config
-            new = getattr(gc, "max_new_tokens", None) or max(0, (gc.max_length or 0) - n)
+        new = _new_tokens(model, kwargs, n)
         if int(kwargs.get("num_beams", 1) or 1) > 1 and any(
                 bool((t[:, P.C_KIND] == P.STREAMING).any()) for t in st.tables):
             raise HeadplanError("beam search is not supported with streaming heads (evicted tokens cannot be "
@@ -76,6 +73,17 @@ def generate(orig, model, *args, **kwargs):
             with graphs.intercept(model, step):
                 return orig(*args, **kwargs)
     return orig(*args, **kwargs)
+
+
+def _new_tokens(model, kwargs: dict, n: int) -> int:
+    """How many tokens ``generate`` may add to an ``n``-token prompt, as transformers reads it: the call's
+    ``max_new_tokens``, else its ``max_length``, else the generation config's (the call's, then the model's)."""
+    if kwargs.get("max_new_tokens") is not None:
+        return int(kwargs["max_new_tokens"])
+    if kwargs.get("max_length") is not None:
+        return max(0, int(kwargs["max_length"]) - n)
+    gc = kwargs.get("generation_config") or model.generation_config
+    return int(getattr(gc, "max_new_tokens", None) or max(0, (gc.max_length or 0) - n))
 
 
 @torch.no_grad()

@@ -20,7 +20,15 @@ from ..profile import Profile
 from .milp import _Problem
 from .settings import SearchSettings
 
-TIE = 1e-7  # tie-breaker weight: between equal losses prefer the cheaper candidate
+TIE = 1e-7  # tie-breaker weight (see tie_break)
+
+
+def tie_break(kinds: list[str], dens: np.ndarray, kv: np.ndarray) -> np.ndarray:
+    """(H, C) order among candidates of equal profiled loss: first the exact one (``full``: the model's own
+    attention, which a window spanning a sliding layer's is collapsed into), then the one that keeps less KV,
+    then the sparser one. A zero loss of a window or a dynamic kind holds only at the lengths profiled."""
+    inexact = np.array([k != "full" for k in kinds], dtype=np.float64)
+    return 3.0 * inexact[None, :] + kv.mean(axis=2) + dens.mean(axis=2)
 
 
 def profile_loss(prof: Profile, signals=()) -> torch.Tensor:
@@ -205,7 +213,7 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
     allowed = np.repeat(_collapsed(prof, allowed), m.num_kv_heads, axis=0)  # (H, C)
     if settings.full_set is not None:
         allowed = full_set_mask(allowed, settings.full_set, np.array([k == "full" for k in kinds]))
-    obj = loss.mean(axis=2) + TIE * dens.mean(axis=2)
+    obj = loss.mean(axis=2) + TIE * tie_break(kinds, dens, kv)
     obj = np.where(allowed, obj, 1e6)  # excluded candidates are never worth it
     obj = np.round(obj, 12).reshape(-1)
     prob = _Problem(obj, H, C, m.num_kv_heads)
