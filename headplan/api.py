@@ -1,18 +1,20 @@
 """The Python API behind each CLI verb: profile, search, select, apply, eval, baselines, report, run, check.
 
 Every function takes plain values and paths, validates its inputs before writing anything, and
-writes outputs atomically (temporary file + rename).
+writes outputs atomically (temporary file + rename; an output directory staged beside and swapped in).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
 from .candidates import candidate_set
 from .errors import HeadplanError, PlanError
+from .files import staged_dir
 from .plan import Plan, atomic_write, load_plan, save_plan
 from .args import (DEFAULT_LENGTHS, _baseline_names, _check_out, _signal_weights, fit_lengths,  # noqa: F401
                    check_budget, keep_pairs, named_plans, optional_lengths, parse_length, parse_lengths, pattern_kinds,
@@ -184,12 +186,28 @@ def _recorded_profile(pp: Path, pref: dict):
     return prof
 
 
-def _save_baseline(plan: Plan, out: Path, profile_path: Path, sha256: str) -> None:
-    """Save a baseline plan, its provenance.profile.path made relative to the baseline's own folder."""
+def _save_baseline(plan: Plan, out: Path, profile_path: Path, sha256: str, into: Path | None = None) -> None:
+    """Save a baseline plan as ``out`` (written at ``into``, its staged place, when given), its
+    provenance.profile.path made relative to ``out``'s folder."""
     from .search import profile_ref
 
     plan.provenance["profile"] = profile_ref(profile_path, out, sha256)
-    save_plan(plan, out)
+    save_plan(plan, into or out)
+
+
+def _final(path: str | Path, stage: Path | None, out: str | Path) -> Path:
+    """Where ``path`` will be once ``stage`` (a staged_dir of ``out``) is swapped in."""
+    p, st = Path(path), stage and Path(stage).resolve()
+    if st is not None and p.resolve().is_relative_to(st):
+        return Path(out) / p.resolve().relative_to(st)
+    return p
+
+
+def _record_path(path: str | Path, out: str | Path) -> str:
+    """A path as an output records it: relative to ``out`` when it lies inside (links resolved; so a
+    moved or copied folder still finds it), else absolute."""
+    p, o = Path(path).resolve(), Path(out).resolve()
+    return p.relative_to(o).as_posix() if p.is_relative_to(o) else str(p)
 
 
 def do_search(profile_path: str | Path, out: str | Path, *, density: float | None = DEFAULT_DENSITY,
@@ -527,7 +545,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
             reporter: Reporter | None = None, lm=None, baselines: bool | str | list | None = None,
             profile: str | Path | None = None, seed: int = 0, lengths=None, samples: int | None = None,
             ruler=None, ruler_lengths=None, ruler_samples: int | None = None, ruler_gen_tokens: int | None = None,
-            ruler_only: bool = False) -> dict:
+            ruler_only: bool = False, _stage: Path | None = None) -> dict:
     """Dense vs the plan (and its baselines at the same budget) on held-out samples.
 
     plan_path: one plan, or a list (several budgets in one run: methods are named ``name@density``).
@@ -537,7 +555,9 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     the eval spec's lengths and samples (``headplan.eval.spec_for``). ``ruler``: lm-eval RULER tasks (a
     comma-separated string or a list, e.g. ``niah_single_1,niah_multikey_2``) run at ``ruler_lengths`` with
     ``ruler_samples`` per task and length (``headplan.eval.ruler``; needs ``pip install 'headplan[ruler]'``);
-    ``ruler_only`` runs them alone, without the eval spec's own tasks.
+    ``ruler_only`` runs them alone, without the eval spec's own tasks. OUT is written whole
+    (``files.staged_dir``); plan_file paths are recorded relative to OUT when inside it. ``_stage``: the
+    caller's (do_run's) stage of OUT, written into instead.
     """
     from .data import load_task_file
     from .eval import evaluate, spec_for
@@ -567,18 +587,16 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
         if m in methods:
             raise HeadplanError(f"--plan: two methods named {m!r}; name them with NAME=PATH")
         methods[m] = plan
-        files[m] = str(path.resolve())
+        files[m] = _final(path, _stage, out) if out is not None else path.resolve()
         if names:
             prof, pp = _plan_profile(path, plan, profile)
             for name, bp in build_baselines(prof, plan, names, seed).items():
                 methods[label(name, bp)] = bp
                 sources[label(name, bp)] = (pp, prof.sha256)
     if out is not None:
-        for m, bp in methods.items():
+        for m in methods:
             if m not in files:
-                f = Path(out) / "baselines" / f"{m}.yaml"
-                _save_baseline(bp, f, *sources[m])
-                files[m] = str(f.resolve())
+                files[m] = Path(out) / "baselines" / f"{m}.yaml"
     if lm is None:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
     if note:  # said once the inputs are known good
@@ -593,20 +611,26 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     t0 = time.time()
     res = evaluate(lm, methods[first], spec, texts, rep, {k: v for k, v in methods.items() if k != first}, first)
     res["seconds"] = time.time() - t0
-    res["plan"] = str(paths[0])
+    res["plan"] = str(_final(paths[0], _stage, out))
     res["eval_spec"] = spec
     for info in res["methods"]:
-        info["plan_file"] = files.get(info["name"])
+        f = files.get(info["name"])
+        info["plan_file"] = None if f is None else str(f) if out is None else _record_path(f, out)
         info["base"] = info["name"].split("@")[0]
     if out is not None:
-        atomic_write(Path(out) / "eval.json", json.dumps(res, indent=2, sort_keys=True))
+        with contextlib.nullcontext(_stage) if _stage is not None else staged_dir(out) as stage:
+            for m, bp in methods.items():
+                if m in sources:
+                    _save_baseline(bp, files[m], _final(sources[m][0], _stage, out), sources[m][1],
+                                   stage / "baselines" / f"{m}.yaml")
+            atomic_write(stage / "eval.json", json.dumps(res, indent=2, sort_keys=True))
     return res
 
 
 def do_baselines(plan_path: str | Path, out: str | Path, *, names=None, profile: str | Path | None = None,
                  seed: int = 0) -> dict[str, Path]:
     """Write the baseline plans (streaming, duo, moa, random) at PLAN's budget, built from the profile
-    the plan was searched from, as ``OUT/<name>.yaml``, without evaluating them."""
+    the plan was searched from, as ``OUT/<name>.yaml`` (OUT written whole), without evaluating them."""
     from .search.baselines import build_baselines
 
     path = Path(plan_path)
@@ -615,20 +639,24 @@ def do_baselines(plan_path: str | Path, out: str | Path, *, names=None, profile:
     names = _baseline_names(names or True)
     prof, pp = _plan_profile(path, plan, profile)
     files = {}
-    for name, bp in build_baselines(prof, plan, names, seed).items():
-        f = Path(out) / f"{name}.yaml"
-        _save_baseline(bp, f, pp, prof.sha256)
-        files[name] = f
+    built = build_baselines(prof, plan, names, seed)
+    with staged_dir(out) as stage:
+        for name, bp in built.items():
+            files[name] = Path(out) / f"{name}.yaml"
+            _save_baseline(bp, files[name], pp, prof.sha256, stage / f"{name}.yaml")
     return files
 
 
-def do_report(run_dir: str | Path, out: str | Path) -> dict:
-    """Markdown + HTML report with PNGs from the eval.json files in RUN_DIR (see headplan.report).
-    Returns {"markdown", "html", "images", "evals"}."""
+def do_report(run_dir: str | Path, out: str | Path, reporter: Reporter | None = None) -> dict:
+    """Markdown + HTML report with PNGs from the eval.json files in RUN_DIR (see headplan.report), OUT
+    written whole. Returns {"markdown", "html", "images", "evals"}."""
     from .report import write_report
 
     _check_out(Path(out), (), "report", directory=True)
-    return write_report(run_dir, out)
+    with staged_dir(out) as stage:
+        r = write_report(run_dir, stage, reporter)
+    moved = lambda p: Path(out) / Path(p).relative_to(stage)  # noqa: E731
+    return {**r, "markdown": moved(r["markdown"]), "html": moved(r["html"]), "images": [moved(p) for p in r["images"]]}
 
 
 def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budget: float | None,
@@ -654,7 +682,8 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
            profile_windows: bool = DEFAULT_PROFILE_WINDOWS) -> dict:
     """The whole pipeline: profile, search (or, with ``select``, ``headplan select``'s measured choice among a
     family of plans), eval beside dense and ``baselines`` (default: the MoA-style baseline at the same
-    budget, so the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json."""
+    budget, so the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json (OUT written
+    whole: ``files.staged_dir``)."""
     from .data import load_task_file
     from .models import load_model
 
@@ -674,44 +703,45 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     if not allowed:
         raise HeadplanError(f"--exclude-kinds leaves no candidate of the {candidates!r} set")
     feasible_or_raise(allowed, parse_lengths(lengths or DEFAULT_LENGTHS), density, kv_budget)
-    lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
-    lengths = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
-    feasible_or_raise(allowed, parse_lengths(lengths), density, kv_budget, lm.identity)
-    if refine and not select:
-        refine = _refine_fits(lm, data, texts, parse_lengths(lengths), refine, rep)
-    t_load = time.time() - t0
-    prof_path = out / "profile.safetensors"
-    plan_path = out / "plan.yaml"
-    prof, _ = do_profile(model, prof_path, lengths=lengths, samples=samples, data=data, texts=texts,
-                         candidates=candidates, dtype=dtype, device=device, reporter=rep, lm=lm, method=method)
-    t_prof = time.time() - t0 - t_load
-    selection = None
-    if select:
-        plan, table = do_select(model, prof_path, plan_path, density=density, kv_budget=kv_budget,
-                                tolerance=tolerance, texts=texts, reporter=rep, lm=lm)
-        selection = {"chosen": plan.provenance["selection"]["chosen"], "tolerance": tolerance, "candidates": table}
-    elif refine:
-        plan, hist = do_refine(model, prof_path, plan_path, density=density, kv_budget=kv_budget, rounds=refine,
-                               data=data, validate=True, tolerance=tolerance, exclude_kinds=kinds, texts=texts,
-                               reporter=rep, lm=lm, shrink_worths=shrink_worths, profile_windows=profile_windows)
-        selection = {"chosen": plan.provenance["search"]["refine"]["kept"], "tolerance": tolerance,
-                     "candidates": {h["round"]: {**h.get("measured", {}), "counts": h["counts"]} for h in hist}}
-    else:
-        plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget, exclude_kinds=kinds)
-    res = do_eval(model, plan_path, out, data=eval_data, texts=texts, reporter=rep, lm=lm, baselines=baselines,
-                  profile=prof_path)
-    summary = {
-        "model": model, "method": prof.method, "density_budget": density, "kv_budget": kv_budget,
-        "profiled_lengths": list(prof.lengths), "plan_counts": plan.counts(),
-        "achieved_density": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_density)),
-        "achieved_kv": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_kv)),
-        "eval": res, "seconds": {"load": t_load, "profile": t_prof, "total": time.time() - t0},
-        **({"selection": selection} if selection else {}),
-        **({"refine_rounds": refine} if refine and not select else {}),
-        "files": {"profile": str(prof_path), "plan": str(plan_path), "eval": str(out / "eval.json"),
-                  "summary": str(out / "summary.json")},
-    }
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    with staged_dir(out) as stage:  # written whole: a failure leaves an existing OUT as it was
+        lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
+        lengths = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
+        feasible_or_raise(allowed, parse_lengths(lengths), density, kv_budget, lm.identity)
+        if refine and not select:
+            refine = _refine_fits(lm, data, texts, parse_lengths(lengths), refine, rep)
+        t_load = time.time() - t0
+        prof_path = stage / "profile.safetensors"
+        plan_path = stage / "plan.yaml"
+        prof, _ = do_profile(model, prof_path, lengths=lengths, samples=samples, data=data, texts=texts,
+                             candidates=candidates, dtype=dtype, device=device, reporter=rep, lm=lm, method=method)
+        t_prof = time.time() - t0 - t_load
+        selection = None
+        if select:
+            plan, table = do_select(model, prof_path, plan_path, density=density, kv_budget=kv_budget,
+                                    tolerance=tolerance, texts=texts, reporter=rep, lm=lm)
+            selection = {"chosen": plan.provenance["selection"]["chosen"], "tolerance": tolerance, "candidates": table}
+        elif refine:
+            plan, hist = do_refine(model, prof_path, plan_path, density=density, kv_budget=kv_budget, rounds=refine,
+                                   data=data, validate=True, tolerance=tolerance, exclude_kinds=kinds, texts=texts,
+                                   reporter=rep, lm=lm, shrink_worths=shrink_worths, profile_windows=profile_windows)
+            selection = {"chosen": plan.provenance["search"]["refine"]["kept"], "tolerance": tolerance,
+                         "candidates": {h["round"]: {**h.get("measured", {}), "counts": h["counts"]} for h in hist}}
+        else:
+            plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget, exclude_kinds=kinds)
+        res = do_eval(model, plan_path, out, data=eval_data, texts=texts, reporter=rep, lm=lm, baselines=baselines,
+                      profile=prof_path, _stage=stage)
+        summary = {
+            "model": model, "method": prof.method, "density_budget": density, "kv_budget": kv_budget,
+            "profiled_lengths": list(prof.lengths), "plan_counts": plan.counts(),
+            "achieved_density": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_density)),
+            "achieved_kv": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_kv)),
+            "eval": res, "seconds": {"load": t_load, "profile": t_prof, "total": time.time() - t0},
+            **({"selection": selection} if selection else {}),
+            **({"refine_rounds": refine} if refine and not select else {}),
+            "files": {"profile": str(out / "profile.safetensors"), "plan": str(out / "plan.yaml"),
+                      "eval": str(out / "eval.json"), "summary": str(out / "summary.json")},
+        }
+        atomic_write(stage / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     return summary
 
 

@@ -1,9 +1,12 @@
-"""Files: the atomic writer (temporary file + rename, the umask honoured) and the input reader that
-refuses what is not a regular UTF-8 file. No torch."""
+"""Files: the atomic writer (temporary file + rename, the umask honoured), the staged output directory
+(written beside, swapped in whole) and the input reader that refuses what is not a regular UTF-8 file.
+No torch."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -60,6 +63,70 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
         if isinstance(e, OSError):
             raise HeadplanError(f"cannot write {p}: {e.strerror or e}") from None
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike):
+    """Write an output directory whole: yields a hidden sibling ``.NAME.stage-XXXX`` holding hard links (or
+    copies) of what ``out`` holds; on success it replaces ``out`` (for a link to a directory: its target),
+    on an exception it is removed and ``out`` is left as it was."""
+    given = Path(out)
+    out = given.resolve()
+    try:
+        inside = Path.cwd().resolve().is_relative_to(out)
+    except OSError:
+        inside = False
+    if inside:
+        raise HeadplanError(f"--out {given}: holds the working directory, which replacing it would remove; "
+                            "run from elsewhere")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+    except OSError as e:
+        raise HeadplanError(f"cannot write {given}: {e.strerror or e}") from None
+    try:
+        try:
+            if out.is_dir():  # copytree also copies the folder's own mode
+                shutil.copytree(out, stage, symlinks=True, dirs_exist_ok=True, copy_function=_link_or_copy)
+            else:
+                os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700: honour the umask instead
+        except (OSError, shutil.Error) as e:
+            raise HeadplanError(f"cannot stage {given}: {getattr(e, 'strerror', None) or e}") from None
+        yield stage
+        _swap_in(stage, out, given)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (atomic_write in the stage renames over it: the original is untouched), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _swap_in(stage: Path, out: Path, given: Path) -> None:
+    """Rename ``stage`` to ``out``; an existing ``out`` is first renamed aside (back if the second rename
+    fails), then removed."""
+    old = None
+    try:
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old)  # over the empty folder just made
+        try:
+            os.rename(stage, out)
+        except OSError:
+            if old is not None:
+                os.rename(old, out)
+            raise
+    except OSError as e:
+        if old is not None and old.is_dir() and not any(old.iterdir()):
+            old.rmdir()
+        raise HeadplanError(f"cannot replace {given}: {e.strerror or e}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import HeadplanError
 from ..files import atomic_write
-from ..plan import load_plan
+from ..plan import _short
+from ..progress import Reporter
 from .plots import plot_head_maps, plot_heatmaps, plot_pareto, plot_quality_vs_density
 from .read import _label, _plan_for, find_evals, method_points
 
@@ -124,7 +125,10 @@ class _Doc:
                 f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
 
-def write_report(run_dir: str | Path, out: str | Path) -> dict:
+def write_report(run_dir: str | Path, out: str | Path, reporter: Reporter | None = None) -> dict:
+    """Write report.md, report.html and the PNGs into OUT. Plans an eval.json names outside RUN_DIR are
+    not read (no head map; one line in the report and to ``reporter``)."""
+    rep = reporter or Reporter()
     run_dir = Path(run_dir)
     evals = find_evals(run_dir)
     out = Path(out)
@@ -163,11 +167,14 @@ def write_report(run_dir: str | Path, out: str | Path) -> dict:
             if img:
                 images.append(img)
                 doc.img(img.name, f"{task} heat map")
-        plans = []
-        for m in res["methods"]:
-            plans.append((m["name"], _plan_for(m.get("plan_file"), path)))
-        if not plans[0][1] and (path.parent / "plan.yaml").is_file():
-            plans[0] = (plans[0][0], load_plan(path.parent / "plan.yaml"))
+        refused: list[str] = []
+        plans = [(m["name"], _plan_for(m.get("plan_file"), path, run_dir, refused)) for m in res["methods"]]
+        if not plans[0][1] and res["methods"][0].get("plan_file") not in refused:
+            plans[0] = (plans[0][0], _plan_for("plan.yaml", path, run_dir, refused))
+        if refused:
+            note = f"{path}: plan file(s) outside {run_dir} not read (no head map): {', '.join(map(_short, refused))}"
+            rep.log(note)
+            doc.p(note)
         img = plot_head_maps(plans, out / f"headmap_{k}.png")
         if img:
             images.append(img)

@@ -55,15 +55,24 @@ def find_evals(run_dir: Path) -> list[tuple[Path, dict]]:
     return [(p, _load_eval(p)) for p in paths]
 
 
-def _plan_for(path_str: str | None, eval_path: Path):
-    if not path_str:
+def _plan_for(path_str: str | None, eval_path: Path, run_dir: Path, refused: list | None = None):
+    """The plan an eval.json's ``plan_file`` names, relative to the eval.json's folder (an absolute one as
+    recorded; a missing one also tried by its name there). Read only when it lies inside ``run_dir``
+    (links resolved): one outside is not read, its path appended to ``refused``. None when not read."""
+    if not path_str or not isinstance(path_str, str):
         return None
-    for p in (Path(path_str), eval_path.parent / path_str, eval_path.parent / Path(path_str).name):
-        if p.is_file():
-            try:
-                return load_plan(p)
-            except HeadplanError:
-                return None
+    root = Path(run_dir).resolve()
+    try:
+        p = (eval_path.parent / path_str).resolve()
+        if not p.is_relative_to(root):
+            if refused is not None:
+                refused.append(path_str)
+            return None
+        for q in (p, (eval_path.parent / Path(path_str).name).resolve()):
+            if q.is_relative_to(root) and q.is_file():
+                return load_plan(q)
+    except (HeadplanError, OSError, ValueError):  # unreadable, not a plan, a NUL byte in the path
+        pass
     return None
 
 
