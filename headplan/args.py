@@ -97,11 +97,12 @@ def _signal_weights(text, flag: str) -> tuple[tuple[str, float], ...]:
 
 
 def _baseline_names(value) -> list[str]:
-    """True -> every baseline; 'a,b' or a list -> those names (checked); None/False -> none."""
-    from .search.baselines import BASELINES
+    """True -> the window baselines (streaming, duo, moa, random); 'a,b' or a list -> those names (checked,
+    snapkv and pyramidkv among them); None/False -> none."""
+    from .search.baselines import BASELINES, DEFAULT_BASELINES
 
     if value is True:
-        return list(BASELINES)
+        return list(DEFAULT_BASELINES)
     if not value:
         return []
     names = [x.strip() for x in (value.split(",") if isinstance(value, str) else value) if x.strip()]

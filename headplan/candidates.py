@@ -50,6 +50,12 @@ def vslash(vertical: int, slash: int) -> Candidate:
     return Candidate(f"vslash{vertical}/{slash}", Pattern("vslash", vertical=vertical, slash=slash))
 
 
+def select(sink: int, alpha: int, keep_beta: float, keep_alpha: int = 0) -> Candidate:
+    name = f"sink{sink}+win{alpha}+keep" + "+".join(x for x in (f"{keep_alpha}" if keep_alpha else "",
+                                                                f"{keep_beta:g}N" if keep_beta else "") if x)
+    return Candidate(name, Pattern("select", sink=sink, window=Window(alpha, 0.0), keep=Window(keep_alpha, keep_beta)))
+
+
 def skip() -> Candidate:
     return Candidate("skip", Pattern("skip"))
 
@@ -63,6 +69,7 @@ CANDIDATE_SETS = {
         *[streaming(64, 64, b) for b in (0.0625, 0.125, 0.25)],
         *[blocksparse(k) for k in (2, 4, 8)],
         *[vslash(v, s) for v, s in ((64, 64), (128, 256), (256, 512))],
+        *[select(64, 64, b) for b in (0.0625, 0.125, 0.25)],
     ],
     "small": lambda: [
         full(),
@@ -70,6 +77,7 @@ CANDIDATE_SETS = {
         streaming(4, 8, 0.125),
         blocksparse(1),
         vslash(8, 16),
+        select(4, 8, 0.125),
     ],
 }
 

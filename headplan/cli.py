@@ -346,7 +346,7 @@ def eval_cmd(model: str = ModelArg,
              baselines: bool = Flag(False, "--baselines/--no-baselines", "Also evaluate streaming, duo, moa and "
                                     "random plans built from the same profile at the same budget"),
              baseline_names: Optional[str] = typer.Option(None, "--baseline-names",
-                                                          help="Comma-separated subset of streaming,duo,moa,random "
+                                                          help="Comma-separated subset of streaming,duo,moa,random,snapkv,pyramidkv "
                                                                "(implies --baselines)"),
              profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile for --baselines (default: "
                                                                                  "the plan's provenance.profile.path)"),
@@ -460,7 +460,7 @@ def select_cmd(model: str = ModelArg,
 def baselines_cmd(plan: Path = typer.Argument(..., metavar="PLAN", help="The plan whose budget the baselines meet"),
                   out: Path = typer.Option(..., "--out", "-o", help="Directory for <name>.yaml"),
                   names: Optional[str] = typer.Option(None, "--names", help="Comma-separated subset of "
-                                                                             "streaming,duo,moa,random"),
+                                                                             "streaming,duo,moa,random,snapkv,pyramidkv"),
                   profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile (default: the "
                                                                                       "plan's provenance.profile.path)"),
                   seed: int = typer.Option(0, "--seed", help="Seed of the random baseline")):
@@ -502,7 +502,7 @@ def run(model: str = ModelArg,
                             "of plans measured on validation samples"),
         tolerance: float = typer.Option(0.02, "--tolerance", help="With --select: relative perplexity slack"),
         baselines: str = typer.Option("moa", "--baselines", help="Baselines evaluated beside the plan at its "
-                                      "budget, from the same profile: a comma list of streaming,duo,moa,random, "
+                                      "budget, from the same profile: a comma list of streaming,duo,moa,random,snapkv,pyramidkv, "
                                       "or none"),
         exclude_kinds: str = typer.Option("vslash,blocksparse", "--exclude-kinds", help="Pattern kinds the plan "
                                           "leaves out (default: the dynamic ones, which keep every KV entry; "

@@ -25,7 +25,7 @@ from .files import _umask, atomic_write, read_input  # noqa: F401  (re-exported:
 SCHEMA_VERSION = 1
 INT32_MAX = 2**31 - 1  # the runtime head table is int32: every pattern integer must fit
 MAX_BLOCK = 4096
-KINDS = ("full", "streaming", "strided", "blocksparse", "vslash", "skip")
+KINDS = ("full", "streaming", "strided", "blocksparse", "vslash", "skip", "select")
 DYNAMIC_KINDS = ("blocksparse", "vslash")
 BETA_GRID = 4096
 
@@ -51,6 +51,7 @@ class Pattern:
     topk: int | None = None
     vertical: int | None = None
     slash: int | None = None
+    keep: Window | None = None  # select: tokens kept by score, K(n) = alpha + floor(beta·n)
 
     def row(self) -> dict:  # noqa: D401
         """Parameters as a flat dict (the form kernels.patterns.make_table takes)."""
@@ -64,6 +65,9 @@ class Pattern:
             v = getattr(self, k)
             if v is not None:
                 r[k] = v
+        if self.keep is not None:
+            r["keep_alpha"] = self.keep.alpha
+            r["keep_beta"] = self.keep.beta
         return r
 
     def kv_rule(self) -> str | Window:
@@ -73,6 +77,9 @@ class Pattern:
         if self.kind == "streaming":
             assert self.window is not None and self.sink is not None
             return Window(self.sink + self.window.alpha, self.window.beta)
+        if self.kind == "select":
+            assert self.window is not None and self.sink is not None and self.keep is not None
+            return Window(self.sink + self.window.alpha + self.keep.alpha, self.keep.beta)
         return "all"
 
     def to_yaml(self) -> dict:
@@ -85,6 +92,8 @@ class Pattern:
             v = getattr(self, k)
             if v is not None:
                 d[k] = v
+        if self.keep is not None:
+            d["keep"] = {"alpha": self.keep.alpha, "beta": self.keep.beta}
         kv = self.kv_rule()
         d["kv"] = kv if isinstance(kv, str) else {"alpha": kv.alpha, "beta": kv.beta}
         return d
@@ -94,8 +103,9 @@ class Pattern:
         r = {k: v for k, v in r.items() if k != "name"}
         kind = r["kind"]
         w = Window(int(r["alpha"]), float(r.get("beta", 0.0))) if "alpha" in r else None
+        keep = Window(int(r["keep_alpha"]), float(r.get("keep_beta", 0.0))) if "keep_alpha" in r else None
         return Pattern(kind=kind, sink=r.get("sink"), window=w, stride=r.get("stride"), offset=r.get("offset"),
-                       topk=r.get("topk"), vertical=r.get("vertical"), slash=r.get("slash"))
+                       topk=r.get("topk"), vertical=r.get("vertical"), slash=r.get("slash"), keep=keep)
 
 
 # which fields each kind requires
@@ -106,6 +116,7 @@ _REQUIRED = {
     "blocksparse": ("topk",),
     "vslash": ("vertical", "slash"),
     "skip": (),
+    "select": ("sink", "window", "keep"),
 }
 
 
@@ -296,6 +307,16 @@ def _float(v: Any, where: str, lo: float | None = None, hi: float | None = None,
     return v
 
 
+def _window(w: Any, where: str, lo: int) -> Window:
+    """``{alpha, beta}`` (a window or a keep rule): alpha >= lo, beta in [0, 1] on the 1/BETA_GRID grid."""
+    _keys(w, ("alpha", "beta"), where)
+    alpha = _int(_need(w, "alpha", where), f"{where}.alpha", lo)
+    beta = _float(w.get("beta", 0.0), f"{where}.beta", 0.0, 1.0)
+    if abs(beta * BETA_GRID - round(beta * BETA_GRID)) > 1e-6:
+        raise PlanError(f"{where}.beta: must be a multiple of 1/{BETA_GRID}, got {beta}")
+    return Window(alpha, beta)
+
+
 def _pattern(d: dict, where: str) -> Pattern:
     kind = _need(d, "pattern", where)
     if kind not in KINDS:
@@ -306,15 +327,12 @@ def _pattern(d: dict, where: str) -> Pattern:
             raise PlanError(f"{where}.{k}: not a parameter of pattern {kind!r}")
     for k in _REQUIRED[kind]:
         _need(d, k, where)
-    window = None
-    if "window" in d:
-        w = d["window"]
-        _keys(w, ("alpha", "beta"), f"{where}.window")
-        alpha = _int(_need(w, "alpha", f"{where}.window"), f"{where}.window.alpha", 1)
-        beta = _float(w.get("beta", 0.0), f"{where}.window.beta", 0.0, 1.0)
-        if abs(beta * BETA_GRID - round(beta * BETA_GRID)) > 1e-6:
-            raise PlanError(f"{where}.window.beta: must be a multiple of 1/{BETA_GRID}, got {beta}")
-        window = Window(alpha, beta)
+    window = _window(d["window"], f"{where}.window", 1) if "window" in d else None
+    keep = _window(d["keep"], f"{where}.keep", 0) if "keep" in d else None
+    if kind == "select" and window.beta:
+        raise PlanError(f"{where}.window.beta: a select head's recent window is fixed (beta 0); its keep grows")
+    if keep is not None and keep.alpha == 0 and keep.beta == 0:
+        raise PlanError(f"{where}.keep: keeps no token (alpha and beta both 0); use streaming")
     p = Pattern(
         kind=kind,
         sink=_int(d["sink"], f"{where}.sink", 0) if "sink" in d else None,
@@ -324,6 +342,7 @@ def _pattern(d: dict, where: str) -> Pattern:
         topk=_int(d["topk"], f"{where}.topk", 0) if "topk" in d else None,
         vertical=_int(d["vertical"], f"{where}.vertical", 1) if "vertical" in d else None,
         slash=_int(d["slash"], f"{where}.slash", 1) if "slash" in d else None,
+        keep=keep,
     )
     if p.stride is not None and p.offset is not None and p.offset >= p.stride:
         raise PlanError(f"{where}.offset: must be < stride ({p.stride}), got {p.offset}")
@@ -364,9 +383,12 @@ def pattern_of_row(r: Any, where: str) -> Pattern:
     """A candidate's flat row (``Pattern.row()`` form, as profiles store them), validated like a plan's head."""
     if not isinstance(r, dict) or "kind" not in r:
         raise PlanError(f"{where}: expected a mapping with a kind")
-    d = {("pattern" if k == "kind" else k): v for k, v in r.items() if k not in ("alpha", "beta", "name")}
+    d = {("pattern" if k == "kind" else k): v for k, v in r.items()
+         if k not in ("alpha", "beta", "name", "keep_alpha", "keep_beta")}
     if "alpha" in r or "beta" in r:
         d["window"] = {k: r[k] for k in ("alpha", "beta") if k in r}
+    if "keep_alpha" in r or "keep_beta" in r:
+        d["keep"] = {k[5:]: r[k] for k in ("keep_alpha", "keep_beta") if k in r}
     return _pattern(d, where)
 
 

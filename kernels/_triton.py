@@ -28,6 +28,7 @@ K_STRIDED = tl.constexpr(P.STRIDED)
 K_BLOCKSPARSE = tl.constexpr(P.BLOCKSPARSE)
 K_VSLASH = tl.constexpr(P.VSLASH)
 K_SKIP = tl.constexpr(P.SKIP)
+K_SELECT = tl.constexpr(P.SELECT)  # kernels treat it as FULL: a select head sees every key its cache holds
 NO_LIMIT = tl.constexpr(1 << 30)  # "no layer window": larger than any distance
 
 

@@ -24,6 +24,12 @@ Visibility of key position ``j`` from query position ``i`` (always ``0 <= j <= i
                ``slash`` diagonal offsets ``i - j`` (offset 0 always). ``j`` visible if its column
                or its diagonal is selected.
 - SKIP:        nothing; the head's output is zero.
+- SELECT:      token selection (SnapKV-style, per KV head). Every query of a chunk sees every causal key
+               the head holds (so a prefill from an empty cache is FULL); at the end of each chunk the
+               head's cache keeps its ``sink`` first tokens, its last ``alpha`` tokens (a ring; beta is 0)
+               and ``K(n) = keep_alpha + (keep_beta_q * n) // BETA_SCALE`` of the others (``n``: tokens
+               so far), those the chunk's last ``OBS`` queries attend to most (``select_scores``). Decode
+               steps see what the cache holds; the selection is not revisited until the next chunk.
 
 Every head is also bounded by its layer's own attention: column ``C_LWIN`` holds the layer's
 sliding window ``w`` (0 = a global layer). A key is visible only if the pattern allows it *and*
@@ -40,15 +46,18 @@ import math
 
 import torch
 
-FULL, STREAMING, STRIDED, BLOCKSPARSE, VSLASH, SKIP = range(6)
-KIND_NAMES = ("full", "streaming", "strided", "blocksparse", "vslash", "skip")
+FULL, STREAMING, STRIDED, BLOCKSPARSE, VSLASH, SKIP, SELECT = range(7)
+KIND_NAMES = ("full", "streaming", "strided", "blocksparse", "vslash", "skip", "select")
 
 # column layout of a head table
-C_KIND, C_SINK, C_ALPHA, C_BETA, C_STRIDE, C_OFFSET, C_TOPK, C_VERT, C_SLASH, C_LWIN = range(10)
-NCOLS = 10
+C_KIND, C_SINK, C_ALPHA, C_BETA, C_STRIDE, C_OFFSET, C_TOPK, C_VERT, C_SLASH, C_LWIN, C_KEEP, C_KEEPB = range(12)
+NCOLS = 12
 
 BETA_SCALE = 4096
 LAST_Q = 64
+OBS = 32  # SELECT: the observation window (last queries of a chunk) whose attention picks the kept tokens
+POOL = 7  # SELECT: scores are max-pooled over this many neighbouring positions (keeps a needle's context)
+POOL_TIE = 1e-3  # SELECT: weight of a token's own score beside its pooled one (orders a pooled plateau)
 DEFAULT_BLOCK = 64
 
 
@@ -69,6 +78,8 @@ def make_table(rows: list[dict], device=None, layer_window: int = 0) -> torch.Te
         t[h, C_TOPK] = int(r.get("topk", 0))
         t[h, C_VERT] = int(r.get("vertical", 0))
         t[h, C_SLASH] = int(r.get("slash", 0))
+        t[h, C_KEEP] = int(r.get("keep_alpha", 0))
+        t[h, C_KEEPB] = int(round(float(r.get("keep_beta", 0.0)) * BETA_SCALE))
     return t.to(device) if device is not None else t
 
 
@@ -226,7 +237,7 @@ def visible_count(row: dict, n: int, block: int = DEFAULT_BLOCK, lwin: int = 0) 
     lwin = int(lwin or 0)
     i = torch.arange(n, dtype=torch.int64)
     cap = torch.minimum(i + 1, torch.full_like(i, lwin)) if lwin else i + 1  # what the layer itself sees
-    if kind in ("full",):
+    if kind in ("full", "select"):  # a select head's prefill is full; its cache is what it selects
         return int(cap.sum())
     if kind == "skip":
         return 0
@@ -276,3 +287,31 @@ def kv_count(row: dict, n: int, lwin: int = 0) -> int:
     if kind == "streaming":
         keep = min(n, int(row.get("sink", 0)) + int(window(int(row.get("alpha", 0)), beta_q(row), n)))
     return min(keep, int(lwin)) if lwin else keep
+
+
+def select_scores(q_obs: torch.Tensor, k: torch.Tensor, kpos: torch.Tensor, qpos: torch.Tensor,
+                  scale: float, lwin: int = 0) -> torch.Tensor:
+    """SELECT's token scores: how much the observation queries attend to each held key.
+
+    q_obs: (B, G, O, D) the last queries of a chunk (the query heads of one KV group); qpos (B, O) their
+    positions (-1 = padding); k: (B, M, D) keys with positions kpos (B, M) (-1 = empty). Each query's
+    softmax runs over the keys it sees (causal, inside the layer's window); the probabilities are averaged
+    over the queries, the group's heads take the maximum, and the result is max-pooled over ``POOL``
+    neighbouring positions (plus ``POOL_TIE`` times the token's own score). Returns (B, M) float32, -inf where kpos is -1."""
+    B, M = kpos.shape
+    s = torch.einsum("bgod,bmd->bgom", q_obs.float(), k.float()) * scale
+    qp, kp = qpos[:, None, :, None].long(), kpos[:, None, None, :].long()
+    vis = (kp >= 0) & (qp >= 0) & (kp <= qp) & in_layer_window(qp, kp, int(lwin or 0))
+    a = torch.softmax(s.masked_fill(~vis, -math.inf), dim=-1).nan_to_num(0.0)
+    nq = (qpos >= 0).sum(dim=1).clamp(min=1).view(B, 1, 1)
+    sc = (a.sum(dim=2) / nq).amax(dim=1)  # (B, M)
+    order = kpos.long().masked_fill(kpos < 0, -1).argsort(dim=1)  # pool along positions
+    srt = sc.gather(1, order)
+    pooled = torch.nn.functional.max_pool1d(srt[:, None], POOL, stride=1, padding=POOL // 2)[:, 0]
+    out = torch.empty_like(sc).scatter_(1, order, pooled) + POOL_TIE * sc  # on a pooled plateau, the peaks first
+    return out.masked_fill(kpos < 0, -math.inf)
+
+
+def select_keep(n, keep_alpha, keep_beta_q):
+    """SELECT's number of selected tokens K(n) after n tokens (ints or int tensors)."""
+    return keep_alpha + (keep_beta_q * n) // BETA_SCALE

@@ -11,10 +11,11 @@ STREAM = {"kind": "streaming", "sink": 4, "alpha": 16, "beta": 0.125}  # elastic
 STRIDED = {"kind": "strided", "sink": 2, "alpha": 8, "beta": 0.05, "stride": 3, "offset": 1}
 BSP = {"kind": "blocksparse", "topk": 1}
 VSL = {"kind": "vslash", "vertical": 9, "slash": 6}
+SEL = {"kind": "select", "sink": 4, "alpha": 8, "keep_alpha": 2, "keep_beta": 0.125}
 
 # one row of every kind, in plan.KINDS order (a test asserts the order)
 ONE_OF_EACH = {"full": FULL, "streaming": STREAM, "strided": STRIDED, "blocksparse": BSP, "vslash": VSL,
-               "skip": SKIP}
+               "skip": SKIP, "select": SEL}
 
 # the runtime's mixed plans (small windows so tiny test sequences evict)
 MIXED = [

@@ -5,7 +5,8 @@ import pytest
 
 from headplan.candidates import density, kv_share
 from helpers import SMALL_RUN, invoke, tiny_run
-from headplan.search.baselines import BASELINES, build_baselines
+from headplan.search.baselines import BASELINES, DEFAULT_BASELINES, build_baselines
+from headplan.errors import HeadplanError
 from headplan.plan import load_plan, save_plan
 from headplan.profile import load_profile
 
@@ -28,14 +29,24 @@ def _budget_ok(plan, dens, kvb):
             assert k <= kvb + 1e-9, (n, k, kvb)
 
 
-@pytest.mark.parametrize("dens,kvb", [(0.4, None), (0.5, 0.3)])
+@pytest.mark.parametrize("dens,kvb", [(0.4, None), (0.5, 0.3), (1.0, 0.3)])
 def test_baselines_meet_the_plans_budget_and_are_valid_plans(run_dir, tmp_path, dens, kvb):
+    """Every baseline at the plan's budget; the selection ones (snapkv, pyramidkv: full prefill) at a KV budget
+    alone, and refused with a density bound."""
     from headplan.api import do_search
 
     plan = do_search(run_dir / "profile.safetensors", tmp_path / "p.yaml", density=dens, kv_budget=kvb)
     prof = load_profile(run_dir / "profile.safetensors")
-    bl = build_baselines(prof, plan)
-    assert list(bl) == list(BASELINES)
+    names = BASELINES if dens >= 1 else DEFAULT_BASELINES
+    if dens < 1:
+        with pytest.raises(HeadplanError, match="cannot meet density"):
+            build_baselines(prof, plan, ["snapkv"])
+    bl = build_baselines(prof, plan, names)
+    assert list(bl) == list(names)
+    if dens >= 1:
+        assert all(e.pattern.kind == "select" for layer in bl["snapkv"].layers for e in layer)
+        keeps = [layer[0].pattern.keep.beta for layer in bl["pyramidkv"].layers]
+        assert keeps == sorted(keeps, reverse=True) and keeps[0] > keeps[-1]
     for name, b in bl.items():
         f = tmp_path / f"{name}.yaml"
         save_plan(b, f)
@@ -66,16 +77,16 @@ def test_eval_baselines_side_by_side_then_report(run_dir, tmp_path):
     r = invoke("eval", "random:llama", "--plan", run_dir / "plan.yaml", "--baselines", "--data", tmp_path / "grid.yaml",
                "--out", out)
     assert r.exit_code == 0, r.output
-    for name in BASELINES:
+    for name in DEFAULT_BASELINES:
         assert name in r.output, name
         assert (out / "baselines" / f"{name}.yaml").is_file()
     res = json.loads((out / "eval.json").read_text())
-    assert [m["name"] for m in res["methods"]] == ["headplan", *BASELINES]
+    assert [m["name"] for m in res["methods"]] == ["headplan", *DEFAULT_BASELINES]
     assert {(c["task"], c["depth"]) for c in res["grid"]} == {("passkey", 0.2), ("passkey", 0.8), ("needle", 0.5)}
     for c in res["grid"]:
-        assert set(c["acc"]) == {"dense", "headplan", *BASELINES}
-    assert set(res["perplexity"][0]["methods"]) == {"headplan", *BASELINES}
-    assert res["continuations"] and set(res["continuations"][0]["methods"]) == {"headplan", *BASELINES}
+        assert set(c["acc"]) == {"dense", "headplan", *DEFAULT_BASELINES}
+    assert set(res["perplexity"][0]["methods"]) == {"headplan", *DEFAULT_BASELINES}
+    assert res["continuations"] and set(res["continuations"][0]["methods"]) == {"headplan", *DEFAULT_BASELINES}
     # report over the run dir and the eval dir side by side (two evaluations -> curves)
     (tmp_path / "both").mkdir()
     import shutil
@@ -93,7 +104,7 @@ def test_eval_baselines_side_by_side_then_report(run_dir, tmp_path):
     for p in pngs:
         assert (rep / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({p})" in md
-    for name in BASELINES:
+    for name in DEFAULT_BASELINES:
         assert name in md
 
 

@@ -32,6 +32,21 @@ def test_recall_equals_brute_force_masks():
             vis = P.dynamic_visible(i, j, P.BLOCKSPARSE, P.build_block_index(q, k[0], p.topk, block), block)
         elif p.kind == "vslash":
             vis = P.dynamic_visible(i, j, P.VSLASH, P.build_vslash_index(q, k[0], p.vertical, p.slash, 0.3), block)
+        elif p.kind == "select":  # selected at ns from the 32 queries before; judged on the rows after ns
+            E = min(64, N // 4)
+            ns = N - E
+            score = a[:, ns - 32:ns, :ns].mean(1).amax(0)
+            score = torch.nn.functional.max_pool1d(score[None, None], 7, 1, 3)[0, 0]
+            cand = torch.zeros(ns, dtype=torch.bool)
+            cand[p.sink:ns - p.window.alpha] = True
+            K = p.keep.alpha + int(p.keep.beta * ns)
+            kept = torch.zeros(N, dtype=torch.bool)
+            kept[score.masked_fill(~cand, -1).topk(K).indices] = True
+            held = (j < p.sink) | (i - j < p.window.alpha) | kept[None, :]
+            vis = (j <= i) & held
+            brute = 1 - float((a[:, ns:] * vis[ns:]).sum()) / (G * E)
+            assert abs(float(col.loss[0, 0, ci]) - brute) < 1e-5, c.name
+            continue
         else:
             vis = P.static_visible(i, j, P.make_table([p.row()]), block)[0]
         brute = 1 - float((a * vis).sum()) / (G * N)

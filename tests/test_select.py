@@ -47,6 +47,13 @@ def test_choose_rule():
     assert choose(t, 0.2) == "search"
     with pytest.raises(HeadplanError, match="tolerance"):
         choose(t, -1)
+    # a round that recovers retrieval at a small perplexity cost wins (issue 25: +2.7% ppl, answer 5.26 -> 0.92)
+    r = {"dense": {"lm_nll": 2.0, "answer_nll": 0.5},
+         "round0": {"lm_nll": 2.10, "answer_nll": 5.26},
+         "round1": {"lm_nll": 2.10 + math.log(1.027), "answer_nll": 0.92}}
+    assert choose(r, 0.02) == "round1"
+    r["round1"]["lm_nll"] = 2.10 + math.log(1.10)  # +10% for the same answers: not worth it at 2%
+    assert choose(r, 0.02) == "round0"
 
 
 def test_validate_all_full_equals_dense(prof_file):

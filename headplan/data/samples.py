@@ -91,7 +91,7 @@ def make_sample(hay: Haystack, task: str, length: int, rng: random.Random, opts:
         ids = head + _insert(hay.filler(rng, length - fixed), pieces) + tail
         ans = keys[target]
         return Sample("passkey", tuple(ids), ans, tuple(hay.encode(ans)),
-                      meta={"task": "passkey", "depth": pieces[target][0], "key": ans})
+                      meta={"task": "passkey", "depth": pieces[target][0], "key": ans, "context": len(ids) - len(tail)})
     if task == "kv_retrieval":
         pairs = int(opts.get("pairs", 20))
         hexs = "0123456789abcdef"
@@ -107,7 +107,7 @@ def make_sample(hay: Haystack, task: str, length: int, rng: random.Random, opts:
             raise HeadplanError(f"length {length} is too short for {pairs} key-value pairs (needs > {fixed + 16})")
         ids = head + _insert(hay.filler(rng, length - fixed), [(rng.random(), table)]) + tail
         ans = kv[target][1]
-        return Sample("kv_retrieval", tuple(ids), ans, tuple(hay.encode(ans)), meta={"task": "kv_retrieval"})
+        return Sample("kv_retrieval", tuple(ids), ans, tuple(hay.encode(ans)), meta={"task": "kv_retrieval", "context": len(ids) - len(tail)})
     if task == "needle":
         # a one-sentence fact hidden in the text, and a question about it (needle in a haystack)
         place = rng.choice(NEEDLE_PLACES)
@@ -121,7 +121,7 @@ def make_sample(hay: Haystack, task: str, length: int, rng: random.Random, opts:
             raise HeadplanError(f"length {length} is too short for a needle sample (needs > {fixed + 16} tokens)")
         ids = head + _insert(hay.filler(rng, length - fixed), [(depth, needle)]) + tail
         return Sample("needle", tuple(ids), thing, tuple(hay.encode(thing)),
-                      meta={"task": "needle", "depth": depth, "place": place})
+                      meta={"task": "needle", "depth": depth, "place": place, "context": len(ids) - len(tail)})
     raise HeadplanError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
 

@@ -20,9 +20,35 @@ def _plan_budget(plan: Plan, n: int) -> tuple[float, float]:
     return plan_shares(plan.model, [[e.pattern for e in layer] for layer in plan.layers], n, plan.block_size)
 
 
+SCORE_CHUNK = 64  # tokens per chunk when scored positions run through a compressed cache (select heads)
+
+
+def _selects(model) -> bool:
+    """Whether a plan with select heads is applied now (their cache, not one forward, decides what later
+    tokens see)."""
+    from ..kernels import patterns as P
+    from ..runtime import NAME, state_of
+
+    st = state_of(model)
+    return st is not None and model.config._attn_implementation == NAME and \
+        any(bool((t[:, P.C_KIND] == P.SELECT).any()) for t in st.tables)
+
+
 @torch.no_grad()
-def logits(model, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    """Logits of the last ``keep`` positions (all when 0), float32."""
+def logits(model, ids: torch.Tensor, keep: int = 0, split: int | None = None) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all when 0), float32.
+
+    ``split``: the question comes after compression: the first ``split`` tokens are prefilled into a cache
+    alone (a plan compresses them, seeing none of what follows), and the rest run as one more chunk. Where
+    a plan with select heads is applied, the scored positions are never part of one forward with the
+    context either: the context is prefilled and they follow in chunks of ``SCORE_CHUNK`` tokens, each one
+    attending to what the cache kept, as generated tokens do."""
+    L = ids.shape[1]
+    if split is None and keep and keep < L and _selects(model):
+        return _through_cache(model, ids, L - keep, SCORE_CHUNK)[-keep:]
+    if split is not None and 0 < split < L:
+        lg = _through_cache(model, ids, split, L - split)
+        return lg[-keep:] if keep else lg
     try:
         out = model(ids, use_cache=False, logits_to_keep=keep)
     except TypeError:  # a model without logits_to_keep
@@ -31,17 +57,35 @@ def logits(model, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
     return (lg[-keep:] if keep else lg).float()
 
 
-def answer_nll(model, full: torch.Tensor, tgt: torch.Tensor) -> float:
+def _through_cache(model, ids: torch.Tensor, split: int, chunk: int) -> torch.Tensor:
+    """Prefill ``ids[:, :split]`` into a fresh cache (the plan's per-head cache, or the model's own when
+    dense), then the rest in chunks; returns the float32 logits of positions split..L-1."""
+    from transformers import DynamicCache
+
+    from ..runtime import NAME, cache_kwarg, new_cache
+
+    L = ids.shape[1]
+    plan_mode = model.config._attn_implementation == NAME
+    cache = new_cache(model, L + 1) if plan_mode else DynamicCache(config=model.config)
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    model(ids[:, :split], logits_to_keep=1, **kw)
+    out = [model(ids[:, a:min(L, a + chunk)], **kw).logits[0].float() for a in range(split, L, chunk)]
+    return torch.cat(out)
+
+
+def answer_nll(model, full: torch.Tensor, tgt: torch.Tensor, split: int | None = None) -> float:
     """Mean negative log-likelihood (nats per token) of the last ``len(tgt)`` tokens of ``full``,
-    teacher-forced through whatever attention the model runs now."""
-    return mean_nll(_logits(model, full, len(tgt) + 1)[:-1].log_softmax(-1), tgt)
+    teacher-forced through whatever attention the model runs now (``split``: as in ``logits``)."""
+    return mean_nll(_logits(model, full, len(tgt) + 1, split)[:-1].log_softmax(-1), tgt)
 
 
 _logits = logits  # every forward of the driver goes through this name (one place to hook them)
 
 
-def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None, key: str | None = None) -> list[int]:
-    """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan)."""
+def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None, key: str | None = None,
+              split: int | None = None) -> list[int]:
+    """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan).
+    ``split``: the first ``split`` tokens are prefilled (and compressed) alone before the rest is seen."""
     from transformers import DynamicCache
 
     from ..runtime import NAME, cache_kwarg, new_cache
@@ -49,6 +93,9 @@ def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None
     plan_mode = model.config._attn_implementation == NAME
     # dense: the model's own cache (its sliding layers keep only their window, as in plain generate())
     cache = new_cache(model, ids.shape[1] + n_new + 1) if plan_mode else DynamicCache(config=model.config)
+    if split is not None and 0 < split < ids.shape[1]:
+        with torch.no_grad():
+            model(ids[:, :split], logits_to_keep=1, use_cache=True, **{cache_kwarg(model): cache})
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
                          pad_token_id=eos if eos is not None else 0, **{cache_kwarg(model): cache})
     if mem is not None:
@@ -111,6 +158,20 @@ def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None =
     return s, note
 
 
+SETTINGS = ("single", "after")
+
+
+def _settings(task: str, g: dict) -> list[str]:
+    """A retrieval task's prompt settings (spec key ``settings``, default single): ``single``, one prompt with
+    the question at its end; ``after``, the question after compression: the context (instruction and
+    haystack) is prefilled alone, so a plan compresses it before the question is seen, as in a multi-turn
+    chat; the question follows as the next chunk (shown as ``TASK-after``)."""
+    st = g.get("settings", ["single"])
+    if not isinstance(st, list) or not st or any(x not in SETTINGS for x in st):
+        raise HeadplanError(f"eval spec: {task}.settings must be a list of {', '.join(SETTINGS)}")
+    return list(dict.fromkeys(st))
+
+
 def method_info(name: str, plan: Plan, lengths: list[int], base: str | None = None) -> dict:
     return {"name": name, "base": base or name.split("@")[0], "density_budget": plan.budget.density,
             "kv_budget": plan.budget.kv_budget, "counts": plan.counts(),
@@ -168,7 +229,7 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
     tail = float(ppl_spec.get("tail", 0.5))
     per = len(names) + 1  # steps of the bar: one forward (or generation) of dense and of each method
     jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl  # retrieval: generation + teacher-forced answer
-                  + 2 * sum(len(g["lengths"]) * len(cells(t, g)) for t, g in grids.items())
+                  + 2 * sum(len(g["lengths"]) * len(cells(t, g)) * len(_settings(t, g)) for t, g in grids.items())
                   + (int(cont_spec.get("samples", 2)) if cont_spec else 0))
     memory: dict = {}
     bar = rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) if jobs else contextlib.nullcontext(lambda n=1: None)
@@ -210,9 +271,10 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
 
         # ---- retrieval grids -------------------------------------------------------------------
         eos = getattr(lm.tokenizer, "eos_token_id", None)
-        for task, g in grids.items():
+        for task, g, setting in [(t, g, st) for t, g in grids.items() for st in _settings(t, g)]:
             stask, fixed = GRID_TASKS[task]
             variants = cells(task, g)
+            name = task if setting == "single" else f"{task}-after"
             for n in g["lengths"]:
                 n = int(n)
                 ok = {m: 0 for m in ["dense", *names]}
@@ -221,15 +283,16 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                 cell_ok: dict = {}
                 cases = []
                 for i, var in enumerate(variants):
-                    opts = {**{k: v for k, v in g.items() if k not in ("lengths", "samples")}, **fixed, **var}
+                    opts = {**{k: v for k, v in g.items() if k not in ("lengths", "samples", "settings")}, **fixed, **var}
                     s = make_sample(hay, stask, n, random.Random(f"{seed}:{task}:{n}:{i}"), opts)
                     ids = torch.tensor([s.input_ids], device=dev)
+                    split = s.meta.get("context") if setting == "after" else None
                     k = len(s.answer_ids) + 2
                     mem: dict = {}
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     with dense(model):
-                        outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos, mem, "dense"),
+                        outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos, mem, "dense", split),
                                                              skip_special_tokens=True)}
                     advance()
                     if dev.type == "cuda":
@@ -238,7 +301,8 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                         apply(model, methods[m], check=False)
                         if dev.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
-                        outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos, mem, m), skip_special_tokens=True)
+                        outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos, mem, m, split),
+                                                      skip_special_tokens=True)
                         if dev.type == "cuda":
                             mem[f"peak_{m}"] = torch.cuda.max_memory_allocated()
                         advance()
@@ -248,11 +312,11 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                         na = len(s.answer_ids)
                         tgt = full[0, -na:]
                         with dense(model):
-                            nll["dense"] = answer_nll(model, full, tgt)
+                            nll["dense"] = answer_nll(model, full, tgt, split)
                         advance()
                         for m in names:
                             apply(model, methods[m], check=False)
-                            nll[m] = answer_nll(model, full, tgt)
+                            nll[m] = answer_nll(model, full, tgt, split)
                             advance()
                         for m, v in nll.items():
                             nll_sum[m] = nll_sum.get(m, 0.0) + v
@@ -274,14 +338,14 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                                   "methods": {m: outs[m].strip() for m in names},
                                   **({"answer_nll": nll} if nll else {})})
                 tot = len(variants)
-                results["retrieval"].append({"task": task, "length": n, "samples": tot, "acc_dense": ok["dense"] / tot,
+                results["retrieval"].append({"task": name, "length": n, "samples": tot, "acc_dense": ok["dense"] / tot,
                                              "acc_plan": ok[primary] / tot,
                                              "acc": {m: v / tot for m, v in ok.items()},
                                              **({"answer_nll": {m: v / nll_n for m, v in nll_sum.items()}}
                                                 if nll_n else {}),
                                              "cases": cases})
                 for depth, c in sorted(cell_ok.items(), key=lambda x: (x[0] is None, x[0] or 0)):
-                    results["grid"].append({"task": task, "length": n, "depth": depth, "samples": c["n"],
+                    results["grid"].append({"task": name, "length": n, "depth": depth, "samples": c["n"],
                                             "acc": {m: c[m] / c["n"] for m in ok}})
 
         # ---- continuations side by side --------------------------------------------------------

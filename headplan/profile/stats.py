@@ -16,6 +16,12 @@ Signals, per (layer, KV head, candidate), for one sequence:
                 O_cand the renormalised attention restricted to the candidate's visible keys.
 
 ``full`` costs exactly 0 under every signal; ``skip`` drops everything (mse 1, recall 1).
+
+A ``select`` head attends fully within a chunk and loses only what it evicts, so it is judged on the
+queries that come after a selection, as decode steps do: its tokens are selected at ``N - E`` (``E =
+select_rows(N)``) from the observation queries just before, and the queries of the last E rows see the
+sink, their recent window and the selected tokens. Its cost is the mean over those E rows (the sum scaled
+by N / E), so it is comparable with the other kinds' mean over every row.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ from ..plan import DYNAMIC_KINDS
 
 SIGNALS = ("gradient", "mse", "recall")
 EPS_1MA = 1e-4
+
+
+def select_rows(n: int) -> int:
+    """The decode-like query rows a ``select`` candidate is judged on at length n (the last ones)."""
+    return max(1, min(64, n // 4))
 
 
 def row_block(device: torch.device, G: int, N: int) -> int:
@@ -57,14 +68,15 @@ class Stats:
         self.stream_idx = [i for i, k in enumerate(kinds) if k == "streaming"]
         self.full_idx = [i for i, k in enumerate(kinds) if k == "full"]
         self.skip_idx = [i for i, k in enumerate(kinds) if k == "skip"]
-        self.mask_idx = [i for i, k in enumerate(kinds) if k == "strided" or k in DYNAMIC_KINDS]
+        self.sel_idx = [i for i, k in enumerate(kinds) if k == "select"]
+        self.mask_idx = [i for i, k in enumerate(kinds) if k in ("strided", "select") or k in DYNAMIC_KINDS]
 
     def reset(self) -> None:
         for t in self.acc.values():
             t.zero_()
 
     # -------------------------------------------------------------------------------------------
-    def _dyn(self, qh, kh, scale):
+    def _dyn(self, qh, kh, scale, lwin: int = 0):
         dyn = {}
         for ci in self.mask_idx:
             row = self.table[ci]
@@ -73,7 +85,24 @@ class Stats:
                 dyn[ci] = P.build_block_index(qh, kh, int(row[P.C_TOPK]), self.block)
             elif kind == P.VSLASH:
                 dyn[ci] = P.build_vslash_index(qh, kh, int(row[P.C_VERT]), int(row[P.C_SLASH]), scale)
+            elif kind == P.SELECT:
+                dyn[ci] = self._selected(row, qh, kh, scale, lwin)
         return dyn
+
+    def _selected(self, row, qh, kh, scale, lwin):
+        """(n_s, kept (N,) bool): the keys a select candidate holds after selecting at n_s = N - E."""
+        N = kh.shape[0]
+        ns = N - select_rows(N)
+        sink, alpha = int(row[P.C_SINK]), int(row[P.C_ALPHA])
+        o0 = max(0, ns - P.OBS)
+        pos = torch.arange(ns, device=kh.device)
+        sc = P.select_scores(qh[None, :, o0:ns], kh[None, :ns], pos[None], pos[None, o0:ns], scale, lwin)[0]
+        cand = (pos >= sink) & (pos < ns - alpha)
+        k = min(int(P.select_keep(ns, int(row[P.C_KEEP]), int(row[P.C_KEEPB]))), int(cand.sum()))
+        kept = torch.zeros(N, dtype=torch.bool, device=kh.device)
+        if k > 0:
+            kept[sc.masked_fill(~cand, -math.inf).topk(k).indices] = True
+        return ns, kept
 
     def _visible(self, ci, i, j, dyn):
         """(r, r1) bool visibility of candidate ci for query rows i (r, 1) and keys j (1, r1)."""
@@ -81,6 +110,10 @@ class Stats:
         kind = int(row[P.C_KIND])
         if kind in (P.BLOCKSPARSE, P.VSLASH):
             return P.dynamic_visible(i, j, kind, dyn[ci], self.block)
+        if kind == P.SELECT:  # before n_s: the chunk's own full attention; after: what the cache holds
+            ns, kept = dyn[ci]
+            held = (j < int(row[P.C_SINK])) | ((i - j) < int(row[P.C_ALPHA])) | kept[j.clamp(max=kept.shape[0] - 1)]
+            return (j <= i) & ((i < ns) | held)
         return P.static_visible(i, j, self.table[ci:ci + 1].to(i.device), self.block)[0]
 
     def dropped(self, x: torch.Tensor, r0: int, r1: int, dyn: dict) -> torch.Tensor:
@@ -166,7 +199,7 @@ class Stats:
             kh = k[h].float()
             vh = v[h].float() if v is not None else None
             doh = dout[h * G:(h + 1) * G].float() if want_g else None
-            dyn = self._dyn(qh, kh, scale)
+            dyn = self._dyn(qh, kh, scale, int(lwin))
             mse_num = torch.zeros(C, dtype=torch.float64, device=dev)
             mse_den = torch.zeros((), dtype=torch.float64, device=dev)
             for r0 in range(0, N, RB):
@@ -205,5 +238,8 @@ class Stats:
                 res["mse"][h] = mse_num / mse_den.clamp(min=1e-30)
             if want_r:
                 res["recall"][h] /= G * N
+            if self.sel_idx:  # a select candidate's cost: the mean over the rows after its selection
+                for s_ in self.signals:
+                    res[s_][h, self.sel_idx] *= N / select_rows(N)
         for s_ in self.signals:
             self.acc[s_][layer_idx] += res[s_].cpu()

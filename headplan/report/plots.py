@@ -12,10 +12,10 @@ from ..plan import KINDS
 from .read import _read_csv, method_points  # noqa: F401  (method_points: the points these figures draw)
 
 KIND_COLOURS = {"full": "#1f3b73", "streaming": "#f2a541", "strided": "#9bc53d", "blocksparse": "#5bc0eb",
-                "vslash": "#c3423f", "skip": "#dddddd"}
+                "vslash": "#c3423f", "skip": "#dddddd", "select": "#7b3294"}
 
 METHOD_COLOURS = {"headplan": "#c3423f", "streaming": "#1f77b4", "duo": "#ff7f0e", "moa": "#2ca02c",
-                  "random": "#8c8c8c"}
+                  "random": "#8c8c8c", "snapkv": "#9467bd", "pyramidkv": "#e377c2"}
 
 
 def _plt():

@@ -22,7 +22,7 @@ class LayerRuntime:
         self.block = block
         self.lwin = int(self.table[0, P.C_LWIN]) if len(self.table) else 0  # the layer's own sliding window
         # every head full in a global layer: the model's own causal attention (dense SDPA is the same)
-        self.all_full = bool((self.table[:, P.C_KIND] == P.FULL).all()) and self.lwin == 0
+        self.all_full = bool(torch.isin(self.table[:, P.C_KIND], torch.tensor([P.FULL, P.SELECT])).all()) and self.lwin == 0
         self.dense_below = 0  # CUDA prompts shorter than this run dense SDPA (opt-in; see README)
         self.route = backend.FullRoute(patterns, block, self.lwin, cost)  # full heads to the dense library?
         self._on: dict = {}
@@ -89,7 +89,8 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
             else:
                 out = backend.prefill(query, key, value, table, scale, pad=None, block=rt.block, route=rt.route)
             if layer is not None:
-                layer.commit_contiguous(key, value)
+                obs = (query, torch.arange(Lq, device=query.device).expand(B, Lq), scale) if any(layer.keep) else None
+                layer.commit_contiguous(key, value, obs)
             return out.transpose(1, 2).contiguous(), None
         if Lq != Lk and rt.lwin and layer is None:
             raise HeadplanError("a sliding-window layer's transformers cache drops old tokens, so their positions are "
@@ -108,7 +109,7 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
         else:
             out = backend.attend(query, key, value, qpos, kpos, table, scale, rt.block)
         if layer is not None:
-            layer.commit(key, value, kpos)
+            layer.commit(key, value, kpos, (query, qpos, scale))
     else:
         if Lq == 1:
             valid1 = None if attention_mask is None else _valid_keys(attention_mask, B, 1, query.device)[:, 0]
@@ -121,7 +122,7 @@ def headplan_attention(module, query, key, value, attention_mask, scaling=None, 
             valid = _valid_keys(attention_mask, B, Lq, query.device)
             qpos = _positions(valid, layer.n_logical)
             out = _chunk(layer, query, key, value, qpos, table, scale, rt.block)
-            layer.commit(key, value, qpos)
+            layer.commit(key, value, qpos, (query, qpos, scale))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -77,7 +77,7 @@ def split_heads(table, G: int, device):
     hit = _SPLITS.get(key)
     if hit is None:
         rows = table.detach().cpu()
-        full = [h for h in range(rows.shape[0]) if int(rows[h, P.C_KIND]) == P.FULL and int(rows[h, P.C_LWIN]) == 0]
+        full = [h for h in range(rows.shape[0]) if int(rows[h, P.C_KIND]) in (P.FULL, P.SELECT) and int(rows[h, P.C_LWIN]) == 0]
         rest = [h for h in range(rows.shape[0]) if h not in full]
         hit = None
         if full and rest:

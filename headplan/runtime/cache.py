@@ -3,8 +3,9 @@
 All KV heads of a layer live in one packed buffer ``k_buf/v_buf (B, S, D)``; KV head h owns slots
 ``[off[h], off[h] + cap[h])`` and ``slot_pos (B, S)`` holds the logical position stored in each slot
 (-1 = empty). Full (and dynamic, strided) heads store position p in slot p of their region; streaming
-heads keep a sink region and a ring buffer of the window, slot ``sink + (p - sink) % ring``; skip
-heads hold nothing. The ring is sized for the largest window up to ``max_length`` and regrown
+heads keep a sink region and a ring buffer of the window, slot ``sink + (p - sink) % ring``; select
+heads lay out sink and ring the same way, followed by ``keep`` slots that hold the tokens each chunk's
+selection keeps (``_select_commit``; kernels.patterns SELECT); skip heads hold nothing. The ring is sized for the largest window up to ``max_length`` and regrown
 (re-placing slots by position) if the sequence outgrows it.
 
 The layer is used through transformers' Cache API: ``update`` returns the new key/value states
@@ -56,6 +57,11 @@ class HeadplanLayer(CacheLayerMixin):
         if kind == P.SKIP:
             return 0, 0, 0
         cap, ring, sink = max_len, 0, 0
+        if kind == P.SELECT:
+            sink, ring = t[P.C_SINK], max(1, t[P.C_ALPHA])
+            cap = sink + ring + int(P.select_keep(max_len, t[P.C_KEEP], t[P.C_KEEPB]))
+            if cap >= max_len:
+                cap, ring, sink = max_len, 0, 0  # keeps everything: store like a full head
         if kind == P.STREAMING:
             sink = t[P.C_SINK]
             ring = max(1, int(P.window(t[P.C_ALPHA], t[P.C_BETA], max_len + 1)))
@@ -72,6 +78,9 @@ class HeadplanLayer(CacheLayerMixin):
         self.cap = [c for c, _, _ in lay]
         self.ring = [r for _, r, _ in lay]
         self.sink = [s for _, _, s in lay]  # where each ring starts (sink slots come first)
+        # select heads that really select (ring and keep slots after it); others are plain rings or full
+        self.keep = [c - r - s if r and int(self.table[h, P.C_KIND]) == P.SELECT else 0
+                     for h, (c, r, s) in enumerate(lay)]
         self.off = [0]
         for c in self.cap[:-1]:
             self.off.append(self.off[-1] + c)
@@ -123,6 +132,12 @@ class HeadplanLayer(CacheLayerMixin):
             o, c = old[3][h], old[4][h]
             if c == 0:
                 continue
+            if self.keep[h]:  # the kept slots move as they are (the keep region only grows)
+                a, ka = self.off[h] + self.sink[h] + self.ring[h], o + self.sink[h] + self.ring[h]
+                n = c - self.sink[h] - self.ring[h]
+                for new_t, old_t in zip((k_buf, v_buf, slot_pos), old[:3]):
+                    new_t[:, a:a + n] = old_t[:, ka:ka + n]
+                c = self.sink[h] + self.ring[h]
             pos = old[2][:, o:o + c].long()
             self._scatter(h, pos, old[0][:, o:o + c], old[1][:, o:o + c], pos >= 0)
 
@@ -148,8 +163,12 @@ class HeadplanLayer(CacheLayerMixin):
         self.v_buf[b_idx, s] = v[b_idx, t_idx].to(self.v_buf.dtype)
         self.slot_pos[b_idx, s] = pos[b_idx, t_idx].to(torch.int32)
 
-    def commit(self, key_states: torch.Tensor, value_states: torch.Tensor, pos: torch.Tensor) -> None:
-        """Store new tokens. key/value (B, Hkv, n, D); pos (B, n) logical positions, -1 = padding."""
+    def commit(self, key_states: torch.Tensor, value_states: torch.Tensor, pos: torch.Tensor,
+               obs=None) -> None:
+        """Store new tokens. key/value (B, Hkv, n, D); pos (B, n) logical positions, -1 = padding.
+
+        ``obs``: (query (B, Hq, Lq, D), its positions (B, Lq), scale) of the chunk, for the selection of
+        select heads (without it they keep only sink and ring)."""
         valid = pos >= 0
         need = int(pos.max()) + 1 if valid.any() else 0
         if need > self.layout_len:
@@ -157,17 +176,50 @@ class HeadplanLayer(CacheLayerMixin):
                 raise ValueError(f"headplan cache was sized for {self.layout_len} tokens, the sequence needs {need}; "
                                  "make it with a larger max_length (or grow=True)")
             self._grow(need)
+        n_after = self.n_logical + valid.sum(dim=1)
         for h in range(len(self.cap)):
-            if self.cap[h]:
+            if self.keep[h] and obs is not None:
+                self._select_commit(h, pos, key_states[:, h], value_states[:, h], n_after, obs)
+            elif self.cap[h]:
                 self._scatter(h, pos, key_states[:, h], value_states[:, h], valid)
         self.n_logical += valid.sum(dim=1)  # in place: a captured decode graph reads this buffer
 
-    def commit_contiguous(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """First prefill without padding: tokens 0..n-1 of every row. Slice copies, no host sync."""
+    def _select_commit(self, h: int, pos, k, v, n_after, obs) -> None:
+        """A select head's chunk: of what it held and the chunk, keep the sink, the last ``ring`` tokens and
+        the K(n) others the chunk's observation queries score highest (kernels.patterns.select_scores)."""
+        query, qpos, scale = obs
+        o, c, ring, sink = self.off[h], self.cap[h], self.ring[h], self.sink[h]
+        kb, vb, pb = self.head_view(h)
+        pool_k, pool_v = torch.cat([kb, k.to(kb.dtype)], 1), torch.cat([vb, v.to(vb.dtype)], 1)
+        pool_p = torch.cat([pb.long(), pos.long()], 1)  # (B, M), -1 = empty or padding
+        G = query.shape[1] // len(self.cap)
+        O = min(P.OBS, query.shape[2])
+        sc = P.select_scores(query[:, h * G:(h + 1) * G, -O:], pool_k, pool_p, qpos[:, -O:], scale,
+                             int(self.table[h, P.C_LWIN]))
+        t = self.table[h]
+        K = torch.clamp(P.select_keep(n_after, int(t[P.C_KEEP]), int(t[P.C_KEEPB])), max=self.keep[h])
+        near = (pool_p >= 0) & ((pool_p < sink) | (pool_p >= (n_after - ring)[:, None]))
+        cand = (pool_p >= 0) & ~near
+        top = sc.masked_fill(~cand, -torch.inf).topk(min(self.keep[h], sc.shape[1]), dim=1)
+        chosen = (torch.arange(top.indices.shape[1], device=sc.device)[None] < K[:, None]) & \
+            torch.isfinite(top.values)
+        self.slot_pos[:, o:o + c] = -1
+        self._scatter(h, pool_p, pool_k, pool_v, near)
+        a = o + sink + ring
+        idx = top.indices[:, :self.keep[h]]
+        pick = lambda t_: t_.gather(1, idx[..., None].expand(-1, -1, t_.shape[-1]))  # noqa: E731
+        n = idx.shape[1]
+        self.k_buf[:, a:a + n] = pick(pool_k)
+        self.v_buf[:, a:a + n] = pick(pool_v)
+        self.slot_pos[:, a:a + n] = torch.where(chosen, pool_p.gather(1, idx), -1).to(self.slot_pos.dtype)
+
+    def commit_contiguous(self, key_states: torch.Tensor, value_states: torch.Tensor, obs=None) -> None:
+        """First prefill without padding: tokens 0..n-1 of every row. Slice copies, no host sync (select heads
+        excepted: their selection, given ``obs`` as in ``commit``)."""
         n = key_states.shape[2]
-        if n > self.layout_len:
+        if n > self.layout_len or (obs is not None and any(self.keep)):
             return self.commit(key_states, value_states,
-                               torch.arange(n, device=key_states.device).expand(key_states.shape[0], n))
+                               torch.arange(n, device=key_states.device).expand(key_states.shape[0], n), obs)
         dev = key_states.device
         for h, (o, c, ring, sink) in enumerate(zip(self.off, self.cap, self.ring, self.sink)):
             if c == 0:

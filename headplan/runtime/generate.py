@@ -56,8 +56,8 @@ def generate(orig, model, *args, **kwargs):
         n = ids.shape[1] if ids is not None else 0
         new = _new_tokens(model, kwargs, n)
         if int(kwargs.get("num_beams", 1) or 1) > 1 and any(
-                bool((t[:, P.C_KIND] == P.STREAMING).any()) for t in st.tables):
-            raise HeadplanError("beam search is not supported with streaming heads (evicted tokens cannot be "
+                bool(((t[:, P.C_KIND] == P.STREAMING) | (t[:, P.C_KIND] == P.SELECT)).any()) for t in st.tables):
+            raise HeadplanError("beam search is not supported with streaming or select heads (evicted tokens cannot be "
                                 "re-ordered back); use greedy or sampling")
         need = n + int(new) + 1
         mode = graphs.resolve(st.decode, model)

@@ -12,6 +12,11 @@ the plan's lengths (the budget the search was given):
 - ``moa``: MoA-style — the same exact search, restricted to the profile's streaming candidates (fixed
   and elastic ``alpha + beta·N`` windows).
 - ``random``: a seeded random assignment of the profile's candidates that meets the budget.
+- ``snapkv``: SnapKV — every KV head a ``select`` head (no sink; the observation window of
+  ``kernels.patterns.OBS`` recent tokens; the largest elastic keep that meets the KV budget at every length).
+  Its prefill is full, so it needs a budget without a density bound below 1.
+- ``pyramidkv``: PyramidKV — the same, with a keep that falls linearly from 1.5x the mean in the first
+  layer to 0.5x in the last.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import random as _random
 
 import numpy as np
 
-from ..candidates import Candidate, budget_tables, plan_shares, streaming
+from ..candidates import Candidate, budget_tables, plan_shares, select, streaming
 from ..errors import HeadplanError
 from ..plan import Budget, HeadEntry, Plan
 
-BASELINES = ("streaming", "duo", "moa", "random")
+BASELINES = ("streaming", "duo", "moa", "random", "snapkv", "pyramidkv")
+DEFAULT_BASELINES = ("streaming", "duo", "moa", "random")  # what `--baselines` alone (True) means
 
 
 def _budget(plan: Plan) -> tuple[float | None, float | None, tuple[int, ...]]:
@@ -196,7 +202,44 @@ def random_baseline(prof, plan: Plan, seed: int = 0) -> Plan:
     return _make(prof, plan, "random", cands, [loss[h, c] for h, c in enumerate(choice)], {"seed": seed})
 
 
-def build_baselines(prof, plan: Plan, names=BASELINES, seed: int = 0) -> dict[str, Plan]:
+def _selection_baseline(prof, plan: Plan, name: str, slope: float) -> Plan:
+    """SnapKV (slope 0) or PyramidKV (slope 1): select heads everywhere, layer l keeping
+    ``b · (1 + slope · (1/2 - l/(L-1)))`` of the tokens, b the largest on the 1/4096 grid that fits."""
+    from ..kernels.patterns import BETA_SCALE, OBS
+
+    dens, kvb, lengths = _budget(plan)
+    m = prof.model
+    L, H = m.num_layers, m.num_kv_heads
+    if dens is not None and dens < 1:
+        raise HeadplanError(f"{name} baseline: its heads prefill in full, so it cannot meet density {dens:g}; "
+                            "give a KV budget alone (--kv-budget K --density 1)")
+    if kvb is None:
+        raise HeadplanError(f"{name} baseline: the plan has no KV budget to match")
+    factor = [1.0 + slope * (0.5 - (li / (L - 1) if L > 1 else 0.5)) for li in range(L)]
+
+    def cands(q: int) -> list[Candidate]:
+        return [select(0, OBS, min(BETA_SCALE, int(q * f)) / BETA_SCALE) for f in factor for _ in range(H)]
+
+    def ok(q: int) -> bool:
+        c = cands(q)
+        shares = [plan_shares(m, [[c[li * H + h].pattern for h in range(H)] for li in range(L)], n, prof.block_size)
+                  for n in lengths]
+        return _fits([d for d, _ in shares], [k for _, k in shares], None, kvb)
+
+    if not ok(1):
+        raise HeadplanError(f"{name} baseline: even the {OBS}-token observation window exceeds the KV budget")
+    lo, hi = 1, BETA_SCALE
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    loss, _, _ = _tables(prof, lengths)
+    si = [i for i, c in enumerate(prof.candidates) if c.pattern.kind == "select" and c.pattern.keep.beta <= lo / BETA_SCALE]
+    best = max(si, key=lambda i: prof.candidates[i].pattern.keep.beta) if si else None
+    losses = list(loss[:, best]) if best is not None else [1.0] * (L * H)  # the nearest profiled keep below
+    return _make(prof, plan, name, cands(lo), losses, {"keep_beta": lo / BETA_SCALE, "window": OBS})
+
+
+def build_baselines(prof, plan: Plan, names=DEFAULT_BASELINES, seed: int = 0) -> dict[str, Plan]:
     """The named baselines for ``plan`` from ``prof`` (the profile the plan was searched on)."""
     if prof.model.fingerprint != plan.model.fingerprint:
         raise HeadplanError("the profile is for another model than the plan (fingerprints differ)")
@@ -206,7 +249,9 @@ def build_baselines(prof, plan: Plan, names=BASELINES, seed: int = 0) -> dict[st
 
         prof = dataclasses.replace(prof, loss=profile_loss(prof, tuple((k, float(w)) for k, w in sig.items())).float())
     makers = {"streaming": streaming_baseline, "duo": duo_baseline, "moa": moa_baseline,
-              "random": lambda p, pl: random_baseline(p, pl, seed)}
+              "random": lambda p, pl: random_baseline(p, pl, seed),
+              "snapkv": lambda p, pl: _selection_baseline(p, pl, "snapkv", 0.0),
+              "pyramidkv": lambda p, pl: _selection_baseline(p, pl, "pyramidkv", 1.0)}
     out = {}
     for n in names:
         if n not in makers:

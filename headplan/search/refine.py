@@ -40,9 +40,23 @@ def plan_indices(prof: Profile, plan: Plan) -> torch.Tensor:
 
 
 def operating_point(prof: Profile, plan: Plan, ref: int) -> tuple[torch.Tensor, list[list[dict]], torch.Tensor]:
-    """(gates at the plan: 1 for full heads else 0, each head's sparse side as pattern rows, their indices)."""
+    """(gates at the plan: 1 for full heads else 0, each head's sparse side as pattern rows, their indices).
+
+    A select head is dense within one forward (its loss comes from what its cache evicts, later), so a gate
+    there would measure nothing: its sparse side is the profile's streaming candidate with its sink and
+    window (what it keeps of the recent past without its selection), else ``ref``."""
     idx = plan_indices(prof, plan)
     full = torch.tensor([[prof.candidates[int(c)].pattern.kind == "full" for c in row] for row in idx.tolist()])
+
+    def proxy(c: int) -> int:
+        p = prof.candidates[c].pattern
+        if p.kind != "select":
+            return c
+        same = [i for i, q in enumerate(prof.candidates) if q.pattern.kind == "streaming" and q.pattern.sink == p.sink
+                and q.pattern.window == p.window]
+        return same[0] if same else ref
+
+    idx = idx.apply_(proxy)
     low = torch.where(full, torch.full_like(idx, ref), idx)
     rows = [[prof.candidates[int(c)].pattern.row() for c in row] for row in low.tolist()]
     return full.float(), rows, low

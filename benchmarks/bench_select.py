@@ -1,0 +1,96 @@
+"""Issue 25 on the GPU: retrieval at a quarter of the KV with select heads, against dense and every baseline.
+
+    python benchmarks/bench_select.py plans --model SmolLM2.gguf --out DIR   # profile 2K/4K/8K, plan in the loop
+    python benchmarks/bench_select.py eval --model SmolLM2.gguf --out DIR --settings single
+    python benchmarks/bench_select.py eval --model SmolLM2.gguf --out DIR --settings after
+
+``plans``: a recall profile at 2K / 4K / 8K (so the KV budget binds up to 8K) with the default candidates (select
+heads among them), then `headplan refine` (plan in the loop, 2 rounds, validated) at KV budget 0.25 and no density
+bound, dynamic kinds left out: the plan `headplan run --kv-budget 0.25 --density 1 --lengths 2k,4k,8k` makes.
+``eval``: that plan beside streaming, duo, moa (window baselines) and snapkv, pyramidkv (selection baselines) at the
+same KV share, on ``specs/quality-grid-select.yaml`` (eval seeds 1000: passkey and needle 10 per cell at 2K, 4K,
+8000, perplexity at 2K / 4K / 8K) in one prompt setting (``single``: the question at the prompt's end; ``after``:
+the context prefilled and compressed before the question). Prints a table; writes DIR/eval-SETTING/eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+BASELINES = "streaming,duo,moa,snapkv,pyramidkv"
+
+
+def _lm(model: str):
+    from headplan.models import load_model
+
+    return load_model(model, dtype="bfloat16", device="cuda")
+
+
+def plans(model: str, out: Path, kv: float) -> None:
+    from headplan.api import do_profile, do_refine
+
+    lm = _lm(model)
+    t = time.time()
+    do_profile(model, out / "profile.safetensors", lengths=[2048, 4096, 8192], method="recall", device="cuda",
+               dtype="bfloat16", lm=lm)
+    print(f"profile {time.time() - t:.0f} s")
+    t = time.time()
+    plan, hist = do_refine(model, out / "profile.safetensors", out / "plan.yaml", density=1.0, kv_budget=kv,
+                           rounds=2, validate=True, exclude_kinds="vslash,blocksparse", lm=lm, device="cuda",
+                           dtype="bfloat16")
+    print(f"refine {time.time() - t:.0f} s: kept {plan.provenance['search']['refine']['kept']} {plan.counts()}")
+    for h in hist:
+        print(" ", h["round"], h["counts"], {k: round(v, 4) for k, v in h.get("measured", {}).items()
+                                             if isinstance(v, float)})
+
+
+def evaluate(model: str, out: Path, setting: str) -> None:
+    from headplan.api import do_eval
+
+    spec = yaml.safe_load((HERE / "specs" / "quality-grid-select.yaml").read_text())
+    for task in ("passkey", "needle"):
+        spec[task]["settings"] = [setting]
+    if setting == "after":
+        spec.pop("perplexity")  # perplexity has no question: measured once, with the single setting
+    f = out / f"spec-{setting}.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    t = time.time()
+    res = do_eval(model, out / "plan.yaml", out / f"eval-{setting}", data=str(f), baselines=BASELINES,
+                  profile=out / "profile.safetensors", lm=_lm(model), device="cuda", dtype="bfloat16")
+    print(f"eval {setting}: {time.time() - t:.0f} s")
+    names = [m["name"] for m in res["methods"]]
+    print("| measure | dense | " + " | ".join(names) + " |")
+    for r in res["perplexity"]:
+        print(f"| ppl {r['length']} | {r['ppl_dense']:.2f} | "
+              + " | ".join(f"{r['methods'][m]['ppl']:.2f}" for m in names) + " |")
+    for r in res["retrieval"]:
+        a = r["acc"]
+        print(f"| {r['task']} {r['length']} (of {r['samples']}) | {round(a['dense'] * r['samples'])} | "
+              + " | ".join(str(round(a[m] * r["samples"])) for m in names) + " |")
+    for n in sorted({b["length"] for m in res["methods"] for b in m["budget"]}):
+        print(f"| KV kept {n} | 1 | " + " | ".join(
+            f"{next(b['kv_share'] for b in m['budget'] if b['length'] == n):.3f}" for m in res["methods"]) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("plans", "eval"))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", type=Path, default=Path("select-out"))
+    ap.add_argument("--kv", type=float, default=0.25)
+    ap.add_argument("--settings", default="single", choices=("single", "after"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.what == "plans":
+        plans(a.model, a.out, a.kv)
+    else:
+        evaluate(a.model, a.out, a.settings)
+
+
+if __name__ == "__main__":
+    main()

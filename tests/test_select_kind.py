@@ -1,0 +1,151 @@
+"""The select head kind: per-KV-head token selection at the end of each prefill chunk (kernels.patterns SELECT),
+checked against brute-force selections written here, in the cache, the decode step and a whole model."""
+import math
+
+import pytest
+import torch
+
+from headplan import runtime as RT
+from headplan.kernels import patterns as P
+from headplan.runtime.cache import HeadplanLayer
+from helpers import ids, plan_for, tiny
+
+SEL = {"kind": "select", "sink": 3, "alpha": 6, "keep_alpha": 1, "keep_beta": 0.125}
+
+
+def brute_scores(q, k, qpos):
+    """SELECT's scores written out (one sequence, keys at positions 0..n-1): the observation queries' (q (G, O, D)
+    at positions qpos) attention averaged over queries, max over the group, max-pooled over 7 neighbours,
+    plus 1e-3 times the unpooled score."""
+    j = torch.arange(k.shape[0])
+    s = torch.einsum("god,nd->gon", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    raw = torch.softmax(s.masked_fill(j[None, None] > qpos[None, :, None], -math.inf), -1).mean(1).amax(0)
+    return torch.nn.functional.max_pool1d(raw[None, None], 7, 1, 3)[0, 0] + 1e-3 * raw
+
+
+def assert_valid_selection(kept: set, score, sink, ring, K):
+    """``kept`` (positions of keys 0..n-1) is the sink, the last ``ring`` and a top-K of the others by score
+    (ties within float32 rounding may go either way)."""
+    n = score.shape[0]
+    near = set(range(min(sink, n))) | set(range(max(0, n - ring), n))
+    cand = [p for p in range(n) if p not in near]
+    chosen = kept - near
+    assert near <= kept and chosen <= set(cand) and len(chosen) == min(K, len(cand))
+    rest = [p for p in cand if p not in chosen]
+    if chosen and rest:
+        assert min(float(score[p]) for p in chosen) >= max(float(score[p]) for p in rest) - 1e-6
+
+
+def held(layer, h, b=0):
+    return set(p for p in layer.head_view(h)[2][b].tolist() if p >= 0)
+
+
+@pytest.mark.parametrize("G,n", [(1, 70), (3, 133)])
+def test_a_chunk_keeps_sink_window_and_the_top_scored_tokens(G, n):
+    torch.manual_seed(0)
+    rows = [SEL, {"kind": "full"}]
+    table = P.make_table(rows)
+    layer = HeadplanLayer(table, 512)
+    B, Hkv, D = 2, 2, 16
+    q = torch.randn(B, Hkv * G, n, D)
+    k, v = torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
+    layer.update(k, v)
+    pos = torch.arange(n).expand(B, n)
+    layer.commit_contiguous(k, v, (q, pos, D ** -0.5))
+    K = 1 + (512 * n) // 4096
+    for b in range(B):
+        assert_valid_selection(held(layer, 0, b), brute_scores(q[b, :G, -P.OBS:], k[b, 0], pos[b, -P.OBS:]), 3, 6, K)
+        assert len(held(layer, 0, b)) == 3 + 6 + K  # the head holds exactly its budget
+        assert held(layer, 1, b) == set(range(n))  # the full head everything
+    # decode: the new token attends to what the select head holds, plus itself
+    kq, kk, kv_ = torch.randn(B, Hkv * G, D), torch.randn(B, Hkv, D), torch.randn(B, Hkv, D)
+    layer.update(kk[:, :, None], kv_[:, :, None])
+    vlen = layer.commit_one(kk, kv_, None)
+    out = RT.backend.decode(kq, layer.k_buf, layer.v_buf, layer.slot_pos, layer.head_off("cpu"),
+                            layer.head_cap("cpu"), layer.n_logical, table, D ** -0.5, valid_len=vlen,
+                            max_cap=max(layer.cap))
+    for b in range(B):
+        keep = sorted(p for p in held(layer, 0, b) if p < n)
+        assert n in held(layer, 0, b) and len(keep) == 3 + 5 + K  # the ring dropped its oldest token
+        kk_all = torch.cat([k[b, 0, keep], kk[b, 0][None]])
+        vv_all = torch.cat([v[b, 0, keep], kv_[b, 0][None]])
+        want = torch.softmax(kq[b, :G] @ kk_all.T * D ** -0.5, -1) @ vv_all
+        torch.testing.assert_close(out[b, :G], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_later_chunk_reselects_among_what_is_held_and_the_chunk():
+    torch.manual_seed(1)
+    table = P.make_table([SEL])
+    layer = HeadplanLayer(table, 512)
+    D = 16
+    k, v, q = torch.randn(1, 1, 150, D), torch.randn(1, 1, 150, D), torch.randn(1, 2, 150, D)
+    layer.update(k[:, :, :100], v[:, :, :100])
+    layer.commit_contiguous(k[:, :, :100], v[:, :, :100], (q[:, :, :100], torch.arange(100)[None], D ** -0.5))
+    before = held(layer, 0)
+    layer.update(k[:, :, 100:], v[:, :, 100:])
+    qpos = torch.arange(100, 150)[None]
+    layer.commit(k[:, :, 100:], v[:, :, 100:], qpos, (q[:, :, 100:], qpos, D ** -0.5))
+    after = held(layer, 0)
+    assert len(after) == 3 + 6 + 1 + (512 * 150) // 4096
+    assert after <= before | set(range(100, 150))  # nothing evicted comes back
+    # the choice among the pool: brute force over exactly the held-before + chunk keys (window 144..149)
+    pool = sorted(before | set(range(100, 150)))
+    sc = brute_scores(q[0, :, -P.OBS:], k[0, 0, pool], torch.tensor([pool.index(p) for p in range(118, 150)]))
+    near = {pool.index(p) for p in range(3)} | {pool.index(p) for p in range(144, 150)}
+    idx = {pool.index(p) for p in after}
+    assert near <= idx
+    chosen, rest = idx - near, set(range(len(pool))) - idx
+    assert len(chosen) == 1 + (512 * 150) // 4096
+    assert min(float(sc[i]) for i in chosen) >= max(float(sc[i]) for i in rest) - 1e-6
+
+
+def test_a_select_plan_prefills_as_full_and_decodes_from_its_selection():
+    lm = tiny("llama")
+    x = ids(120, 1, seed=5)
+    with torch.no_grad():
+        RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "full"}))
+        full = lm.model(x, use_cache=False).logits
+        RT.apply(lm.model, plan_for(lm, lambda li, h: SEL if h == 0 else {"kind": "full"}))
+        cache = RT.new_cache(lm.model, 256)
+        pre = lm.model(x[:, :100], past_key_values=cache).logits
+        torch.testing.assert_close(pre, full[:, :100], rtol=0, atol=1e-5)  # prefill: every key
+        steps = torch.cat([lm.model(x[:, t:t + 1], past_key_values=cache).logits for t in range(100, 120)], 1)
+        assert (steps - full[:, 100:]).abs().max() > 1e-4  # decode: only what the select heads kept
+
+
+def test_select_heads_hold_their_budget_through_generate():
+    lm = tiny("qwen2")
+    plan = plan_for(lm, lambda li, h: SEL)
+    RT.apply(lm.model, plan)
+    x = ids(200, 1, seed=6)
+    cache = RT.new_cache(lm.model, 240)
+    with torch.no_grad():
+        lm.model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0, past_key_values=cache)
+    want = 3 + 6 + 1 + (512 * 200) // 4096
+    for layer in cache.layers:
+        for h in range(len(layer.cap)):
+            if layer.keep[h]:
+                assert len(held(layer, h)) == want
+    share = RT.kv_report(plan, 200, model=lm.model)
+    assert share["plan_bytes"] < share["dense_bytes"]
+
+
+def test_select_reference_matches_runtime_scores():
+    """select_scores (the runtime's) equals the brute force above on a padded pool (empty slots, -1)."""
+    torch.manual_seed(2)
+    G, O, M, D = 2, 5, 40, 8
+    q, k = torch.randn(1, G, O, D), torch.randn(1, M, D)
+    kpos = torch.arange(M)[None].clone()
+    kpos[0, ::7] = -1
+    qpos = torch.arange(M - O, M)[None]
+    sc = P.select_scores(q, k, kpos, qpos, D ** -0.5)
+    assert torch.isinf(sc[0, ::7]).all()
+    j = kpos[0]
+    s = torch.einsum("god,nd->gon", q[0].double(), k[0].double()) * D ** -0.5
+    a = torch.softmax(s.masked_fill((j[None, None] < 0) | (j[None, None] > qpos[0][None, :, None]), -math.inf), -1)
+    raw = a.mean(1).amax(0)
+    ok = j >= 0
+    order = j.argsort()
+    pooled = torch.nn.functional.max_pool1d(raw[order][None, None], 7, 1, 3)[0, 0]
+    want = torch.empty_like(raw).scatter_(0, order, pooled) + 1e-3 * raw
+    torch.testing.assert_close(sc[0, ok].double(), want[ok], rtol=1e-5, atol=1e-6)
