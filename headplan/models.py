@@ -286,6 +286,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
             if p.suffix.lower() != ".gguf":
                 raise HeadplanError(f"{p}: a model file must be .gguf")
             model, tok = _load_gguf(p, tdtype)
+            # a GGUF-built config has no architectures: record the class that runs (Gemma3ForCausalLM, not
+            # the name derived from Gemma3TextConfig), as a saved directory's config would
+            model.config.architectures = [type(model).__name__]
         else:
             if not (p / "config.json").is_file():
                 raise HeadplanError(f"{p}: not a Hugging Face model directory (no config.json)")
