@@ -537,6 +537,79 @@ def section_prefill(res, sizes=(32768, 131072)):
 
 
 @torch.no_grad()
+def section_select(res, N=32768, B=8, steps=32):
+    """Issue 25: select heads (sink 128 + ring 64 + K top-scored tokens) against a static plan at the same KV
+    (25%: 1 full + 7 sink 128 + window N/7 - 128 KV heads per layer), Llama-3-8B shape. Decode: batch 8, N
+    context, graph-captured step, the select heads' cache filled as a prefill fills it (each 8K chunk's last
+    32 random queries score what the head holds). Time to first token: batch 1, the same N-token prompt through
+    the model with all-full, the static 25% plan and the select 25% plan (select heads prefill in full, so
+    the difference to all-full is the selection's own cost)."""
+    import headplan
+    from headplan import runtime as RT
+
+    m = _llama(32, 4096, 32, 8, 14336, 128256)
+    cfg = m.config
+    kv, D, G = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    w = N // 7 - 128
+    plans = {"all_full": lambda li, h: {"kind": "full"},
+             "kv25_static": lambda li, h: {"kind": "full"} if h < 1 else {"kind": "streaming", "sink": 128, "alpha": w},
+             "kv25_select": lambda li, h: {"kind": "full"} if h < 1 else {"kind": "select", "sink": 128, "alpha": 64,
+                                                                          "keep_alpha": w - 64, "keep_beta": 0.0}}
+    rows = []
+    ids1 = torch.randint(0, 1000, (1, N), device="cuda")
+    for name, fn in plans.items():  # time to first token, batch 1
+        torch.cuda.empty_cache()
+        headplan.apply(m, _plan(m, fn))
+        run = lambda: m(ids1, past_key_values=headplan.new_cache(m, N + 8), logits_to_keep=1)  # noqa: E731
+        rows.append({"what": "ttft", "plan": name, "N": N, "B": 1, "ms": _time(run, reps=3, warm=1) * 1e3})
+        print("select:", json.dumps(rows[-1]), flush=True)
+        RT.unapply(m)
+    ids = torch.randint(0, 1000, (B, 1), device="cuda")
+    for name in ("kv25_static", "kv25_select"):  # decode, batch B
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        headplan.apply(m, _plan(m, plans[name]))
+        max_len = N + 3 * steps + 16
+        cache = RT.HeadplanCache(RT.state_of(m).tables, max_len, grow=False)
+        pos = torch.arange(N, device="cuda").expand(B, N)
+        for layer in cache.layers:
+            for s0 in range(0, N, 8192):
+                e = min(N, s0 + 8192)
+                k = torch.randn(B, kv, e - s0, D, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                if not layer.is_initialized:
+                    layer.lazy_initialization(k, v)
+                layer.seen += e - s0
+                q = torch.randn(B, kv * G, 32, D, device="cuda", dtype=torch.bfloat16)
+                layer.commit(k, v, pos[:, s0:e], (q, pos[:, e - 32:e], D ** -0.5))
+        kept = sum(int((layer.slot_pos[0] >= 0).sum()) for layer in cache.layers) / (len(cache.layers) * kv * N)
+        dstep = RT.DecodeStep(m, cache, B, max_len, graph=True)
+        p = torch.full((B, 1), N, dtype=torch.long, device="cuda")
+
+        def step():
+            dstep(ids, p)
+            p.add_(1)
+
+        step()
+        step()
+        rows.append({"what": "decode", "plan": name, "N": N, "B": B, "ms": _timed_steps(step, steps) * 1e3,
+                     "kv_kept": kept, "captures": dstep.captures, "replays": dstep.replays,
+                     "peak_gb": torch.cuda.max_memory_allocated() / 1e9})
+        print("select:", json.dumps(rows[-1]), flush=True)
+        del cache, dstep
+        RT.unapply(m)
+    base = {r["what"]: r["ms"] for r in rows if r["plan"] == ("all_full" if r["what"] == "ttft" else "kv25_static")}
+    print(f"\n{'what':<7} {'plan':<12} {'N':>6} {'B':>2} {'ms':>9} {'vs ref':>7} {'KV kept':>7}")
+    for r in rows:
+        r["vs_ref"] = r["ms"] / base[r["what"]]
+        print(f"{r['what']:<7} {r['plan']:<12} {r['N']:>6} {r['B']:>2} {r['ms']:>9.2f} {r['vs_ref']:>7.3f} "
+              f"{r.get('kv_kept', float('nan')):>7.3f}")
+    res["select"] = rows
+    del m
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
 def section_profile(res, N=32768, B=8):
     """torch.profiler over decode steps (dense vs kv25) and one kv25 prefill: where the time goes."""
     import headplan

@@ -17,8 +17,8 @@ from .errors import HeadplanError, PlanError
 from .files import staged_dir
 from .plan import Plan, atomic_write, load_plan, save_plan
 from .args import (DEFAULT_LENGTHS, _baseline_names, _check_out, _signal_weights, fit_lengths,  # noqa: F401
-                   check_budget, keep_pairs, named_plans, optional_lengths, parse_length, parse_lengths, pattern_kinds,
-                   whole_number)
+                   check_budget, keep_pairs, named_plans, optional_length, optional_lengths, parse_length,
+                   parse_lengths, pattern_kinds, whole_number)
 from .progress import Reporter
 
 DEFAULT_DENSITY = 0.25
@@ -216,7 +216,7 @@ def do_search(profile_path: str | Path, out: str | Path, *, density: float | Non
               max_patterns_per_layer: int | None = None, validate_lengths=None, pareto_points: int = 0,
               tune_trials: int = 0, study: str | None = None, signals: str | dict | None = None,
               exclude_kinds: str | list | None = None, keep: str | dict | None = None,
-              full_heads: int | None = None) -> Plan:
+              full_heads: int | None = None, max_length=None) -> Plan:
     """Search a plan; with ``pareto_points`` also writes ``<out>.pareto.csv``/``.png`` beside the plan;
     with ``tune_trials`` runs Optuna over the global knobs (``study``: sqlite file to resume)."""
     from .profile import load_profile
@@ -240,7 +240,8 @@ def do_search(profile_path: str | Path, out: str | Path, *, density: float | Non
                               lengths=optional_lengths(lengths),
                               latency_budget=lat, memory_budget=mem, max_patterns_per_layer=max_patterns_per_layer,
                               validate_lengths=optional_lengths(validate_lengths) or (),
-                              signals=sig, exclude_kinds=kinds, keep=keep_t, full_heads=full_heads)
+                              signals=sig, exclude_kinds=kinds, keep=keep_t, full_heads=full_heads,
+                              max_length=optional_length("--max-length", max_length))
     ref = profile_ref(profile_path, out, prof.sha256)
     if tune_trials:
         plan, trials = tune(prof, settings, tune_trials, f"sqlite:///{Path(study).resolve()}" if study else None,
@@ -263,7 +264,7 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
               kv_budget: float | None = None, lengths=None, signals: str | dict | None = None,
               tolerance: float = 0.02, data: str | None = None, samples: int | None = None,
               texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
-              reporter: Reporter | None = None, lm=None) -> tuple[Plan, dict]:
+              reporter: Reporter | None = None, lm=None, max_length=None) -> tuple[Plan, dict]:
     """Search a family of plans at one budget, run each on validation samples, save the one the rule
     picks (``headplan.search.family`` builds the family, ``headplan.eval.validate`` measures it); its provenance records every candidate's measured losses.
     Returns (plan, {name: {lm_nll, answer_nll, ppl_vs_dense, counts}})."""
@@ -282,7 +283,8 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
     load_texts(texts)
     base = SearchSettings(density=density, kv_budget=kv_budget,
                           lengths=optional_lengths(lengths),
-                          signals=_signal_weights(signals, "--signals"))
+                          signals=_signal_weights(signals, "--signals"),
+                          max_length=optional_length("--max-length", max_length))
     prof = load_profile(profile_path)
     plans = build_family(prof, base, profile_ref(profile_path, out, prof.sha256))
     if lm is None:
@@ -296,7 +298,8 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
         table[m]["counts"] = p.counts()
     plan = plans[pick]
     plan.provenance["selection"] = {
-        "rule": "lowest answer NLL among candidates whose lm NLL is within tolerance of the best",
+        "rule": "lowest answer NLL among candidates whose lm NLL is within log1p(tolerance) of the best, unless a "
+                "better answerer's extra lm NLL is under log1p(tolerance) times the answer NLL it saves",
         "tolerance": tolerance, "chosen": pick, "lengths": list(vlen),
         "data": {"name": spec.get("name"), "seed": spec.get("seed"),
                  "samples_per_length": int(samples or spec.get("samples_per_length", 4))},
@@ -312,7 +315,7 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
               exclude_kinds: str | list | None = None, validate_lengths=None, texts: list[str] | None = None,
               dtype: str = "float32", device: str = "cpu", reporter: Reporter | None = None,
               lm=None, shrink_worths: bool = False,
-              profile_windows: bool = DEFAULT_PROFILE_WINDOWS) -> tuple[Plan, list[dict]]:
+              profile_windows: bool = DEFAULT_PROFILE_WINDOWS, max_length=None) -> tuple[Plan, list[dict]]:
     """Plan in the loop (``headplan.search.refine``): search, then ``rounds`` times measure every head's worth
     with the current plan applied and re-solve at the same budget. Calibration samples: the data spec's
     gate settings (``gates:``; default the profile's own spec); ``validate`` scores every round on
@@ -350,7 +353,8 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
             raise HeadplanError(f"--samples must be at least 1, got {samples}")
         opt["samples"] = samples
     settings = SearchSettings(density=density, kv_budget=kv_budget, lengths=optional_lengths(lengths),
-                              exclude_kinds=pattern_kinds(exclude_kinds))
+                              exclude_kinds=pattern_kinds(exclude_kinds),
+                              max_length=optional_length("--max-length", max_length))
     feasible_or_raise(list(prof.candidates), list(settings.lengths or prof.lengths), density, kv_budget, prof.model)
     if lm is None:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
@@ -679,7 +683,7 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
            method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02,
            baselines: str | list | None = "moa", refine: int = DEFAULT_REFINE_ROUNDS,
            exclude_kinds: str | list | None = DEFAULT_RUN_EXCLUDE, shrink_worths: bool = False,
-           profile_windows: bool = DEFAULT_PROFILE_WINDOWS) -> dict:
+           profile_windows: bool = DEFAULT_PROFILE_WINDOWS, max_length=None) -> dict:
     """The whole pipeline: profile, search (or, with ``select``, ``headplan select``'s measured choice among a
     family of plans), eval beside dense and ``baselines`` (default: the MoA-style baseline at the same
     budget, so the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json (OUT written
@@ -703,10 +707,15 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     if not allowed:
         raise HeadplanError(f"--exclude-kinds leaves no candidate of the {candidates!r} set")
     feasible_or_raise(allowed, parse_lengths(lengths or DEFAULT_LENGTHS), density, kv_budget)
+    max_length = optional_length("--max-length", max_length)
     with staged_dir(out) as stage:  # written whole: a failure leaves an existing OUT as it was
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
         lengths = fit_lengths(lengths, lm.identity.max_positions, reporter=rep)
         feasible_or_raise(allowed, parse_lengths(lengths), density, kv_budget, lm.identity)
+        if max_length is None:  # the budget binds up to the longest length the eval measures
+            max_length = eval_max_length(eval_data, lm.identity.max_positions)
+        elif max_length > lm.identity.max_positions:
+            raise HeadplanError(f"--max-length {max_length} exceeds the model's {lm.identity.max_positions} positions")
         if refine and not select:
             refine = _refine_fits(lm, data, texts, parse_lengths(lengths), refine, rep)
         t_load = time.time() - t0
@@ -718,21 +727,23 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
         selection = None
         if select:
             plan, table = do_select(model, prof_path, plan_path, density=density, kv_budget=kv_budget,
-                                    tolerance=tolerance, texts=texts, reporter=rep, lm=lm)
+                                    tolerance=tolerance, texts=texts, reporter=rep, lm=lm, max_length=max_length)
             selection = {"chosen": plan.provenance["selection"]["chosen"], "tolerance": tolerance, "candidates": table}
         elif refine:
             plan, hist = do_refine(model, prof_path, plan_path, density=density, kv_budget=kv_budget, rounds=refine,
                                    data=data, validate=True, tolerance=tolerance, exclude_kinds=kinds, texts=texts,
-                                   reporter=rep, lm=lm, shrink_worths=shrink_worths, profile_windows=profile_windows)
+                                   reporter=rep, lm=lm, shrink_worths=shrink_worths, profile_windows=profile_windows,
+                                   max_length=max_length)
             selection = {"chosen": plan.provenance["search"]["refine"]["kept"], "tolerance": tolerance,
                          "candidates": {h["round"]: {**h.get("measured", {}), "counts": h["counts"]} for h in hist}}
         else:
-            plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget, exclude_kinds=kinds)
+            plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget, exclude_kinds=kinds,
+                             max_length=max_length)
         res = do_eval(model, plan_path, out, data=eval_data, texts=texts, reporter=rep, lm=lm, baselines=baselines,
                       profile=prof_path, _stage=stage)
         summary = {
             "model": model, "method": prof.method, "density_budget": density, "kv_budget": kv_budget,
-            "profiled_lengths": list(prof.lengths), "plan_counts": plan.counts(),
+            "profiled_lengths": list(prof.lengths), "plan_counts": plan.counts(), "max_length": max_length,
             "achieved_density": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_density)),
             "achieved_kv": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_kv)),
             "eval": res, "seconds": {"load": t_load, "profile": t_prof, "total": time.time() - t0},
@@ -743,6 +754,17 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
         }
         atomic_write(stage / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     return summary
+
+
+def eval_max_length(eval_data: str | None, max_positions: int) -> int:
+    """The longest length the eval spec (default: the built-in one) measures on a model of ``max_positions``:
+    `run`'s default --max-length, so the plan's budget binds at every eval length."""
+    from .data import load_task_file
+    from .eval import spec_for
+
+    spec, _ = spec_for(load_task_file(eval_data, "eval"), max_positions, given=eval_data is not None)
+    lens = [int(n) for k, v in spec.items() if isinstance(v, dict) for n in (v.get("lengths") or [])]
+    return min(max(lens), int(max_positions)) if lens else int(max_positions)
 
 
 def _refine_fits(lm, data, texts, lengths: list[int], rounds: int, rep: Reporter) -> int:

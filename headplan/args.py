@@ -137,6 +137,11 @@ def pattern_kinds(value, flag: str = "--exclude-kinds") -> tuple[str, ...]:
     return kinds
 
 
+def optional_length(flag: str, value) -> int | None:
+    """One length flag that may be left out (``--max-length 8k``): None stays None."""
+    return None if value is None or value == "" else parse_length(value, f"{flag} length")
+
+
 def optional_lengths(value) -> tuple[int, ...] | None:
     """A lengths flag that may be left out: None (or empty) stays None."""
     return tuple(parse_lengths(value)) if value else None

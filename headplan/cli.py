@@ -22,6 +22,8 @@ ModelArg = typer.Argument("smollm2-135m", help="smollm2-135m | HF directory | fi
                                                "random:<config.json>")
 TextOpt = typer.Option(None, "--text", help="Haystack text file (repeatable); default: pydoc_data/topics.py")
 ExcludeKindsOpt = typer.Option(None, "--exclude-kinds", help="Pattern kinds never to use, e.g. vslash,blocksparse")
+MaxLengthOpt = typer.Option(None, "--max-length", help="Density and KV budget also hold at every length up to this "
+                            "one, beyond the profiled lengths (e.g. 8k; default: the profiled lengths only)")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N")
 
@@ -167,7 +169,8 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
                                                                    "budgets, e.g. recall=1.2"),
            full_heads: Optional[int] = typer.Option(None, "--full-heads", help="Exactly this many KV heads full "
                                                                               "(e.g. with --exclude-kinds for "
-                                                                              "retrieval heads + windows)")):
+                                                                              "retrieval heads + windows)"),
+           max_length: Optional[str] = MaxLengthOpt):
     """Assign each KV head a pattern: least profiled loss within the budgets (exact)."""
     from .api import do_search
 
@@ -175,7 +178,8 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
                      latency_budget=latency_budget, memory_budget=memory_budget, cost_table=cost_table,
                      max_patterns_per_layer=max_patterns, validate_lengths=validate_lengths,
                      pareto_points=pareto_points, tune_trials=tune_trials, study=str(study) if study else None,
-                     signals=signals, exclude_kinds=exclude_kinds, keep=keep, full_heads=full_heads)
+                     signals=signals, exclude_kinds=exclude_kinds, keep=keep, full_heads=full_heads,
+                     max_length=max_length)
     b = plan.budget
     msg = (f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
            f"and KV {', '.join(f'{x:.3f}' for x in b.achieved_kv)} at lengths {list(b.lengths)}")
@@ -203,6 +207,7 @@ def refine(model: str = ModelArg,
                                                           "these lengths (default: the calibration length), e.g. "
                                                           "one longer than profiled"),
            shrink_worths: bool = ShrinkOpt, profile_windows: bool = WindowsOpt,
+           max_length: Optional[str] = MaxLengthOpt,
            text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search, then re-measure every head with the plan applied and re-solve (plan in the loop)."""
     from .api import do_refine
@@ -210,7 +215,7 @@ def refine(model: str = ModelArg,
     plan, hist = do_refine(model, profile_path, out, density=density, kv_budget=kv_budget, lengths=lengths,
                            rounds=rounds, data=data, samples=samples, validate=validate, exclude_kinds=exclude_kinds,
                            validate_lengths=validate_lengths, shrink_worths=shrink_worths,
-                           profile_windows=profile_windows,
+                           profile_windows=profile_windows, max_length=max_length,
                            texts=text, dtype=dtype,
                            device=device, reporter=_reporter())
     kept = plan.provenance["search"]["refine"]["kept"]
@@ -412,6 +417,7 @@ def select_cmd(model: str = ModelArg,
                    "this many nats"),
                refine: int = typer.Option(2, "--refine", help="With --max-ppl-increase: plan-in-the-loop rounds of "
                                           "the 'refined' family member at each budget (0 = the search family only)"),
+               max_length: Optional[str] = MaxLengthOpt,
                text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search a family of plans at one budget (plain search, windows only, K full heads + windows), run each
     on validation samples, keep the best answerer within --tolerance of the best perplexity. With
@@ -443,16 +449,26 @@ def select_cmd(model: str = ModelArg,
     dens = density if (density is not None or kv_budget is not None) else DEFAULT_DENSITY
     plan, table = do_select(model, profile_path, out, density=dens, kv_budget=kv_budget, lengths=lengths,
                             signals=signals, tolerance=tolerance, data=data, samples=samples, texts=text,
-                            dtype=dtype, device=device, reporter=_reporter())
+                            dtype=dtype, device=device, reporter=_reporter(), max_length=max_length)
     sel = plan.provenance["selection"]
-    t = Table(title=f"validation at {', '.join(map(str, sel['lengths']))} tokens (* = chosen)")
+    _console().print(_validation_table(table, sel["chosen"],
+                                       f"validation at {', '.join(map(str, sel['lengths']))} tokens (* = chosen)"))
+    _console().print(f"plan -> {out}: {sel['chosen']} ({plan.counts()})")
+
+
+def _validation_table(table: dict, chosen, title: str):
+    """The measured candidates (``select``'s family or plan in the loop's rounds) and the one the rule kept."""
+    from rich.table import Table
+
+    t = Table(title=title)
     for c in ("candidate", "ppl vs dense", "answer NLL", "patterns"):
         t.add_column(c)
     for m, row in table.items():
-        t.add_row(("* " if m == sel["chosen"] else "") + m, f"{100 * (row['ppl_vs_dense'] - 1):+.1f}%",
+        if not isinstance(row, dict) or "ppl_vs_dense" not in row:
+            continue
+        t.add_row(("* " if str(m) == str(chosen) else "") + str(m), f"{100 * (row['ppl_vs_dense'] - 1):+.1f}%",
                   f"{row['answer_nll']:.3f}", ", ".join(f"{k} {v}" for k, v in (row.get("counts") or {}).items()))
-    _console().print(t)
-    _console().print(f"plan -> {out}: {sel['chosen']} ({plan.counts()})")
+    return t
 
 
 @app.command("baselines")
@@ -510,6 +526,8 @@ def run(model: str = ModelArg,
         refine: int = typer.Option(2, "--refine", help="Plan-in-the-loop rounds after the search (as `headplan "
                                    "refine`, keeping the best round on validation samples); 0 = search only"),
         shrink_worths: bool = ShrinkOpt, profile_windows: bool = WindowsOpt,
+        max_length: Optional[str] = typer.Option(None, "--max-length", help="Density and KV budget hold at every "
+                                                 "length up to this one (default: the longest eval length)"),
         dtype: str = DtypeOpt, device: str = DeviceOpt):
     """The whole pipeline: profile, search (or --select), eval beside dense and the MoA-style baseline at the
     same budget; writes everything into --out."""
@@ -520,10 +538,14 @@ def run(model: str = ModelArg,
     s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
                eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
                candidates=candidates, select=select, tolerance=tolerance, refine=refine, exclude_kinds=exclude_kinds,
-               shrink_worths=shrink_worths, profile_windows=profile_windows,
+               shrink_worths=shrink_worths, profile_windows=profile_windows, max_length=max_length,
                baselines=None if baselines.strip().lower() in ("", "none") else baselines,
                **({"method": method} if method else {}))
     con = _console()
+    if s.get("selection") and s["selection"].get("candidates"):
+        what = "plan in the loop: each round" if s.get("refine_rounds") else "select: each candidate"
+        con.print(_validation_table(s["selection"]["candidates"], s["selection"]["chosen"],
+                                    f"{what} on validation samples (* = kept)"))
     con.print(_eval_table(s["eval"]))
     t = Table(title=f"headplan run: {model}")
     t.add_column("item")

@@ -167,6 +167,7 @@ class Budget:
     achieved_density: tuple[float, ...]
     achieved_kv: tuple[float, ...]
     expected_loss: float
+    max_length: int | None = None  # the budgets bind at every length up to this (search.settings.bound_lengths)
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ class Plan:
                 "achieved_density": [round(x, 6) for x in self.budget.achieved_density],
                 "achieved_kv": [round(x, 6) for x in self.budget.achieved_kv],
                 "expected_loss": round(self.budget.expected_loss, 8),
+                **({"max_length": self.budget.max_length} if self.budget.max_length is not None else {}),
             },
             "provenance": self.provenance,
             "layers": [
@@ -421,6 +423,7 @@ def plan_from_dict(d: Any, source: str = "plan") -> Plan:
         achieved_kv=tuple(_float(x, f"{wb}.achieved_kv[{i}]", 0.0, 1.0)
                           for i, x in enumerate(_list(b.get("achieved_kv", []), f"{wb}.achieved_kv"))),
         expected_loss=_float(b.get("expected_loss", 0.0), f"{wb}.expected_loss"),
+        max_length=_int(b["max_length"], f"{wb}.max_length", 1) if b.get("max_length") is not None else None,
     )
     prov = d.get("provenance", {}) or {}
     if not isinstance(prov, dict):

@@ -142,3 +142,37 @@ def test_a_tie_goes_to_the_exact_candidate():
     prof = profile(tiny("gemma3"), [384], candidate_set("default"), LM_ONLY, samples=2)
     plan = search(prof, SearchSettings(density=1.0))
     assert plan.counts() == {"full": prof.model.num_layers * prof.model.num_kv_heads}
+
+
+def test_max_length_binds_the_budget_beyond_the_profiled_lengths(tmp_path):
+    """Issue 25 item 4: a full head of a global layer keeps a share of the model's own cache that grows with the
+    length (the sliding layers' windows stop growing), so a budget met at the profiled 192/256 is broken at 2K
+    unless --max-length makes it bind there too."""
+    import dataclasses
+
+    from headplan.candidates import plan_shares
+    from headplan.plan import load_plan, save_plan
+    from headplan.search import build_baselines
+
+    lm = tiny("gemma3")
+    m = lm.identity
+    assert any(m.layer_windows) and not all(m.layer_windows)
+    prof = profile(lm, [192, 256], candidate_set("small"), LM_ONLY, samples=2, block=16)
+    glob = [li for li, w in enumerate(m.layer_windows) if not w][0] * m.num_kv_heads
+    kv = lambda p, n: plan_shares(m, [[e.pattern for e in layer] for layer in p.layers], n, 16)[1]  # noqa: E731
+    forced = SearchSettings(kv_budget=0.5, density=1.0, full_set=tuple(range(glob, glob + m.num_kv_heads)))
+    assert kv(search(prof, forced), 2048) > 0.5  # met where profiled only
+    with pytest.raises(HeadplanError, match="infeasible at length 1024"):
+        search(prof, dataclasses.replace(forced, max_length=2048))
+    plan = search(prof, SearchSettings(kv_budget=0.5, density=1.0, max_length=2048))
+    assert plan.budget.lengths == (192, 256, 512, 1024, 2048) and plan.budget.max_length == 2048
+    for n in (192, 256, 300, 512, 777, 1024, 1500, 2048):
+        assert kv(plan, n) <= 0.5 + 1e-3, n
+    assert [round(kv(plan, n), 6) for n in plan.budget.lengths] == [round(x, 6) for x in plan.budget.achieved_kv]
+    save_plan(plan, tmp_path / "p.yaml")
+    assert load_plan(tmp_path / "p.yaml").budget.max_length == 2048
+    for name, bp in build_baselines(prof, plan, ["streaming", "duo", "moa"]).items():
+        assert bp.budget.lengths == plan.budget.lengths and bp.budget.max_length == 2048, name
+        assert all(x <= 0.5 + 1e-9 for x in bp.budget.achieved_kv), name
+    with pytest.raises(HeadplanError, match="max-length"):
+        search(prof, SearchSettings(kv_budget=0.5, density=1.0, max_length=m.max_positions + 1))

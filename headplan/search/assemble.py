@@ -51,7 +51,7 @@ def _plan(prof, settings, choice, lengths, loss, dens, kv, profile_ref, cost) ->
         "versions": {"headplan": __version__, "scipy": scipy.__version__},
     }
     budget = Budget(density=settings.density, kv_budget=settings.kv_budget, lengths=tuple(lengths),
-                    achieved_density=ach_d, achieved_kv=ach_k, expected_loss=exp)
+                    achieved_density=ach_d, achieved_kv=ach_k, expected_loss=exp, max_length=settings.max_length)
     plan = Plan(model=m, budget=budget, layers=tuple(layers), block_size=prof.block_size, provenance=prov)
     if cost is not None and settings.latency_budget is not None:
         n = settings.latency_budget[1]

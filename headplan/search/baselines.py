@@ -62,16 +62,22 @@ def _make(prof, plan: Plan, name: str, choice: list[Candidate], losses: list[flo
     prov = {"baseline": name, "profile": (plan.provenance or {}).get("profile") or {"sha256": prof.sha256},
             "model_spec": prof.model_spec, **extra}
     budget = Budget(density=dens, kv_budget=kvb, lengths=lengths, achieved_density=ach_d, achieved_kv=ach_k,
-                    expected_loss=float(np.mean(losses)))
+                    expected_loss=float(np.mean(losses)), max_length=plan.budget.max_length)
     return Plan(model=m, budget=budget, layers=layers, block_size=prof.block_size, provenance=prov)
 
 
+def _profiled(prof, lengths) -> tuple[int, ...]:
+    """The plan's budget lengths that were profiled (a plan with a max_length also binds at longer ones)."""
+    got = tuple(n for n in lengths if n in prof.lengths)
+    if not got:
+        raise HeadplanError(f"profile has none of the plan's lengths {', '.join(map(str, lengths))} (profiled: "
+                            f"{', '.join(map(str, prof.lengths))}); baselines need the plan's profile")
+    return got
+
+
 def _tables(prof, lengths):
-    for n in lengths:
-        if n not in prof.lengths:
-            raise HeadplanError(f"profile has no length {n} (profiled: {', '.join(map(str, prof.lengths))}); "
-                                "baselines need the plan's lengths in the profile")
-    li = [prof.lengths.index(n) for n in lengths]
+    """(loss (H, C) over the profiled lengths among ``lengths``, density and KV share (H, C, lengths))."""
+    li = [prof.lengths.index(n) for n in _profiled(prof, lengths)]
     m = prof.model
     loss = prof.loss.double().numpy()[..., li].mean(-1).reshape(m.num_layers * m.num_kv_heads, -1)  # (H, C)
     # (H, C, lengths) shares against the model's own attention and cache (each head's layer window)
@@ -172,8 +178,8 @@ def moa_baseline(prof, plan: Plan) -> Plan:
     sub = dataclasses.replace(prof, candidates=tuple(prof.candidates[i] for i in idx), loss=prof.loss[:, :, t],
                               density=prof.density[t], kv=prof.kv[t],
                               parts={k: v[:, :, t] for k, v in prof.parts.items()})
-    p = search(sub, SearchSettings(density=dens, kv_budget=kvb, lengths=lengths),
-               (plan.provenance or {}).get("profile"))
+    p = search(sub, SearchSettings(density=dens, kv_budget=kvb, lengths=_profiled(prof, lengths),
+                                   max_length=plan.budget.max_length), (plan.provenance or {}).get("profile"))
     prov = dict(p.provenance)
     prov = {"baseline": "moa", "restricted_to": "streaming candidates (fixed and elastic windows)", **prov}
     return dataclasses.replace(p, provenance=prov)
@@ -258,7 +264,8 @@ def build_baselines(prof, plan: Plan, names=DEFAULT_BASELINES, seed: int = 0) ->
             raise HeadplanError(f"unknown baseline {n!r} (known: {', '.join(BASELINES)})")
         bp = makers[n](prof, plan)
         of = {"density": plan.budget.density, "kv_budget": plan.budget.kv_budget,
-              "lengths": list(plan.budget.lengths), **({"signals": dict(sig)} if sig else {})}
+              "lengths": list(plan.budget.lengths), **({"signals": dict(sig)} if sig else {}),
+              **({"max_length": plan.budget.max_length} if plan.budget.max_length is not None else {})}
         bp.provenance.update({"baseline": n, "of_plan_budget": of})
         out[n] = bp
     return out
@@ -274,7 +281,8 @@ def regenerate(prof, baseline: Plan) -> Plan:
                             "(of_plan_budget); build it again with `headplan baselines`")
     lengths = tuple(int(n) for n in of["lengths"])
     budget = Budget(density=of.get("density"), kv_budget=of.get("kv_budget"), lengths=lengths,
-                    achieved_density=(), achieved_kv=(), expected_loss=0.0)
+                    achieved_density=(), achieved_kv=(), expected_loss=0.0,
+                    max_length=int(of["max_length"]) if of.get("max_length") is not None else None)
     of_plan = Plan(model=baseline.model, budget=budget, layers=baseline.layers, block_size=baseline.block_size,
                    provenance={"profile": prov.get("profile"),
                                **({"search": {"signals": of["signals"]}} if of.get("signals") else {})})

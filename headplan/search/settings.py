@@ -22,6 +22,7 @@ class SearchSettings:
     keep: tuple[tuple[str, float], ...] = ()  # (signal, slack): that signal's loss <= slack x its own optimum
     full_heads: int | None = None  # exactly this many KV heads full (DuoAttention-style retrieval heads)
     full_set: tuple[int, ...] | None = None  # exactly these KV heads (layer * KV heads + head) full, no others
+    max_length: int | None = None  # density and KV budget also bind at every length up to this (bound_lengths)
 
     def to_dict(self) -> dict:
         d = {"density": self.density, "kv_budget": self.kv_budget,
@@ -45,6 +46,8 @@ class SearchSettings:
             d["full_heads"] = self.full_heads
         if self.full_set is not None:
             d["full_set"] = list(self.full_set)
+        if self.max_length is not None:
+            d["max_length"] = self.max_length
         return d
 
     @staticmethod
@@ -62,7 +65,25 @@ class SearchSettings:
             signals=tuple((str(k), float(w)) for k, w in (s.get("signals") or {}).items()),
             keep=tuple((str(k), float(w)) for k, w in (s.get("keep") or {}).items()),
             full_heads=int(s["full_heads"]) if s.get("full_heads") is not None else None,
-            full_set=tuple(int(h) for h in s["full_set"]) if s.get("full_set") is not None else None)
+            full_set=tuple(int(h) for h in s["full_set"]) if s.get("full_set") is not None else None,
+            max_length=int(s["max_length"]) if s.get("max_length") is not None else None)
+
+
+def bound_lengths(lengths, max_length: int | None) -> tuple[int, ...]:
+    """The lengths at which density and KV budgets bind: the searched ``lengths``, and beyond the longest of
+    them every power of two below ``max_length`` and ``max_length`` itself. Every candidate's share is a
+    piecewise-linear function of the length (windows grow as a + b·n up to a cap), so holding at this grid
+    holds between its points up to the rounding of a window's ceiling; ``headplan eval`` reports the KV kept
+    at every eval length for every method."""
+    ls = sorted({int(n) for n in lengths})
+    if max_length is None or not ls or max_length <= ls[-1]:
+        return tuple(ls)
+    n = 1 << ls[-1].bit_length()
+    while n < max_length:
+        ls.append(n)
+        n <<= 1
+    ls.append(int(max_length))
+    return tuple(ls)
 
 
 def parse_latency(s: str | None) -> tuple[float, int] | None:

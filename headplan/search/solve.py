@@ -18,7 +18,7 @@ from ..candidates import budget_tables, same_as_full
 from ..errors import HeadplanError
 from ..profile import Profile
 from .milp import _Problem
-from .settings import SearchSettings
+from .settings import SearchSettings, bound_lengths
 
 TIE = 1e-7  # tie-breaker weight (see tie_break)
 
@@ -205,7 +205,10 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
     kinds = [c.pattern.kind for c in prof.candidates]
     loss = profile_loss(prof, settings.signals).numpy()[..., li].reshape(H, C, len(li))
     # (H, C, lengths): each head's shares against the model's own attention and cache (its layer's window)
-    dens, kv = (np.repeat(t, m.num_kv_heads, axis=0) for t in budget_tables(prof.candidates, lengths,
+    if settings.max_length is not None and not 1 <= settings.max_length <= m.max_positions:
+        raise HeadplanError(f"--max-length {settings.max_length} is outside the model's 1..{m.max_positions} positions")
+    bind = bound_lengths(lengths, settings.max_length)
+    dens, kv = (np.repeat(t, m.num_kv_heads, axis=0) for t in budget_tables(prof.candidates, bind,
                                                                               prof.block_size, m))
     allowed = np.array([k not in settings.exclude_kinds for k in kinds])
     if not allowed.any():
@@ -218,8 +221,8 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
     obj = np.round(obj, 12).reshape(-1)
     prob = _Problem(obj, H, C, m.num_kv_heads)
 
-    share_rows(prob, "density", settings.density, dens, allowed, lengths)
-    share_rows(prob, "kv_budget", settings.kv_budget, kv, allowed, lengths)
+    share_rows(prob, "density", settings.density, dens, allowed, bind)
+    share_rows(prob, "kv_budget", settings.kv_budget, kv, allowed, bind)
     if settings.latency_budget is not None or settings.memory_budget is not None:
         if cost is None:
             raise HeadplanError("latency and memory budgets need a cost table (--cost-table, or 'analytic')")
@@ -244,5 +247,5 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
         part = profile_loss(prof, ((sig, 1.0),)).numpy()[..., li].reshape(H, C, len(li)).mean(axis=2)
         keep_row(prob, sig, slack, part, best)
     choice = prob.solve()
-    return choice, lengths, loss, dens, kv
+    return choice, bind, loss, dens, kv
 
