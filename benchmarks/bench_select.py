@@ -49,18 +49,22 @@ def plans(model: str, out: Path, kv: float) -> None:
                                              if isinstance(v, float)})
 
 
-def evaluate(model: str, out: Path, setting: str) -> None:
+def evaluate(model: str, out: Path, setting: str, samples: int | None = None) -> None:
     from headplan.api import do_eval
 
     spec = yaml.safe_load((HERE / "specs" / "quality-grid-select.yaml").read_text())
+    if samples:  # per depth (5 depths a cell)
+        for task in ("passkey", "needle"):
+            spec[task]["samples"] = samples
     for task in ("passkey", "needle"):
-        spec[task]["settings"] = [setting]
-    if setting == "after":
+        spec[task]["settings"] = setting.split(",")
+    if "single" not in setting.split(","):
         spec.pop("perplexity")  # perplexity has no question: measured once, with the single setting
-    f = out / f"spec-{setting}.yaml"
+    tag = setting.replace(",", "+")
+    f = out / f"spec-{tag}.yaml"
     f.write_text(yaml.safe_dump(spec))
     t = time.time()
-    res = do_eval(model, out / "plan.yaml", out / f"eval-{setting}", data=str(f), baselines=BASELINES,
+    res = do_eval(model, out / "plan.yaml", out / f"eval-{tag}", data=str(f), baselines=BASELINES,
                   profile=out / "profile.safetensors", lm=_lm(model), device="cuda", dtype="bfloat16")
     print(f"eval {setting}: {time.time() - t:.0f} s")
     names = [m["name"] for m in res["methods"]]
@@ -83,13 +87,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", type=Path, default=Path("select-out"))
     ap.add_argument("--kv", type=float, default=0.25)
-    ap.add_argument("--settings", default="single", choices=("single", "after"))
+    ap.add_argument("--settings", default="single", help="comma list of single, after, after-context")
+    ap.add_argument("--samples", type=int, default=None, help="eval: samples per depth (spec: 2)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.what == "plans":
         plans(a.model, a.out, a.kv)
     else:
-        evaluate(a.model, a.out, a.settings)
+        evaluate(a.model, a.out, a.settings, a.samples)
 
 
 if __name__ == "__main__":

@@ -304,7 +304,39 @@ def select_scores(q_obs: torch.Tensor, k: torch.Tensor, kpos: torch.Tensor, qpos
     vis = (kp >= 0) & (qp >= 0) & (kp <= qp) & in_layer_window(qp, kp, int(lwin or 0))
     a = torch.softmax(s.masked_fill(~vis, -math.inf), dim=-1).nan_to_num(0.0)
     nq = (qpos >= 0).sum(dim=1).clamp(min=1).view(B, 1, 1)
-    sc = (a.sum(dim=2) / nq).amax(dim=1)  # (B, M)
+    return _pooled((a.sum(dim=2) / nq).amax(dim=1), kpos)  # (B, M)
+
+
+SCORERS = ("obs", "context")  # how select heads score tokens: the chunk's last queries, or query-agnostic
+
+
+def context_scores(q: torch.Tensor, k: torch.Tensor, kpos: torch.Tensor, qpos: torch.Tensor,
+                   scale: float, lwin: int = 0, block: int = 256) -> torch.Tensor:
+    """SELECT's query-agnostic token scores (the ``context`` scorer): how much any query of the chunk, shown
+    every held key as a reader of the whole text would be, attends to each key.
+
+    A context-reconstruction scorer (KVzip) re-reads the text after itself, so that copying token t makes a
+    query like the one token t had, now facing every key, before or after t. The chunk's own queries stand in
+    for that second pass: each one's softmax runs over all held keys (not causal; inside the layer's window
+    measured both ways), and a key's score is the most any query gives it, the group's heads taking the
+    maximum, then max-pooled over ``POOL`` positions as ``select_scores`` does. q: (B, G, Lq, D) with
+    positions qpos (B, Lq) (-1 = padding); k, kpos as in ``select_scores``. Computed ``block`` queries at a
+    time. Returns (B, M) float32, -inf where kpos is -1."""
+    B, M = kpos.shape
+    kp = kpos[:, None, None, :].long()
+    kf = k.float()
+    sc = torch.zeros(B, M, dtype=torch.float32, device=k.device)
+    for a in range(0, q.shape[2], block):
+        qb, qp = q[:, :, a:a + block].float(), qpos[:, None, a:a + block, None].long()
+        s = torch.einsum("bgod,bmd->bgom", qb, kf) * scale
+        vis = (kp >= 0) & (qp >= 0) & in_layer_window(torch.maximum(qp, kp), torch.minimum(qp, kp), int(lwin or 0))
+        pr = torch.softmax(s.masked_fill(~vis, -math.inf), dim=-1).nan_to_num(0.0)
+        sc = torch.maximum(sc, pr.amax(dim=(1, 2)))
+    return _pooled(sc, kpos)
+
+
+def _pooled(sc: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """Max-pool scores (B, M) over ``POOL`` neighbouring positions, plus ``POOL_TIE`` times each own score."""
     order = kpos.long().masked_fill(kpos < 0, -1).argsort(dim=1)  # pool along positions
     srt = sc.gather(1, order)
     pooled = torch.nn.functional.max_pool1d(srt[:, None], POOL, stride=1, padding=POOL // 2)[:, 0]

@@ -149,3 +149,95 @@ def test_select_reference_matches_runtime_scores():
     pooled = torch.nn.functional.max_pool1d(raw[order][None, None], 7, 1, 3)[0, 0]
     want = torch.empty_like(raw).scatter_(0, order, pooled) + 1e-3 * raw
     torch.testing.assert_close(sc[0, ok].double(), want[ok], rtol=1e-5, atol=1e-6)
+
+
+def brute_context_scores(q, k, lwin=0):
+    """The ``context`` scorer written out (one sequence, queries and keys at 0..n-1): each query's softmax over
+    every key (both directions, inside the layer's window), the most any query gives a key, max over the
+    group, max-pooled over 7 neighbours, plus 1e-3 times the unpooled score."""
+    n = k.shape[0]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    s = torch.einsum("gid,jd->gij", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    if lwin:
+        s = s.masked_fill((i - j).abs() >= lwin, -math.inf)
+    raw = torch.softmax(s, -1).amax(dim=(0, 1))
+    return torch.nn.functional.max_pool1d(raw[None, None], 7, 1, 3)[0, 0] + 1e-3 * raw
+
+
+@pytest.mark.parametrize("G,n,lwin", [(1, 70, 0), (3, 133, 0), (2, 97, 40)])
+def test_the_context_scorer_keeps_the_tokens_any_query_reads(G, n, lwin):
+    torch.manual_seed(1)
+    D = 16
+    q, k = torch.randn(2, G, n, D), torch.randn(2, n, D)
+    pos = torch.arange(n).expand(2, n)
+    got = P.context_scores(q, k, pos, pos, D ** -0.5, lwin, block=32)  # blocks of queries: same as one pass
+    for b in range(2):
+        torch.testing.assert_close(got[b].double(), brute_context_scores(q[b], k[b], lwin), rtol=1e-4, atol=1e-6)
+    if lwin:
+        return  # a sliding layer's cache keeps its window (test_runtime); the scores alone are checked here
+    # through the cache: a select head with the context scorer keeps a top-K of those scores
+    table = P.make_table([SEL, {"kind": "full"}])
+    layer = HeadplanLayer(table, 512, scorer="context")
+    kk = torch.stack([k, torch.randn_like(k)], 1)
+    qq = torch.cat([q, torch.randn_like(q)], 1)
+    layer.update(kk, kk)
+    layer.commit_contiguous(kk, kk, (qq, pos, D ** -0.5))
+    K = 1 + (512 * n) // 4096
+    for b in range(2):
+        assert_valid_selection(held(layer, 0, b), brute_context_scores(q[b], k[b], lwin), 3, 6, K)
+
+
+def test_the_context_scorer_finds_a_token_the_last_queries_ignore():
+    """A key that only a mid-chunk query reads (the needle, before any question): the observation scorer,
+    which looks at the last queries only, drops it; the context scorer keeps it."""
+    torch.manual_seed(2)
+    n, D = 200, 16
+    k = torch.randn(1, 1, n, D) * 0.01
+    q = torch.randn(1, 1, n, D) * 0.01
+    k[0, 0, 50, 0] = 3.0  # the needle's key
+    q[0, 0, 120, 0] = 3.0  # the one query that reads it, far before the end
+    k[0, 0, 20:28, 1] = 3.0  # what the last queries read
+    q[0, 0, -P.OBS:, 1] = 3.0
+    table = P.make_table([{"kind": "select", "sink": 4, "alpha": 16, "keep_alpha": 8, "keep_beta": 0.0}])
+    pos = torch.arange(n).expand(1, n)
+    kept = {}
+    for scorer in ("obs", "context"):
+        layer = HeadplanLayer(table, 512, scorer=scorer)
+        layer.update(k, k)
+        layer.commit_contiguous(k, k, (q, pos, D ** -0.5))
+        kept[scorer] = held(layer, 0)
+    assert 50 in kept["context"] and 50 not in kept["obs"]
+    with pytest.raises(ValueError, match="scorer"):
+        HeadplanLayer(table, 512, scorer="kvzip")
+
+
+def test_the_question_after_compression_settings(tmp_path):
+    """eval's ``after`` and ``after-context`` settings: the context is prefilled (and compressed) alone; the
+    select heads' scorer is the cache's. A full plan then gives dense's logits exactly; a select plan's logits
+    depend on the scorer; the eval reports each setting as its own task."""
+    import yaml
+
+    from headplan import apply, unapply
+    from headplan.api import do_eval
+    from headplan.eval import driver
+    from headplan.plan import save_plan
+
+    lm = tiny("llama")
+    x = ids(160, seed=3)
+    dense_lg = driver.logits(lm.model, x, keep=20)
+    full = plan_for(lm, lambda li, h: {"kind": "full"})
+    sel = plan_for(lm, lambda li, h: {"kind": "select", "sink": 4, "alpha": 16, "keep_alpha": 8, "keep_beta": 0.0})
+    apply(lm.model, full)
+    torch.testing.assert_close(driver.logits(lm.model, x, keep=20, split=140), dense_lg, rtol=1e-4, atol=1e-4)
+    unapply(lm.model)
+    apply(lm.model, sel)
+    a = driver.logits(lm.model, x, keep=20, split=140, scorer="obs")
+    b = driver.logits(lm.model, x, keep=20, split=140, scorer="context")
+    unapply(lm.model)
+    assert (a - dense_lg).abs().max() > 1e-3 and (a - b).abs().max() > 1e-4
+    save_plan(sel, tmp_path / "sel.yaml")
+    spec = {"name": "after", "seed": 5, "passkey": {"lengths": [256], "depths": [0.5], "samples": 1, "digits": 3,
+                                                    "settings": ["single", "after", "after-context"]}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    res = do_eval("random:llama", tmp_path / "sel.yaml", tmp_path / "ev", data=str(tmp_path / "spec.yaml"), lm=lm)
+    assert [r["task"] for r in res["retrieval"]] == ["passkey", "passkey-after", "passkey-after-context"]

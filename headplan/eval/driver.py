@@ -35,19 +35,20 @@ def _selects(model) -> bool:
 
 
 @torch.no_grad()
-def logits(model, ids: torch.Tensor, keep: int = 0, split: int | None = None) -> torch.Tensor:
+def logits(model, ids: torch.Tensor, keep: int = 0, split: int | None = None, scorer: str = "obs") -> torch.Tensor:
     """Logits of the last ``keep`` positions (all when 0), float32.
 
     ``split``: the question comes after compression: the first ``split`` tokens are prefilled into a cache
     alone (a plan compresses them, seeing none of what follows), and the rest run as one more chunk. Where
     a plan with select heads is applied, the scored positions are never part of one forward with the
     context either: the context is prefilled and they follow in chunks of ``SCORE_CHUNK`` tokens, each one
-    attending to what the cache kept, as generated tokens do."""
+    attending to what the cache kept, as generated tokens do. ``scorer``: the select heads' scorer
+    (``headplan.runtime.new_cache``)."""
     L = ids.shape[1]
     if split is None and keep and keep < L and _selects(model):
-        return _through_cache(model, ids, L - keep, SCORE_CHUNK)[-keep:]
+        return _through_cache(model, ids, L - keep, SCORE_CHUNK, scorer)[-keep:]
     if split is not None and 0 < split < L:
-        lg = _through_cache(model, ids, split, L - split)
+        lg = _through_cache(model, ids, split, L - split, scorer)
         return lg[-keep:] if keep else lg
     try:
         out = model(ids, use_cache=False, logits_to_keep=keep)
@@ -57,7 +58,7 @@ def logits(model, ids: torch.Tensor, keep: int = 0, split: int | None = None) ->
     return (lg[-keep:] if keep else lg).float()
 
 
-def _through_cache(model, ids: torch.Tensor, split: int, chunk: int) -> torch.Tensor:
+def _through_cache(model, ids: torch.Tensor, split: int, chunk: int, scorer: str = "obs") -> torch.Tensor:
     """Prefill ``ids[:, :split]`` into a fresh cache (the plan's per-head cache, or the model's own when
     dense), then the rest in chunks; returns the float32 logits of positions split..L-1."""
     from transformers import DynamicCache
@@ -66,33 +67,35 @@ def _through_cache(model, ids: torch.Tensor, split: int, chunk: int) -> torch.Te
 
     L = ids.shape[1]
     plan_mode = model.config._attn_implementation == NAME
-    cache = new_cache(model, L + 1) if plan_mode else DynamicCache(config=model.config)
+    cache = new_cache(model, L + 1, scorer=scorer) if plan_mode else DynamicCache(config=model.config)
     kw = {cache_kwarg(model): cache, "use_cache": True}
     model(ids[:, :split], logits_to_keep=1, **kw)
     out = [model(ids[:, a:min(L, a + chunk)], **kw).logits[0].float() for a in range(split, L, chunk)]
     return torch.cat(out)
 
 
-def answer_nll(model, full: torch.Tensor, tgt: torch.Tensor, split: int | None = None) -> float:
+def answer_nll(model, full: torch.Tensor, tgt: torch.Tensor, split: int | None = None, scorer: str = "obs") -> float:
     """Mean negative log-likelihood (nats per token) of the last ``len(tgt)`` tokens of ``full``,
-    teacher-forced through whatever attention the model runs now (``split``: as in ``logits``)."""
-    return mean_nll(_logits(model, full, len(tgt) + 1, split)[:-1].log_softmax(-1), tgt)
+    teacher-forced through whatever attention the model runs now (``split``, ``scorer``: as in ``logits``)."""
+    return mean_nll(_logits(model, full, len(tgt) + 1, split, scorer)[:-1].log_softmax(-1), tgt)
 
 
 _logits = logits  # every forward of the driver goes through this name (one place to hook them)
 
 
 def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None, key: str | None = None,
-              split: int | None = None) -> list[int]:
+              split: int | None = None, scorer: str = "obs") -> list[int]:
     """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan).
-    ``split``: the first ``split`` tokens are prefilled (and compressed) alone before the rest is seen."""
+    ``split``: the first ``split`` tokens are prefilled (and compressed) alone before the rest is seen;
+    ``scorer``: the select heads' scorer."""
     from transformers import DynamicCache
 
     from ..runtime import NAME, cache_kwarg, new_cache
 
     plan_mode = model.config._attn_implementation == NAME
     # dense: the model's own cache (its sliding layers keep only their window, as in plain generate())
-    cache = new_cache(model, ids.shape[1] + n_new + 1) if plan_mode else DynamicCache(config=model.config)
+    cache = new_cache(model, ids.shape[1] + n_new + 1, scorer=scorer) if plan_mode else \
+        DynamicCache(config=model.config)
     if split is not None and 0 < split < ids.shape[1]:
         with torch.no_grad():
             model(ids[:, :split], logits_to_keep=1, use_cache=True, **{cache_kwarg(model): cache})
@@ -158,14 +161,15 @@ def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None =
     return s, note
 
 
-SETTINGS = ("single", "after")
+SETTINGS = ("single", "after", "after-context")
 
 
 def _settings(task: str, g: dict) -> list[str]:
     """A retrieval task's prompt settings (spec key ``settings``, default single): ``single``, one prompt with
     the question at its end; ``after``, the question after compression: the context (instruction and
     haystack) is prefilled alone, so a plan compresses it before the question is seen, as in a multi-turn
-    chat; the question follows as the next chunk (shown as ``TASK-after``)."""
+    chat; the question follows as the next chunk (shown as ``TASK-after``); ``after-context``, the same with
+    select heads scoring query-agnostically (``new_cache(scorer="context")``, shown as ``TASK-after-context``)."""
     st = g.get("settings", ["single"])
     if not isinstance(st, list) or not st or any(x not in SETTINGS for x in st):
         raise HeadplanError(f"eval spec: {task}.settings must be a list of {', '.join(SETTINGS)}")
@@ -274,7 +278,8 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
         for task, g, setting in [(t, g, st) for t, g in grids.items() for st in _settings(t, g)]:
             stask, fixed = GRID_TASKS[task]
             variants = cells(task, g)
-            name = task if setting == "single" else f"{task}-after"
+            name = task if setting == "single" else f"{task}-{setting}"
+            scorer = "context" if setting == "after-context" else "obs"
             for n in g["lengths"]:
                 n = int(n)
                 ok = {m: 0 for m in ["dense", *names]}
@@ -286,13 +291,13 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                     opts = {**{k: v for k, v in g.items() if k not in ("lengths", "samples", "settings")}, **fixed, **var}
                     s = make_sample(hay, stask, n, random.Random(f"{seed}:{task}:{n}:{i}"), opts)
                     ids = torch.tensor([s.input_ids], device=dev)
-                    split = s.meta.get("context") if setting == "after" else None
+                    split = s.meta.get("context") if setting != "single" else None
                     k = len(s.answer_ids) + 2
                     mem: dict = {}
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     with dense(model):
-                        outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos, mem, "dense", split),
+                        outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos, mem, "dense", split, scorer),
                                                              skip_special_tokens=True)}
                     advance()
                     if dev.type == "cuda":
@@ -301,7 +306,7 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                         apply(model, methods[m], check=False)
                         if dev.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
-                        outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos, mem, m, split),
+                        outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos, mem, m, split, scorer),
                                                       skip_special_tokens=True)
                         if dev.type == "cuda":
                             mem[f"peak_{m}"] = torch.cuda.max_memory_allocated()
@@ -312,11 +317,11 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                         na = len(s.answer_ids)
                         tgt = full[0, -na:]
                         with dense(model):
-                            nll["dense"] = answer_nll(model, full, tgt, split)
+                            nll["dense"] = answer_nll(model, full, tgt, split, scorer)
                         advance()
                         for m in names:
                             apply(model, methods[m], check=False)
-                            nll[m] = answer_nll(model, full, tgt, split)
+                            nll[m] = answer_nll(model, full, tgt, split, scorer)
                             advance()
                         for m, v in nll.items():
                             nll_sum[m] = nll_sum.get(m, 0.0) + v

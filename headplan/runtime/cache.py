@@ -35,9 +35,12 @@ class HeadplanLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, table: torch.Tensor, max_length: int, grow: bool = True):
+    def __init__(self, table: torch.Tensor, max_length: int, grow: bool = True, scorer: str = "obs"):
         super().__init__()
+        if scorer not in P.SCORERS:
+            raise ValueError(f"select scorer must be one of {', '.join(P.SCORERS)}, got {scorer!r}")
         self.grow = grow
+        self.scorer = scorer  # select heads: "obs" (the chunk's last queries) or "context" (query-agnostic)
         self.table = table.cpu()  # (Hkv, NCOLS) int32
         self.max_length = int(max_length)
         self.seen = 0  # slots processed (padding included): what transformers calls the cache length
@@ -193,9 +196,13 @@ class HeadplanLayer(CacheLayerMixin):
         pool_k, pool_v = torch.cat([kb, k.to(kb.dtype)], 1), torch.cat([vb, v.to(vb.dtype)], 1)
         pool_p = torch.cat([pb.long(), pos.long()], 1)  # (B, M), -1 = empty or padding
         G = query.shape[1] // len(self.cap)
-        O = min(P.OBS, query.shape[2])
-        sc = P.select_scores(query[:, h * G:(h + 1) * G, -O:], pool_k, pool_p, qpos[:, -O:], scale,
-                             int(self.table[h, P.C_LWIN]))
+        if self.scorer == "context":
+            sc = P.context_scores(query[:, h * G:(h + 1) * G], pool_k, pool_p, qpos, scale,
+                                  int(self.table[h, P.C_LWIN]))
+        else:
+            O = min(P.OBS, query.shape[2])
+            sc = P.select_scores(query[:, h * G:(h + 1) * G, -O:], pool_k, pool_p, qpos[:, -O:], scale,
+                                 int(self.table[h, P.C_LWIN]))
         t = self.table[h]
         K = torch.clamp(P.select_keep(n_after, int(t[P.C_KEEP]), int(t[P.C_KEEPB])), max=self.keep[h])
         near = (pool_p >= 0) & ((pool_p < sink) | (pool_p >= (n_after - ring)[:, None]))
@@ -351,8 +358,8 @@ class HeadplanLayer(CacheLayerMixin):
 class HeadplanCache(Cache):
     """One HeadplanLayer per decoder layer, built from the compiled plan's head tables."""
 
-    def __init__(self, tables: list[torch.Tensor], max_length: int, grow: bool = True):
-        super().__init__(layers=[HeadplanLayer(t, max_length, grow) for t in tables])
+    def __init__(self, tables: list[torch.Tensor], max_length: int, grow: bool = True, scorer: str = "obs"):
+        super().__init__(layers=[HeadplanLayer(t, max_length, grow, scorer) for t in tables])
 
     def clear(self) -> None:
         """Empty every layer, keeping the buffers (see ``HeadplanLayer.clear``)."""

@@ -19,15 +19,18 @@ def _state(model) -> PlanState:
     return st
 
 
-def new_cache(model, max_length: int | None = None, grow: bool = True) -> HeadplanCache:
+def new_cache(model, max_length: int | None = None, grow: bool = True, scorer: str = "obs") -> HeadplanCache:
     """A per-head cache for ``model`` (after apply), preallocated for ``max_length`` tokens.
 
-    With ``grow=False`` a longer sequence raises a clear error instead of reallocating."""
+    With ``grow=False`` a longer sequence raises a clear error instead of reallocating. ``scorer``: how select
+    heads choose the tokens they keep at the end of each prefill chunk: ``obs`` (the chunk's last queries, as
+    SnapKV; right when the question ends the prompt) or ``context`` (query-agnostic: every query of the chunk
+    reading the whole text; for a context compressed before its question is known)."""
     st = _state(model)
     plan: Plan = st.plan
     if max_length is None:
         max_length = plan.model.max_positions
-    return HeadplanCache(st.tables, int(max_length), grow)
+    return HeadplanCache(st.tables, int(max_length), grow, scorer)
 
 
 def cache_kwarg(model) -> str:
