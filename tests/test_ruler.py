@@ -153,7 +153,7 @@ def test_adapter_runs_dense_and_each_plan_with_a_fake_task(plan_path, monkeypatc
         return by
 
     seen_ans: dict = {}
-    monkeypatch.setattr(ruler, "_wrapper", lambda model, tok, advance: {"model": model, "advance": advance})
+    monkeypatch.setattr(ruler, "_wrapper", lambda model, tok, advance, state=None: {"model": model, "advance": advance})
     monkeypatch.setattr(ruler, "load_tasks", lambda tasks, n, d, gen, seed, tok=None:
                         {"tasks": {t: _FakeTask(n) for t in tasks}})
     monkeypatch.setattr(ruler, "_evaluate", fake_evaluate)
@@ -233,3 +233,30 @@ def test_ruler_task_that_cannot_fit_is_one_line(plan_path):
     r = invoke("eval", "random:llama", "--plan", plan_path, "--ruler", "vt", "--ruler-lengths", "1024",
                "--ruler-only")
     assert r.exit_code == 2 and "ruler_vt does not fit 1024 tokens" in r.output and "Traceback" not in r.output
+
+
+def test_question_start_finds_the_last_question():
+    lm = tiny("llama")
+    tok = ruler.hf_tokenizer(lm.tokenizer)
+    text = "Some magic numbers are hidden. What a text. The number is 12.\nWhat is the special magic number? It is"
+    ids = tok(text)["input_ids"]
+    i = ruler.question_start(ids, tok)
+    assert tok.decode(ids[i:]).lstrip() == "What is the special magic number? It is"
+    with pytest.raises(HeadplanError, match="no 'What"):
+        ruler.question_start(tok("no question here")["input_ids"], tok)
+
+
+@needs_lm_eval
+def test_ruler_with_the_question_after_compression(plan_path, tmp_path):
+    """The ruler section's settings: after-context prefills the context before RULER's question alone."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: s\nruler:\n  tasks: [niah_single_1]\n  lengths: [512]\n  samples: 1\n  gen_tokens: 4\n"
+                    "  settings: [single, after-context]\n")
+    out = tmp_path / "ev"
+    r = invoke("eval", "random:llama", "--plan", plan_path, "--data", spec, "--out", out)
+    assert r.exit_code == 0, r.output
+    rows = json.loads((out / "eval.json").read_text())["ruler"]
+    assert [x["task"] for x in rows] == ["niah_single_1", "niah_single_1-after-context"]
+    spec.write_text("name: s\nruler:\n  tasks: [niah_single_1]\n  settings: [later]\n")
+    r = invoke("eval", "random:llama", "--plan", plan_path, "--data", spec)
+    assert r.exit_code == 2 and "ruler.settings" in r.output

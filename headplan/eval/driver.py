@@ -83,22 +83,32 @@ def answer_nll(model, full: torch.Tensor, tgt: torch.Tensor, split: int | None =
 _logits = logits  # every forward of the driver goes through this name (one place to hook them)
 
 
+def prefilled_cache(model, ids: torch.Tensor, split: int | None, max_length: int, scorer: str = "obs"):
+    """The cache a generation starts from: the plan's per-head cache for ``max_length`` tokens (select heads
+    scoring with ``scorer``) where a plan is applied, else the model's own (its sliding layers keep only their
+    window, as in plain generate()); with ``split``, ``ids[:, :split]`` already prefilled into it (and so
+    compressed) before anything after it is seen."""
+    from transformers import DynamicCache
+
+    from ..runtime import NAME, cache_kwarg, new_cache
+
+    cache = new_cache(model, max_length, scorer=scorer) if model.config._attn_implementation == NAME else \
+        DynamicCache(config=model.config)
+    if split is not None and 0 < split < ids.shape[1]:
+        with torch.no_grad():
+            model(ids[:, :split], logits_to_keep=1, use_cache=True, **{cache_kwarg(model): cache})
+    return cache
+
+
 def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None, key: str | None = None,
               split: int | None = None, scorer: str = "obs") -> list[int]:
     """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan).
     ``split``: the first ``split`` tokens are prefilled (and compressed) alone before the rest is seen;
     ``scorer``: the select heads' scorer."""
-    from transformers import DynamicCache
-
-    from ..runtime import NAME, cache_kwarg, new_cache
+    from ..runtime import NAME, cache_kwarg
 
     plan_mode = model.config._attn_implementation == NAME
-    # dense: the model's own cache (its sliding layers keep only their window, as in plain generate())
-    cache = new_cache(model, ids.shape[1] + n_new + 1, scorer=scorer) if plan_mode else \
-        DynamicCache(config=model.config)
-    if split is not None and 0 < split < ids.shape[1]:
-        with torch.no_grad():
-            model(ids[:, :split], logits_to_keep=1, use_cache=True, **{cache_kwarg(model): cache})
+    cache = prefilled_cache(model, ids, split, ids.shape[1] + n_new + 1, scorer)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
                          pad_token_id=eos if eos is not None else 0, **{cache_kwarg(model): cache})
     if mem is not None:

@@ -76,10 +76,10 @@ def ruler_spec(tasks=None, lengths=None, samples=None, gen_tokens=None, max_posi
     from ..args import parse_lengths
 
     b = dict(base or {})
-    unknown = set(b) - {"tasks", "lengths", "samples", "gen_tokens"}
+    unknown = set(b) - {"tasks", "lengths", "samples", "gen_tokens", "settings"}
     if unknown:
         raise HeadplanError(f"eval spec: ruler: unknown key {sorted(unknown)[0]!r} (known: tasks, lengths, samples, "
-                            "gen_tokens)")
+                            "gen_tokens, settings)")
     if check:
         check_available()
     t = parse_tasks(tasks if tasks is not None else b.get("tasks", list(DEFAULT_TASKS)))
@@ -93,6 +93,10 @@ def ruler_spec(tasks=None, lengths=None, samples=None, gen_tokens=None, max_posi
         if max_positions is not None and n > max_positions:
             raise HeadplanError(f"--ruler-lengths: {n} exceeds the model's {max_positions} positions")
     out = {"tasks": t, "lengths": lens}
+    if "settings" in b:
+        from .driver import _settings
+
+        out["settings"] = _settings("ruler", b)
     for key, flag, v, default in (("samples", "--ruler-samples", samples, DEFAULT_SAMPLES),
                                   ("gen_tokens", "--ruler-gen-tokens", gen_tokens, None)):
         v = v if v is not None else b.get(key, default)
@@ -178,10 +182,23 @@ def _quiet(capture: bool = False):
             nltk.download = dl
 
 
-def _wrapper(model, tokenizer, on_generate):
+def question_start(ids: list[int], tokenizer, search: int = 256) -> int:
+    """Where the question of a RULER prompt begins: the last token from which the prompt's text reads
+    ``What ...`` (lm-eval's niah templates end with that question and the answer's prefix), searched among
+    the last ``search`` tokens. Raises HeadplanError when there is none."""
+    for i in range(len(ids) - 1, max(0, len(ids) - search) - 1, -1):
+        if tokenizer.decode(ids[i:]).lstrip().startswith("What "):
+            return i
+    raise HeadplanError("RULER after setting: the prompt has no 'What ...' question in its last "
+                        f"{search} tokens to put after the compressed context")
+
+
+def _wrapper(model, tokenizer, on_generate, state: dict | None = None):
     """lm-eval's HFLM around the loaded model: greedy generation through ``model.generate`` with
     ``max_new_tokens`` (so a plan's per-head cache is sized for the request), its bars off, and
-    ``on_generate()`` after each request (headplan's progress bar)."""
+    ``on_generate()`` after each request (headplan's progress bar). ``state["setting"]`` (``single`` when
+    absent) is the prompt setting of headplan's eval: with ``after`` / ``after-context`` the context before the
+    question is prefilled, and compressed, alone (``driver.prefilled_cache``)."""
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.utils_hf import stop_sequences_criteria
 
@@ -192,6 +209,14 @@ def _wrapper(model, tokenizer, on_generate):
             if do_sample and temp:
                 kw["temperature"] = temp
             crit = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+            setting = (state or {}).get("setting", "single")
+            if setting != "single":
+                from ..runtime import cache_kwarg
+                from .driver import prefilled_cache
+
+                split = question_start(context[0].tolist(), self.tokenizer)
+                kw[cache_kwarg(self.model)] = prefilled_cache(
+                    self.model, context, split, int(max_length) + 1, "context" if setting == "after-context" else "obs")
             out = self.model.generate(input_ids=context, max_new_tokens=int(max_length) - context.shape[1],
                                       stopping_criteria=crit, pad_token_id=self.tokenizer.pad_token_id,
                                       use_cache=True, do_sample=do_sample, **kw)
@@ -308,6 +333,7 @@ def run_ruler(lm, methods: dict, spec: dict, reporter=None, seed: int = 1000, ke
 
     rep = reporter or Reporter()
     tasks, lengths = list(spec["tasks"]), [int(n) for n in spec["lengths"]]
+    settings = list(spec.get("settings") or ["single"])
     n_samples, gen = int(spec.get("samples", DEFAULT_SAMPLES)), spec.get("gen_tokens")
     model = lm.model
     tok = hf_tokenizer(lm.tokenizer)
@@ -316,14 +342,16 @@ def run_ruler(lm, methods: dict, spec: dict, reporter=None, seed: int = 1000, ke
     ver = _version()
     with tempfile.TemporaryDirectory(prefix="headplan-ruler-") as tdir:
         tok.save_pretrained(tdir)  # lm-eval's generators load the tokenizer by path, to size each sample
-        total = (len(names) + 1) * len(tasks) * len(lengths) * n_samples
+        total = (len(names) + 1) * len(tasks) * len(lengths) * n_samples * len(settings)
         prepared = {}
         rep.log(f"RULER (lm-eval {ver}): making samples of {', '.join(tasks)} at {', '.join(map(str, lengths))}")
         for n in lengths:
             prepared[n] = load_tasks(tasks, n, tdir, gen, seed, tok)
         with rep.task(f"RULER: dense + {len(names)} plan(s)", total) as advance:
-            hflm = _wrapper(model, tok, advance)
-            for n in lengths:
+            state = {"setting": "single"}
+            hflm = _wrapper(model, tok, advance, state)
+            for n, setting in [(n, st) for n in lengths for st in settings]:
+                state["setting"] = setting
                 loaded = prepared[n]
                 outs = {}
                 for m in ["dense", *names]:
@@ -338,6 +366,7 @@ def run_ruler(lm, methods: dict, spec: dict, reporter=None, seed: int = 1000, ke
                               "methods": {m: per[m][i]["output"] for m in names if i < len(per[m])}}
                              for i in range(min(keep_cases, k))]
                     cfg = getattr(loaded["tasks"][t].config, "generation_kwargs", None) or {}
-                    rows.append({"task": t, "length": n, "samples": k, "score": score,
+                    rows.append({"task": t if setting == "single" else f"{t}-{setting}", "length": n,
+                                 "samples": k, "score": score,
                                  "gen_tokens": cfg.get("max_gen_toks"), "lm_eval": ver, "cases": cases})
     return rows
