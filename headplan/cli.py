@@ -463,11 +463,17 @@ def _validation_table(table: dict, chosen, title: str):
     t = Table(title=title)
     for c in ("candidate", "ppl vs dense", "answer NLL", "patterns"):
         t.add_column(c)
+    measured = {str(m) for m, row in table.items() if isinstance(row, dict) and "ppl_vs_dense" in row}
+    base = str(chosen)[:-1] if str(chosen) not in measured and str(chosen).endswith("w") else str(chosen)
     for m, row in table.items():
         if not isinstance(row, dict) or "ppl_vs_dense" not in row:
             continue
-        t.add_row(("* " if str(m) == str(chosen) else "") + str(m), f"{100 * (row['ppl_vs_dense'] - 1):+.1f}%",
+        t.add_row(("* " if str(m) == base else "") + str(m), f"{100 * (row['ppl_vs_dense'] - 1):+.1f}%",
                   f"{row['answer_nll']:.3f}", ", ".join(f"{k} {v}" for k, v in (row.get("counts") or {}).items()))
+    if base != str(chosen):
+        counts = ", ".join(f"{k} {v}" for k, v in ((table.get(chosen) or {}).get("counts") or {}).items())
+        t.caption = (f"kept {chosen}: {base}'s full heads, every other head's window re-chosen from the profile "
+                     f"(--profile-windows){': ' + counts if counts else ''}")
     return t
 
 

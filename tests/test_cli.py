@@ -150,3 +150,22 @@ def test_run_defaults_to_plan_in_the_loop_without_dynamic_kinds(run_dir, tmp_pat
     assert json.loads((run_dir / "summary.json").read_text())["refine_rounds"] == 2
     r = invoke("run", "random:llama", "--out", tmp_path / "x", "--exclude-kinds", "nope", *SMALL_RUN)
     assert r.exit_code == 2 and "unknown pattern kind 'nope'" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_validation_table_marks_the_kept_round():
+    """run prints plan in the loop's rounds; a kept ``round{r}w`` (not measured itself) marks round r and says why."""
+    from rich.console import Console
+
+    from headplan.cli import _validation_table
+
+    rows = {"round0": {"ppl_vs_dense": 1.2, "answer_nll": 4.0, "lm_nll": 2.0, "counts": {"full": 3}},
+            "round1": {"ppl_vs_dense": 1.1, "answer_nll": 0.9, "lm_nll": 2.1, "counts": {"full": 8}},
+            "round1w": {"counts": {"full": 8, "streaming": 82}}}
+    con = Console(width=200, record=True)
+    con.print(_validation_table(rows, "round1w", "t"))
+    out = con.export_text()
+    assert "* round1 " in out and "* round0" not in out and "round1w" in out and "+10.0%" in out
+    con = Console(width=200, record=True)
+    con.print(_validation_table(rows, "round0", "t"))
+    out = con.export_text()
+    assert "* round0" in out and "kept" not in out
