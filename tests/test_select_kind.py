@@ -217,23 +217,22 @@ def test_the_question_after_compression_settings(tmp_path):
     depend on the scorer; the eval reports each setting as its own task."""
     import yaml
 
-    from headplan import apply, unapply
     from headplan.api import do_eval
     from headplan.eval import driver
     from headplan.plan import save_plan
+    from headplan.runtime import applied, dense
 
-    lm = tiny("llama")
+    lm = tiny("llama")  # shared with other tests, which may leave a plan on it: dense and each plan explicitly
     x = ids(160, seed=3)
-    dense_lg = driver.logits(lm.model, x, keep=20)
+    with dense(lm.model):
+        dense_lg = driver.logits(lm.model, x, keep=20)
     full = plan_for(lm, lambda li, h: {"kind": "full"})
     sel = plan_for(lm, lambda li, h: {"kind": "select", "sink": 4, "alpha": 16, "keep_alpha": 8, "keep_beta": 0.0})
-    apply(lm.model, full)
-    torch.testing.assert_close(driver.logits(lm.model, x, keep=20, split=140), dense_lg, rtol=1e-4, atol=1e-4)
-    unapply(lm.model)
-    apply(lm.model, sel)
-    a = driver.logits(lm.model, x, keep=20, split=140, scorer="obs")
-    b = driver.logits(lm.model, x, keep=20, split=140, scorer="context")
-    unapply(lm.model)
+    with applied(lm.model, full, check=False):
+        torch.testing.assert_close(driver.logits(lm.model, x, keep=20, split=140), dense_lg, rtol=1e-4, atol=1e-4)
+    with applied(lm.model, sel, check=False):
+        a = driver.logits(lm.model, x, keep=20, split=140, scorer="obs")
+        b = driver.logits(lm.model, x, keep=20, split=140, scorer="context")
     assert (a - dense_lg).abs().max() > 1e-3 and (a - b).abs().max() > 1e-4
     save_plan(sel, tmp_path / "sel.yaml")
     spec = {"name": "after", "seed": 5, "passkey": {"lengths": [256], "depths": [0.5], "samples": 1, "digits": 3,
