@@ -65,6 +65,16 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
         raise
 
 
+def sibling_dir(dest: Path, given, tag: str = ".") -> Path:
+    """A fresh hidden directory ``.NAME<tag>XXXX`` beside ``dest`` (its parent made if missing), where an output
+    is written before it is moved into place; ``given`` names the output in the one-line error."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}{tag}", dir=dest.parent))
+    except OSError as e:
+        raise HeadplanError(f"cannot write {given}: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | os.PathLike):
     """Write an output directory whole: yields a hidden sibling ``.NAME.stage-XXXX`` holding hard links (or
@@ -79,11 +89,7 @@ def staged_dir(out: str | os.PathLike):
     if inside:
         raise HeadplanError(f"--out {given}: holds the working directory, which replacing it would remove; "
                             "run from elsewhere")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
-    except OSError as e:
-        raise HeadplanError(f"cannot write {given}: {e.strerror or e}") from None
+    stage = sibling_dir(out, given, ".stage-")
     try:
         try:
             if out.is_dir():  # copytree also copies the folder's own mode

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import HeadplanError
+from ..files import sibling_dir
 from ..plan import Plan, _umask, load_plan, save_plan
 from .apply import apply, dense
 
@@ -40,15 +41,10 @@ def save_patched(model, plan: Plan, out_dir: str | Path, tokenizer=None, force: 
     ``force``) each file is moved over its namesake, and nothing else there is ever removed."""
     import os
     import shutil
-    import tempfile
 
     out = check_patched_out(out_dir, force)
     dest = out.resolve()
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    except OSError as e:
-        raise HeadplanError(f"cannot write {out}: {e.strerror or e}") from None
+    tmp = sibling_dir(dest, out)
     try:
         with dense(model):
             model.save_pretrained(tmp)
