@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
-BASELINES = "streaming,duo,moa,snapkv,pyramidkv"
+BASELINES = "streaming,duo,moa,snapkv,pyramidkv,adakv,duo-otf"
 
 
 def _lm(model: str):
@@ -49,36 +49,45 @@ def plans(model: str, out: Path, kv: float) -> None:
                                              if isinstance(v, float)})
 
 
-def evaluate(model: str, out: Path, setting: str, samples: int | None = None) -> None:
+def evaluate(model: str, out: Path, setting: str, samples: int | None = None, baselines: str = BASELINES,
+             tasks: str = "perplexity,passkey,needle") -> None:
+    """One do_eval per task (so what finished is printed even if a later task runs out of time)."""
     from headplan.api import do_eval
 
-    spec = yaml.safe_load((HERE / "specs" / "quality-grid-select.yaml").read_text())
-    if samples:  # per depth (5 depths a cell)
-        for task in ("passkey", "needle"):
-            spec[task]["samples"] = samples
-    for task in ("passkey", "needle"):
-        spec[task]["settings"] = setting.split(",")
-    if "single" not in setting.split(","):
-        spec.pop("perplexity")  # perplexity has no question: measured once, with the single setting
-    tag = setting.replace(",", "+")
-    f = out / f"spec-{tag}.yaml"
-    f.write_text(yaml.safe_dump(spec))
-    t = time.time()
-    res = do_eval(model, out / "plan.yaml", out / f"eval-{tag}", data=str(f), baselines=BASELINES,
-                  profile=out / "profile.safetensors", lm=_lm(model), device="cuda", dtype="bfloat16")
-    print(f"eval {setting}: {time.time() - t:.0f} s")
+    full = yaml.safe_load((HERE / "specs" / "quality-grid-select.yaml").read_text())
+    lm = _lm(model)
+    for task in tasks.split(","):
+        if task == "perplexity" and "single" not in setting.split(","):
+            continue  # perplexity has no question: measured once, with the single setting
+        spec = {k: v for k, v in full.items() if k in ("name", "seed", task)}
+        if task != "perplexity":
+            spec[task]["settings"] = setting.split(",")
+            if samples:  # per depth (5 depths a cell)
+                spec[task]["samples"] = samples
+        tag = f"{task}-{setting.replace(',', '+')}"
+        f = out / f"spec-{tag}.yaml"
+        f.write_text(yaml.safe_dump(spec))
+        t = time.time()
+        res = do_eval(model, out / "plan.yaml", out / f"eval-{tag}", data=str(f), baselines=baselines,
+                      profile=out / "profile.safetensors", lm=lm, device="cuda", dtype="bfloat16")
+        print(f"eval {tag}: {time.time() - t:.0f} s")
+        _table(res)
+
+
+def _table(res) -> None:
     names = [m["name"] for m in res["methods"]]
     print("| measure | dense | " + " | ".join(names) + " |")
-    for r in res["perplexity"]:
+    for r in res.get("perplexity", []):
         print(f"| ppl {r['length']} | {r['ppl_dense']:.2f} | "
               + " | ".join(f"{r['methods'][m]['ppl']:.2f}" for m in names) + " |")
-    for r in res["retrieval"]:
+    for r in res.get("retrieval", []):
         a = r["acc"]
         print(f"| {r['task']} {r['length']} (of {r['samples']}) | {round(a['dense'] * r['samples'])} | "
               + " | ".join(str(round(a[m] * r["samples"])) for m in names) + " |")
     for n in sorted({b["length"] for m in res["methods"] for b in m["budget"]}):
         print(f"| KV kept {n} | 1 | " + " | ".join(
-            f"{next(b['kv_share'] for b in m['budget'] if b['length'] == n):.3f}" for m in res["methods"]) + " |")
+            f"{next(b['kv_share'] for b in m['budget'] if b['length'] == n):.3f}" for m in res["methods"]) + " |",
+            flush=True)
 
 
 def main() -> None:
@@ -89,12 +98,14 @@ def main() -> None:
     ap.add_argument("--kv", type=float, default=0.25)
     ap.add_argument("--settings", default="single", help="comma list of single, after, after-context")
     ap.add_argument("--samples", type=int, default=None, help="eval: samples per depth (spec: 2)")
+    ap.add_argument("--baselines", default=BASELINES, help="eval: comma list of baselines")
+    ap.add_argument("--tasks", default="perplexity,passkey,needle", help="eval: comma list, one do_eval each")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.what == "plans":
         plans(a.model, a.out, a.kv)
     else:
-        evaluate(a.model, a.out, a.settings, a.samples)
+        evaluate(a.model, a.out, a.settings, a.samples, a.baselines, a.tasks)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def _signal_weights(text, flag: str) -> tuple[tuple[str, float], ...]:
 
 def _baseline_names(value) -> list[str]:
     """True -> the window baselines (streaming, duo, moa, random); 'a,b' or a list -> those names (checked,
-    snapkv and pyramidkv among them); None/False -> none."""
+    the selection ones snapkv, pyramidkv, adakv and duo-otf among them); None/False -> none."""
     from .search.baselines import BASELINES, DEFAULT_BASELINES
 
     if value is True:

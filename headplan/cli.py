@@ -351,7 +351,7 @@ def eval_cmd(model: str = ModelArg,
              baselines: bool = Flag(False, "--baselines/--no-baselines", "Also evaluate streaming, duo, moa and "
                                     "random plans built from the same profile at the same budget"),
              baseline_names: Optional[str] = typer.Option(None, "--baseline-names",
-                                                          help="Comma-separated subset of streaming,duo,moa,random,snapkv,pyramidkv "
+                                                          help="Comma-separated subset of streaming,duo,moa,random,snapkv,pyramidkv,adakv,duo-otf "
                                                                "(implies --baselines)"),
              profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile for --baselines (default: "
                                                                                  "the plan's provenance.profile.path)"),
@@ -482,7 +482,7 @@ def _validation_table(table: dict, chosen, title: str):
 def baselines_cmd(plan: Path = typer.Argument(..., metavar="PLAN", help="The plan whose budget the baselines meet"),
                   out: Path = typer.Option(..., "--out", "-o", help="Directory for <name>.yaml"),
                   names: Optional[str] = typer.Option(None, "--names", help="Comma-separated subset of "
-                                                                             "streaming,duo,moa,random,snapkv,pyramidkv"),
+                                                                             "streaming,duo,moa,random,snapkv,pyramidkv,adakv,duo-otf"),
                   profile_path: Optional[Path] = typer.Option(None, "--profile", help="Profile (default: the "
                                                                                       "plan's provenance.profile.path)"),
                   seed: int = typer.Option(0, "--seed", help="Seed of the random baseline")):
@@ -524,7 +524,7 @@ def run(model: str = ModelArg,
                             "of plans measured on validation samples"),
         tolerance: float = typer.Option(0.02, "--tolerance", help="With --select: relative perplexity slack"),
         baselines: str = typer.Option("moa", "--baselines", help="Baselines evaluated beside the plan at its "
-                                      "budget, from the same profile: a comma list of streaming,duo,moa,random,snapkv,pyramidkv, "
+                                      "budget, from the same profile: a comma list of streaming,duo,moa,random,snapkv,pyramidkv,adakv,duo-otf, "
                                       "or none"),
         exclude_kinds: str = typer.Option("vslash,blocksparse", "--exclude-kinds", help="Pattern kinds the plan "
                                           "leaves out (default: the dynamic ones, which keep every KV entry; "
@@ -588,6 +588,34 @@ def check(plan: Path = typer.Argument(..., help="Plan .yaml to regenerate"),
     sys.stdout.write(diff)
     sys.stderr.write(f"headplan: {plan} differs from the regenerated plan\n")
     raise typer.Exit(1)
+
+
+@app.command("export")
+@handles_errors
+def export_cmd(plan: Optional[Path] = typer.Argument(None, metavar="PLAN", help="Plan .yaml to export"),
+               fmt: Optional[str] = typer.Option(None, "--format", "-f", help="hf-layer-types | trtllm | duo-tsv"),
+               out: Path = typer.Option(..., "--out", "-o", help="Folder for the format's files (with --from-duo: "
+                                                                 "the plan .yaml to write)"),
+               project: bool = Flag(False, "--project/--no-project", "Export the nearest plan the format can "
+                                    "express (also written as projected-plan.yaml) and print both KV shares"),
+               from_duo: Optional[Path] = typer.Option(None, "--from-duo", help="Import instead: a DuoAttention "
+                                                       "pattern folder (full_attention_heads.tsv + config.json) "
+                                                       "or its .tsv file"),
+               model: Optional[str] = typer.Option(None, "--model", help="With --from-duo: the model it is for"),
+               threshold: float = typer.Option(0.5, "--threshold", help="With --from-duo: full when the gate "
+                                               "value is >= this"),
+               keep_top: Optional[float] = typer.Option(None, "--keep-top", help="With --from-duo: the top "
+                                                        "fraction of heads by gate value are full instead"),
+               lengths: Optional[str] = typer.Option(None, "--lengths", help="With --from-duo: budget lengths "
+                                                     "(default: the model's max positions)")):
+    """Write PLAN in a serving engine's format (hf-layer-types: config.json patch; trtllm:
+    kv_cache_config.json; duo-tsv: DuoAttention's pattern folder), or import a DuoAttention pattern with
+    --from-duo. A plan the format cannot express is refused (exit 2) unless --project."""
+    from .export import export_command
+
+    for line in export_command(plan, fmt, out, project=project, from_duo=from_duo, model=model,
+                               threshold=threshold, keep_top=keep_top, lengths=lengths):
+        typer.echo(line)
 
 
 def main():

@@ -20,13 +20,13 @@ from typing import Any
 import yaml
 
 from .errors import PlanError
+from .kernels.kinds import DYNAMIC_KINDS, KIND_NAMES, SHARES
 from .files import _umask, atomic_write, read_input  # noqa: F401  (re-exported: plan.atomic_write...)
 
 SCHEMA_VERSION = 1
 INT32_MAX = 2**31 - 1  # the runtime head table is int32: every pattern integer must fit
 MAX_BLOCK = 4096
-KINDS = ("full", "streaming", "strided", "blocksparse", "vslash", "skip", "select")
-DYNAMIC_KINDS = ("blocksparse", "vslash")
+KINDS, DYNAMIC_KINDS = KIND_NAMES, DYNAMIC_KINDS  # one list, kernels.kinds
 BETA_GRID = 4096
 
 
@@ -52,6 +52,7 @@ class Pattern:
     vertical: int | None = None
     slash: int | None = None
     keep: Window | None = None  # select: tokens kept by score, K(n) = alpha + floor(beta·n)
+    share: str | None = None  # select: "layer" (AdaKV) or "heads" (DuoAttention on the fly); None: its own K(n)
 
     def row(self) -> dict:  # noqa: D401
         """Parameters as a flat dict (the form kernels.patterns.make_table takes)."""
@@ -68,6 +69,8 @@ class Pattern:
         if self.keep is not None:
             r["keep_alpha"] = self.keep.alpha
             r["keep_beta"] = self.keep.beta
+        if self.share is not None:
+            r["share"] = self.share
         return r
 
     def kv_rule(self) -> str | Window:
@@ -94,6 +97,8 @@ class Pattern:
                 d[k] = v
         if self.keep is not None:
             d["keep"] = {"alpha": self.keep.alpha, "beta": self.keep.beta}
+        if self.share is not None:
+            d["share"] = self.share
         kv = self.kv_rule()
         d["kv"] = kv if isinstance(kv, str) else {"alpha": kv.alpha, "beta": kv.beta}
         return d
@@ -105,7 +110,8 @@ class Pattern:
         w = Window(int(r["alpha"]), float(r.get("beta", 0.0))) if "alpha" in r else None
         keep = Window(int(r["keep_alpha"]), float(r.get("keep_beta", 0.0))) if "keep_alpha" in r else None
         return Pattern(kind=kind, sink=r.get("sink"), window=w, stride=r.get("stride"), offset=r.get("offset"),
-                       topk=r.get("topk"), vertical=r.get("vertical"), slash=r.get("slash"), keep=keep)
+                       topk=r.get("topk"), vertical=r.get("vertical"), slash=r.get("slash"), keep=keep,
+                       share=r.get("share"))
 
 
 # which fields each kind requires
@@ -118,6 +124,7 @@ _REQUIRED = {
     "skip": (),
     "select": ("sink", "window", "keep"),
 }
+_OPTIONAL = {"select": {"share"}}  # fields a kind may omit
 
 
 @dataclass(frozen=True)
@@ -323,7 +330,7 @@ def _pattern(d: dict, where: str) -> Pattern:
     kind = _need(d, "pattern", where)
     if kind not in KINDS:
         raise PlanError(f"{where}.pattern: unknown pattern {kind!r} (known: {', '.join(KINDS)})")
-    allowed = set(_REQUIRED[kind]) | {"pattern", "kv", "kv_head", "candidate"}
+    allowed = set(_REQUIRED[kind]) | {"pattern", "kv", "kv_head", "candidate"} | _OPTIONAL.get(kind, set())
     for k in d:
         if k not in allowed:
             raise PlanError(f"{where}.{k}: not a parameter of pattern {kind!r}")
@@ -335,6 +342,10 @@ def _pattern(d: dict, where: str) -> Pattern:
         raise PlanError(f"{where}.window.beta: a select head's recent window is fixed (beta 0); its keep grows")
     if keep is not None and keep.alpha == 0 and keep.beta == 0:
         raise PlanError(f"{where}.keep: keeps no token (alpha and beta both 0); use streaming")
+    share = d.get("share")
+    if share is not None and share not in SHARES[1:]:
+        raise PlanError(f"{where}.share: must be one of {', '.join(SHARES[1:])} (omit it for the head's own "
+                        f"budget), got {share!r}")
     p = Pattern(
         kind=kind,
         sink=_int(d["sink"], f"{where}.sink", 0) if "sink" in d else None,
@@ -345,6 +356,7 @@ def _pattern(d: dict, where: str) -> Pattern:
         vertical=_int(d["vertical"], f"{where}.vertical", 1) if "vertical" in d else None,
         slash=_int(d["slash"], f"{where}.slash", 1) if "slash" in d else None,
         keep=keep,
+        share=share,
     )
     if p.stride is not None and p.offset is not None and p.offset >= p.stride:
         raise PlanError(f"{where}.offset: must be < stride ({p.stride}), got {p.offset}")

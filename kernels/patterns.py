@@ -29,7 +29,8 @@ Visibility of key position ``j`` from query position ``i`` (always ``0 <= j <= i
                head's cache keeps its ``sink`` first tokens, its last ``alpha`` tokens (a ring; beta is 0)
                and ``K(n) = keep_alpha + (keep_beta_q * n) // BETA_SCALE`` of the others (``n``: tokens
                so far), those the chunk's last ``OBS`` queries attend to most (``select_scores``). Decode
-               steps see what the cache holds; the selection is not revisited until the next chunk.
+               steps see what the cache holds; the selection is not revisited until the next chunk. Heads
+               may instead pool K(n) with the layer's other select heads (column ``C_SHARE``, ``SHARES``).
 
 Every head is also bounded by its layer's own attention: column ``C_LWIN`` holds the layer's
 sliding window ``w`` (0 = a global layer). A key is visible only if the pattern allows it *and*
@@ -46,12 +47,15 @@ import math
 
 import torch
 
-FULL, STREAMING, STRIDED, BLOCKSPARSE, VSLASH, SKIP, SELECT = range(7)
-KIND_NAMES = ("full", "streaming", "strided", "blocksparse", "vslash", "skip", "select")
+from .kinds import KIND_NAMES, SHARE_FLOOR, SHARES  # noqa: F401  (the vocabulary, torch-free)
+
+FULL, STREAMING, STRIDED, BLOCKSPARSE, VSLASH, SKIP, SELECT = range(len(KIND_NAMES))
 
 # column layout of a head table
-C_KIND, C_SINK, C_ALPHA, C_BETA, C_STRIDE, C_OFFSET, C_TOPK, C_VERT, C_SLASH, C_LWIN, C_KEEP, C_KEEPB = range(12)
-NCOLS = 12
+C_KIND, C_SINK, C_ALPHA, C_BETA, C_STRIDE, C_OFFSET, C_TOPK, C_VERT, C_SLASH, C_LWIN, C_KEEP, C_KEEPB, C_SHARE = \
+    range(13)
+NCOLS = 13
+
 
 BETA_SCALE = 4096
 LAST_Q = 64
@@ -80,6 +84,7 @@ def make_table(rows: list[dict], device=None, layer_window: int = 0) -> torch.Te
         t[h, C_SLASH] = int(r.get("slash", 0))
         t[h, C_KEEP] = int(r.get("keep_alpha", 0))
         t[h, C_KEEPB] = int(round(float(r.get("keep_beta", 0.0)) * BETA_SCALE))
+        t[h, C_SHARE] = SHARES.index(r.get("share", "head"))
     return t.to(device) if device is not None else t
 
 
@@ -298,13 +303,20 @@ def select_scores(q_obs: torch.Tensor, k: torch.Tensor, kpos: torch.Tensor, qpos
     softmax runs over the keys it sees (causal, inside the layer's window); the probabilities are averaged
     over the queries, the group's heads take the maximum, and the result is max-pooled over ``POOL``
     neighbouring positions (plus ``POOL_TIE`` times the token's own score). Returns (B, M) float32, -inf where kpos is -1."""
+    return _pooled(observed_attention(q_obs, k, kpos, qpos, scale, lwin), kpos)  # (B, M)
+
+
+def observed_attention(q_obs: torch.Tensor, k: torch.Tensor, kpos: torch.Tensor, qpos: torch.Tensor,
+                       scale: float, lwin: int = 0) -> torch.Tensor:
+    """``select_scores`` before pooling: the observation queries' attention probabilities, averaged over the
+    queries, the group's heads taking the maximum. Shapes as there; returns (B, M) float32 (0 where kpos is -1)."""
     B, M = kpos.shape
     s = torch.einsum("bgod,bmd->bgom", q_obs.float(), k.float()) * scale
     qp, kp = qpos[:, None, :, None].long(), kpos[:, None, None, :].long()
     vis = (kp >= 0) & (qp >= 0) & (kp <= qp) & in_layer_window(qp, kp, int(lwin or 0))
     a = torch.softmax(s.masked_fill(~vis, -math.inf), dim=-1).nan_to_num(0.0)
     nq = (qpos >= 0).sum(dim=1).clamp(min=1).view(B, 1, 1)
-    return _pooled((a.sum(dim=2) / nq).amax(dim=1), kpos)  # (B, M)
+    return (a.sum(dim=2) / nq).amax(dim=1)
 
 
 SCORERS = ("obs", "context")  # how select heads score tokens: the chunk's last queries, or query-agnostic

@@ -31,7 +31,7 @@ def _budget_ok(plan, dens, kvb):
 
 @pytest.mark.parametrize("dens,kvb", [(0.4, None), (0.5, 0.3), (1.0, 0.3)])
 def test_baselines_meet_the_plans_budget_and_are_valid_plans(run_dir, tmp_path, dens, kvb):
-    """Every baseline at the plan's budget; the selection ones (snapkv, pyramidkv: full prefill) at a KV budget
+    """Every baseline at the plan's budget; the selection ones (snapkv, pyramidkv, adakv, duo-otf: full prefill) at a KV budget
     alone, and refused with a density bound."""
     from headplan.api import do_search
 
@@ -47,6 +47,11 @@ def test_baselines_meet_the_plans_budget_and_are_valid_plans(run_dir, tmp_path, 
         assert all(e.pattern.kind == "select" for layer in bl["snapkv"].layers for e in layer)
         keeps = [layer[0].pattern.keep.beta for layer in bl["pyramidkv"].layers]
         assert keeps == sorted(keeps, reverse=True) and keeps[0] > keeps[-1]
+        assert {e.pattern.share for layer in bl["adakv"].layers for e in layer} == {"layer"}
+        assert {e.pattern.share for layer in bl["duo-otf"].layers for e in layer} == {"heads"}
+        assert bl["adakv"].layers[0][0].pattern.keep == bl["snapkv"].layers[0][0].pattern.keep
+        duo = bl["duo-otf"].layers[0][0].pattern  # duo's sink and short window (DuoAttention's sink + recent)
+        assert duo.sink > 0 and duo.window.alpha > 0
     for name, b in bl.items():
         f = tmp_path / f"{name}.yaml"
         save_plan(b, f)

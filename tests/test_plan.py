@@ -68,3 +68,19 @@ def test_malformed_yaml(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(PlanError, match="not found"):
         load_plan(tmp_path / "nope.yaml")
+
+
+def test_a_select_heads_share_is_validated_and_round_trips(plan):
+    d = _mut(plan, lambda d: None)
+    d["layers"][0]["heads"][0] = {"kv_head": 0, "pattern": "select", "sink": 4, "window": {"alpha": 8, "beta": 0.0},
+                                  "keep": {"alpha": 0, "beta": 0.125}, "share": "layer"}
+    p = plan_from_dict(d)
+    assert p.layers[0][0].pattern.share == "layer"
+    assert plan_from_dict(yaml.safe_load(p.to_yaml())) == p
+    d["layers"][0]["heads"][0]["share"] = "model"
+    with pytest.raises(PlanError, match=r"layers\[0\]\.heads\[0\]\.share: must be one of layer, heads"):
+        plan_from_dict(d)
+    d["layers"][0]["heads"][1]["share"] = "layer"  # a full head has no keep budget to share
+    del d["layers"][0]["heads"][0]["share"]
+    with pytest.raises(PlanError, match=r"heads\[1\]\.share: not a parameter of pattern 'full'"):
+        plan_from_dict(d)

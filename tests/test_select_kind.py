@@ -240,3 +240,111 @@ def test_the_question_after_compression_settings(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     res = do_eval("random:llama", tmp_path / "sel.yaml", tmp_path / "ev", data=str(tmp_path / "spec.yaml"), lm=lm)
     assert [r["task"] for r in res["retrieval"]] == ["passkey", "passkey-after", "passkey-after-context"]
+
+
+def test_the_select_heads_of_a_layer_are_chosen_together_each_on_its_own_budget():
+    """Several select heads (different sink, ring and keep) selected in one batched call: each head's kept set is
+    its own brute-force top-K, in a first prefill and in a later chunk."""
+    torch.manual_seed(3)
+    rows = [SEL, {"kind": "select", "sink": 0, "alpha": 4, "keep_alpha": 5, "keep_beta": 0.0},
+            {"kind": "full"}, {"kind": "select", "sink": 2, "alpha": 9, "keep_alpha": 0, "keep_beta": 0.25}]
+    layer = HeadplanLayer(P.make_table(rows), 512)
+    B, Hkv, G, D, n = 2, 4, 2, 16, 90
+    q, k, v = torch.randn(B, Hkv * G, n, D), torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
+    layer.update(k, v)
+    pos = torch.arange(n).expand(B, n)
+    layer.commit_contiguous(k, v, (q, pos, D ** -0.5))
+    for h, (sink, ring, K) in {0: (3, 6, 1 + (512 * n) // 4096), 1: (0, 4, 5), 3: (2, 9, (1024 * n) // 4096)}.items():
+        for b in range(B):
+            sc = brute_scores(q[b, h * G:(h + 1) * G, -P.OBS:], k[b, h], pos[b, -P.OBS:])
+            assert_valid_selection(held(layer, h, b), sc, sink, ring, K)
+            assert len(held(layer, h, b)) == sink + ring + K
+    assert held(layer, 2, 0) == set(range(n))
+
+
+def _pooled_layer(share, n=120, seed=4, Hkv=3, G=2, D=16):
+    torch.manual_seed(seed)
+    row = {"kind": "select", "sink": 8, "alpha": 5, "keep_alpha": 0, "keep_beta": 0.125, "share": share}
+    layer = HeadplanLayer(P.make_table([row] * Hkv), 256)
+    q, k, v = torch.randn(1, Hkv * G, n, D), torch.randn(1, Hkv, n, D), torch.randn(1, Hkv, n, D)
+    u = torch.nn.functional.normalize(torch.randn(D), dim=0) * 6
+    q[0, :G, -P.OBS:] += u
+    k[0, 0, :4] += u  # head 0 attends to its sink: its other tokens score low, only its floor keeps some
+    layer.update(k, v)
+    pos = torch.arange(n)[None]
+    layer.commit_contiguous(k, v, (q, pos, D ** -0.5))
+    return layer, q, k, pos, G
+
+
+def test_adakv_heads_pool_their_budgets_and_tokens_compete_across_heads():
+    n, Hkv = 120, 3
+    layer, q, k, pos, G = _pooled_layer("layer", n)
+    own = (512 * n) // 4096  # each head's own K(n) = 15
+    scores = [brute_scores(q[0, h * G:(h + 1) * G, -P.OBS:], k[0, h], pos[0, -P.OBS:]) for h in range(Hkv)]
+    near = set(range(8)) | set(range(n - 5, n))
+    kept = [held(layer, h) - near for h in range(Hkv)]
+    assert all(near <= held(layer, h) for h in range(Hkv))
+    assert sum(map(len, kept)) == Hkv * own  # the pool's total, spent unevenly
+    assert len({len(x) for x in kept}) > 1
+    assert len(kept[0]) == int(own * P.SHARE_FLOOR)  # head 0 gets its floor and no more
+    floor = int(own * P.SHARE_FLOOR)
+    cand = [p for p in range(n) if p not in near]
+    for h in range(Hkv):  # each head keeps at least its floor: its own top tokens
+        top = sorted(cand, key=lambda p: -float(scores[h][p]))[:floor]
+        assert set(top) <= kept[h]
+    # beyond the floors, the pool's choice is a joint top-k over every head's candidates
+    rest = [(float(scores[h][p]), h, p) for h in range(Hkv) for p in cand]
+    floors = {(h, p) for h in range(Hkv) for p in sorted(cand, key=lambda p: -float(scores[h][p]))[:floor]}
+    chosen = [x for x in rest if x[2] in kept[x[1]] and (x[1], x[2]) not in floors]
+    dropped = [x for x in rest if x[2] not in kept[x[1]]]
+    assert min(c[0] for c in chosen) >= max(d[0] for d in dropped) - 1e-6
+
+
+def test_duo_heads_scored_on_the_fly_buy_whole_heads_with_the_pooled_budget():
+    n, Hkv, G, D = 120, 3, 2, 16
+    torch.manual_seed(4)
+    row = {"kind": "select", "sink": 2, "alpha": 5, "keep_alpha": 0, "keep_beta": 0.375, "share": "heads"}
+    layer = HeadplanLayer(P.make_table([row] * Hkv), 256)
+    q, k, v = torch.randn(1, Hkv * G, n, D), torch.randn(1, Hkv, n, D), torch.randn(1, Hkv, n, D)
+    u = torch.nn.functional.normalize(torch.randn(D), dim=0) * 6
+    q[0, :, -P.OBS:] += u
+    for h in range(Hkv):  # head 1's last queries look far back (keys 20..39), the others at their ring
+        k[0, h, slice(20, 40) if h == 1 else slice(n - 5, n)] += u
+    layer.update(k, v)
+    layer.commit_contiguous(k, v, (q, torch.arange(n)[None], D ** -0.5))
+    # the pooled budget, 3 x 45 = 135 tokens, buys one whole head of 113 candidates (a head is bought while the
+    # budget left covers half of it: not a second one); head 1 keeps everything, the others sink + ring
+    assert held(layer, 1) == set(range(n))
+    assert held(layer, 0) == held(layer, 2) == set(range(2)) | set(range(n - 5, n))
+    # with a budget too small for half a head, no head is bought
+    small = HeadplanLayer(P.make_table([{**row, "keep_beta": 0.125}] * Hkv), 256)
+    small.update(k, v)
+    small.commit_contiguous(k, v, (q, torch.arange(n)[None], D ** -0.5))
+    assert all(len(held(small, h)) == 7 for h in range(Hkv))
+
+
+@pytest.mark.parametrize("share,family", [("layer", "qwen2"), ("heads", "gemma3")])
+def test_pooled_select_heads_through_generate_hold_the_pools_budget(share, family):
+    """AdaKV and on-the-fly Duo heads in a whole model (Gemma 3: its sliding layers too), prefill then decode:
+    each layer's select heads hold, together, what their pooled budget allows (a Duo head all or nothing)."""
+    lm = tiny(family)
+    row = {**SEL, "share": share}
+    plan = plan_for(lm, lambda li, h: row)
+    RT.apply(lm.model, plan)
+    x = ids(200, 1, seed=7)
+    cache = RT.new_cache(lm.model, 240)
+    with torch.no_grad():
+        out = lm.model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
+    assert out.shape[1] == 204
+    own, near, pooled = 1 + (512 * 200) // 4096, 3 + 6, 0  # K(200), sink + ring
+    for layer in cache.layers:
+        hs = [h for h in range(len(layer.cap)) if layer.keep[h]]
+        if not hs:  # a sliding layer whose window is smaller than the head's budget: a plain ring
+            continue
+        pooled += 1
+        kept = [len({p for p in held(layer, h) if 3 <= p < 200 - 6}) for h in hs]  # chosen at the prefill
+        if share == "layer":
+            assert sum(kept) == own * len(hs)
+        else:
+            assert all(k in (0, 200 - near) for k in kept)
+    assert pooled

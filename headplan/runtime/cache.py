@@ -5,7 +5,7 @@ All KV heads of a layer live in one packed buffer ``k_buf/v_buf (B, S, D)``; KV 
 (-1 = empty). Full (and dynamic, strided) heads store position p in slot p of their region; streaming
 heads keep a sink region and a ring buffer of the window, slot ``sink + (p - sink) % ring``; select
 heads lay out sink and ring the same way, followed by ``keep`` slots that hold the tokens each chunk's
-selection keeps (``_select_commit``; kernels.patterns SELECT); skip heads hold nothing. The ring is sized for the largest window up to ``max_length`` and regrown
+selection keeps (``_select``; kernels.patterns SELECT); skip heads hold nothing. The ring is sized for the largest window up to ``max_length`` and regrown
 (re-placing slots by position) if the sequence outgrows it.
 
 The layer is used through transformers' Cache API: ``update`` returns the new key/value states
@@ -17,6 +17,7 @@ write them (evicting what no future query can see).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..kernels import patterns as P
@@ -63,7 +64,9 @@ class HeadplanLayer(CacheLayerMixin):
         if kind == P.SELECT:
             sink, ring = t[P.C_SINK], max(1, t[P.C_ALPHA])
             cap = sink + ring + int(P.select_keep(max_len, t[P.C_KEEP], t[P.C_KEEPB]))
-            if cap >= max_len:
+            if t[P.C_SHARE]:  # a pooled budget: room for what the layer's pool may give this head
+                cap = max_len if sink + ring < max_len else cap
+            elif cap >= max_len:
                 cap, ring, sink = max_len, 0, 0  # keeps everything: store like a full head
         if kind == P.STREAMING:
             sink = t[P.C_SINK]
@@ -78,6 +81,13 @@ class HeadplanLayer(CacheLayerMixin):
 
     def _layout(self, max_len: int):
         lay = [self._cap(h, max_len) for h in range(self.table.shape[0])]
+        pool = [h for h, (c, r, s) in enumerate(lay) if r and c - r - s and int(self.table[h, P.C_SHARE]) == 1]
+        if pool:  # AdaKV heads: each may hold up to the layer pool's total keep (its KV is the pool's, shared)
+            tot = sum(int(P.select_keep(max_len, int(self.table[h, P.C_KEEP]), int(self.table[h, P.C_KEEPB])))
+                      for h in pool)
+            for h in pool:
+                c, r, s = lay[h]
+                lay[h] = (min(c, s + r + tot), r, s)
         self.cap = [c for c, _, _ in lay]
         self.ring = [r for _, r, _ in lay]
         self.sink = [s for _, _, s in lay]  # where each ring starts (sink slots come first)
@@ -180,56 +190,139 @@ class HeadplanLayer(CacheLayerMixin):
                                  "make it with a larger max_length (or grow=True)")
             self._grow(need)
         n_after = self.n_logical + valid.sum(dim=1)
+        sel = [h for h in range(len(self.cap)) if self.keep[h]] if obs is not None else []
+        if sel:
+            self._select(sel, pos, key_states, value_states, n_after, obs, fresh=False)
         for h in range(len(self.cap)):
-            if self.keep[h] and obs is not None:
-                self._select_commit(h, pos, key_states[:, h], value_states[:, h], n_after, obs)
-            elif self.cap[h]:
+            if self.cap[h] and h not in sel:
                 self._scatter(h, pos, key_states[:, h], value_states[:, h], valid)
         self.n_logical += valid.sum(dim=1)  # in place: a captured decode graph reads this buffer
 
-    def _select_commit(self, h: int, pos, k, v, n_after, obs) -> None:
-        """A select head's chunk: of what it held and the chunk, keep the sink, the last ``ring`` tokens and
-        the K(n) others the chunk's observation queries score highest (kernels.patterns.select_scores)."""
+    def _select(self, hs: list[int], pos, key, value, n_after, obs, fresh: bool) -> None:
+        """The select heads ``hs`` of a chunk, all at once: of what each held and the chunk, keep the sink, the
+        last ``ring`` tokens and the K(n) others the chunk's queries score highest (kernels.patterns
+        ``select_scores`` or ``context_scores``), or, for heads that pool their budget (``C_SHARE``), what the
+        layer's pool gives them. One scoring call, one top-k and scatters: no host synchronisation.
+
+        key/value (B, Hkv, n, D), pos (B, n) (-1 = padding), n_after (B,) tokens after the chunk. ``fresh``: the
+        heads hold nothing yet (a first prefill), so the pool is the chunk alone."""
         query, qpos, scale = obs
-        o, c, ring, sink = self.off[h], self.cap[h], self.ring[h], self.sink[h]
-        kb, vb, pb = self.head_view(h)
-        pool_k, pool_v = torch.cat([kb, k.to(kb.dtype)], 1), torch.cat([vb, v.to(vb.dtype)], 1)
-        pool_p = torch.cat([pb.long(), pos.long()], 1)  # (B, M), -1 = empty or padding
-        G = query.shape[1] // len(self.cap)
+        B, Hk, dev = key.shape[0], len(self.cap), key.device
+        S, G = len(hs), query.shape[1] // len(self.cap)
+        hi = torch.tensor(hs, device=dev)
+        pk, pv = key[:, hi].to(self.k_buf.dtype), value[:, hi].to(self.v_buf.dtype)  # (B, S, n, D)
+        pp = pos.long()[:, None].expand(B, S, -1)
+        if not fresh:  # what each head holds, padded to the largest region (-1: empty), before the chunk
+            m = max(self.cap[h] for h in hs)
+            held = [[F.pad(t, (0, 0, 0, m - self.cap[h])) for t in self.head_view(h)[:2]] for h in hs]
+            hp = torch.stack([F.pad(self.head_view(h)[2].long(), (0, m - self.cap[h]), value=-1) for h in hs], 1)
+            pk = torch.cat([torch.stack([x[0] for x in held], 1), pk], 2)
+            pv = torch.cat([torch.stack([x[1] for x in held], 1), pv], 2)
+            pp = torch.cat([hp, pp], 2)
+        M = pp.shape[2]
+        flat = lambda t: t.reshape(B * S, *t.shape[2:])  # noqa: E731  heads as rows
+        q = flat(query.reshape(B, Hk, G, *query.shape[2:])[:, hi])  # (B*S, G, Lq, D)
+        qp, kp, lwin = flat(qpos[:, None].expand(B, S, -1)), flat(pp), int(self.table[hs[0], P.C_LWIN])
+        O = min(P.OBS, q.shape[2])
         if self.scorer == "context":
-            sc = P.context_scores(query[:, h * G:(h + 1) * G], pool_k, pool_p, qpos, scale,
-                                  int(self.table[h, P.C_LWIN]))
+            sc = P.context_scores(q, flat(pk), kp, qp, scale, lwin)
         else:
-            O = min(P.OBS, query.shape[2])
-            sc = P.select_scores(query[:, h * G:(h + 1) * G, -O:], pool_k, pool_p, qpos[:, -O:], scale,
-                                 int(self.table[h, P.C_LWIN]))
-        t = self.table[h]
-        K = torch.clamp(P.select_keep(n_after, int(t[P.C_KEEP]), int(t[P.C_KEEPB])), max=self.keep[h])
-        near = (pool_p >= 0) & ((pool_p < sink) | (pool_p >= (n_after - ring)[:, None]))
-        cand = (pool_p >= 0) & ~near
-        top = sc.masked_fill(~cand, -torch.inf).topk(min(self.keep[h], sc.shape[1]), dim=1)
-        chosen = (torch.arange(top.indices.shape[1], device=sc.device)[None] < K[:, None]) & \
-            torch.isfinite(top.values)
-        self.slot_pos[:, o:o + c] = -1
-        self._scatter(h, pool_p, pool_k, pool_v, near)
-        a = o + sink + ring
-        idx = top.indices[:, :self.keep[h]]
-        pick = lambda t_: t_.gather(1, idx[..., None].expand(-1, -1, t_.shape[-1]))  # noqa: E731
-        n = idx.shape[1]
-        self.k_buf[:, a:a + n] = pick(pool_k)
-        self.v_buf[:, a:a + n] = pick(pool_v)
-        self.slot_pos[:, a:a + n] = torch.where(chosen, pool_p.gather(1, idx), -1).to(self.slot_pos.dtype)
+            sc = P.select_scores(q[:, :, -O:], flat(pk), kp, qp[:, -O:], scale, lwin)
+        sc = sc.view(B, S, M)
+        t = self.table[hs]
+        col = lambda c: t[:, c].to(dev, torch.long)  # noqa: E731  (S,) per head
+        sink, ring, share = col(P.C_SINK), torch.tensor([self.ring[h] for h in hs], device=dev), col(P.C_SHARE)
+        cap_k = torch.tensor([self.keep[h] for h in hs], device=dev)
+        own = P.select_keep(n_after[:, None], col(P.C_KEEP)[None], col(P.C_KEEPB)[None])  # (B, S) own K(n)
+        near = (pp >= 0) & ((pp < sink[None, :, None]) | (pp >= (n_after[:, None] - ring[None])[..., None]))
+        score = sc.masked_fill(~((pp >= 0) & ~near), -torch.inf)
+        K = torch.minimum(own, cap_k[None])
+        if bool((share == 1).any()):
+            score, K = self._pool_tokens(score, K, own, cap_k, share == 1)
+        if bool((share == 2).any()):
+            mass = P.observed_attention(q[:, :, -O:], flat(pk), kp, qp[:, -O:], scale, lwin).view(B, S, M)
+            K = self._pool_heads(mass.masked_fill(~torch.isfinite(score), 0).sum(-1), torch.isfinite(score).sum(-1),
+                                 K, own, cap_k, share == 2)
+        kk = min(int(cap_k.max()), M)
+        top = score.topk(kk, dim=2)  # (B, S, kk)
+        chosen = (torch.arange(kk, device=dev)[None, None] < K[..., None]) & torch.isfinite(top.values)
+        for h in hs:
+            self.slot_pos[:, self.off[h]:self.off[h] + self.cap[h]] = -1
+        off = torch.tensor([self.off[h] for h in hs], device=dev)
+        trash = self.total
+        q0 = pp.clamp(min=0)
+        ring_slot = torch.where(q0 < sink[None, :, None], q0, sink[None, :, None] + torch.remainder(
+            q0 - sink[None, :, None], ring[None, :, None]))
+        slots = torch.where(near, off[None, :, None] + ring_slot, trash)  # (B, S, M)
+        kslots = torch.where(torch.arange(kk, device=dev)[None] < cap_k[:, None],
+                             (off + sink + ring)[:, None] + torch.arange(kk, device=dev)[None], trash)
+        idx = top.indices
+        gather = lambda x: x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
+        for buf, near_src, kept in ((self.k_buf, pk, gather(pk)), (self.v_buf, pv, gather(pv))):
+            D = buf.shape[-1]
+            buf.scatter_(1, slots.reshape(B, -1, 1).expand(-1, -1, D), near_src.reshape(B, -1, D))
+            buf.scatter_(1, kslots.reshape(1, -1, 1).expand(B, -1, D), kept.reshape(B, -1, D))
+        self.slot_pos.scatter_(1, slots.reshape(B, -1), pp.reshape(B, -1).to(self.slot_pos.dtype))
+        self.slot_pos.scatter_(1, kslots.reshape(1, -1).expand(B, -1),
+                               torch.where(chosen, pp.gather(2, idx), -1).reshape(B, -1).to(self.slot_pos.dtype))
+        self.slot_pos[:, trash] = -1
+
+    @staticmethod
+    def _pool_tokens(score, K, own, cap_k, pool):
+        """AdaKV: the ``pool`` heads' budgets summed, their tokens competing by score across the heads, each head
+        first given the top SHARE_FLOOR of its own K(n). Returns the scores with every token the pool does not
+        keep at -inf, and each pooled head's K (its region: what it was given is what stays finite)."""
+        sp = score[:, pool]  # (B, P, M)
+        B, Pn, M = sp.shape
+        floor = (own[:, pool] * P.SHARE_FLOOR).long()
+        kf = int(floor.max()) if floor.numel() else 0
+        if kf:
+            tf = sp.topk(min(kf, M), dim=2)
+            first = torch.zeros_like(sp, dtype=torch.bool).scatter_(
+                2, tf.indices, (torch.arange(tf.indices.shape[2], device=sp.device) < floor[..., None]))
+            sp = torch.where(first & torch.isfinite(sp), sp + 1e4, sp)  # the floor wins every comparison
+        total = own[:, pool].sum(1)  # (B,)
+        tj = sp.reshape(B, -1).topk(min(int(total.max()), Pn * M), dim=1)
+        member = torch.zeros(B, Pn * M, dtype=torch.bool, device=sp.device).scatter_(
+            1, tj.indices, (torch.arange(tj.indices.shape[1], device=sp.device)[None] < total[:, None])
+            & torch.isfinite(tj.values)).view(B, Pn, M)
+        score = score.clone()
+        score[:, pool] = score[:, pool].masked_fill(~member, -torch.inf)
+        K = K.clone()
+        K[:, pool] = cap_k[pool][None].expand(B, -1)
+        return score, K
+
+    @staticmethod
+    def _pool_heads(mass, count, K, own, cap_k, pool):
+        """DuoAttention scored on the fly: the ``pool`` heads' budgets summed buy whole heads, in the order of
+        the attention ``mass`` their observation queries put outside sink and ring; a head is bought while the
+        budget covers at least half of its ``count`` candidate tokens. Bought heads keep every candidate (their
+        region holds them all), the others only sink and ring. Returns K."""
+        B = mass.shape[0]
+        mp, cp = mass[:, pool], count[:, pool]
+        order = mp.argsort(dim=1, descending=True)
+        cost = cp.gather(1, order)
+        before = cost.cumsum(1) - cost
+        buy = (before + cost / 2) <= own[:, pool].sum(1, keepdim=True)
+        bought = torch.zeros_like(buy).scatter_(1, order, buy)
+        K = K.clone()
+        K[:, pool] = torch.where(bought, cap_k[pool][None].expand(B, -1), 0)
+        return K
 
     def commit_contiguous(self, key_states: torch.Tensor, value_states: torch.Tensor, obs=None) -> None:
         """First prefill without padding: tokens 0..n-1 of every row. Slice copies, no host sync (select heads
         excepted: their selection, given ``obs`` as in ``commit``)."""
         n = key_states.shape[2]
-        if n > self.layout_len or (obs is not None and any(self.keep)):
-            return self.commit(key_states, value_states,
-                               torch.arange(n, device=key_states.device).expand(key_states.shape[0], n), obs)
         dev = key_states.device
+        if n > self.layout_len:
+            return self.commit(key_states, value_states, torch.arange(n, device=dev).expand(key_states.shape[0], n),
+                               obs)
+        sel = [h for h in range(len(self.cap)) if self.keep[h]] if obs is not None else []
+        if sel:
+            self._select(sel, torch.arange(n, device=dev).expand(key_states.shape[0], n), key_states, value_states,
+                         self.n_logical + n, obs, fresh=True)
         for h, (o, c, ring, sink) in enumerate(zip(self.off, self.cap, self.ring, self.sink)):
-            if c == 0:
+            if c == 0 or h in sel:
                 continue
             if ring == 0:
                 self.k_buf[:, o:o + n] = key_states[:, h]

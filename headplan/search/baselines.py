@@ -17,6 +17,16 @@ the plan's lengths (the budget the search was given):
   Its prefill is full, so it needs a budget without a density bound below 1.
 - ``pyramidkv``: PyramidKV — the same, with a keep that falls linearly from 1.5x the mean in the first
   layer to 0.5x in the last.
+- ``adakv``: AdaKV — SnapKV's heads with their keep budgets pooled per layer (``share: layer``): tokens
+  compete across the layer's heads, each head keeping at least a fifth of its own budget.
+- ``duo-otf``: DuoAttention with its heads scored on the fly — every KV head a select head with duo's sink
+  and window whose pooled keep budget buys whole heads per layer and input (``share: heads``): the heads
+  whose last queries attend most outside sink and window keep every token, the others sink + window.
+  (kvpress's on-the-fly scoring ranks heads once per model from mean queries and keys; this ranks them on
+  each input, as its prefill arrives.) Its KV share is the plan's on average: a head is bought while the
+  budget left covers half of it.
+
+The selection baselines keep what the plan's KV budget allows at every length; their heads prefill in full.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from ..candidates import Candidate, budget_tables, plan_shares, select, streamin
 from ..errors import HeadplanError
 from ..plan import Budget, HeadEntry, Plan
 
-BASELINES = ("streaming", "duo", "moa", "random", "snapkv", "pyramidkv")
+BASELINES = ("streaming", "duo", "moa", "random", "snapkv", "pyramidkv", "adakv", "duo-otf")
 DEFAULT_BASELINES = ("streaming", "duo", "moa", "random")  # what `--baselines` alone (True) means
 
 
@@ -208,10 +218,15 @@ def random_baseline(prof, plan: Plan, seed: int = 0) -> Plan:
     return _make(prof, plan, "random", cands, [loss[h, c] for h, c in enumerate(choice)], {"seed": seed})
 
 
-def _selection_baseline(prof, plan: Plan, name: str, slope: float) -> Plan:
+def _selection_baseline(prof, plan: Plan, name: str, slope: float, share: str | None = None,
+                        near: tuple[int, int] | None = None) -> Plan:
     """SnapKV (slope 0) or PyramidKV (slope 1): select heads everywhere, layer l keeping
-    ``b · (1 + slope · (1/2 - l/(L-1)))`` of the tokens, b the largest on the 1/4096 grid that fits."""
+    ``b · (1 + slope · (1/2 - l/(L-1)))`` of the tokens, b the largest on the 1/4096 grid that fits.
+    ``share``: the heads' keep budgets pooled per layer (plan.SHARES); ``near``: (sink, window) of every head
+    (default: no sink and the observation window)."""
     from ..kernels.patterns import BETA_SCALE, OBS
+
+    sink, win = near or (0, OBS)
 
     dens, kvb, lengths = _budget(plan)
     m = prof.model
@@ -224,7 +239,8 @@ def _selection_baseline(prof, plan: Plan, name: str, slope: float) -> Plan:
     factor = [1.0 + slope * (0.5 - (li / (L - 1) if L > 1 else 0.5)) for li in range(L)]
 
     def cands(q: int) -> list[Candidate]:
-        return [select(0, OBS, min(BETA_SCALE, int(q * f)) / BETA_SCALE) for f in factor for _ in range(H)]
+        c = [select(sink, win, min(BETA_SCALE, int(q * f)) / BETA_SCALE) for f in factor for _ in range(H)]
+        return [dataclasses.replace(x, pattern=dataclasses.replace(x.pattern, share=share)) for x in c] if share else c
 
     def ok(q: int) -> bool:
         c = cands(q)
@@ -233,7 +249,7 @@ def _selection_baseline(prof, plan: Plan, name: str, slope: float) -> Plan:
         return _fits([d for d, _ in shares], [k for _, k in shares], None, kvb)
 
     if not ok(1):
-        raise HeadplanError(f"{name} baseline: even the {OBS}-token observation window exceeds the KV budget")
+        raise HeadplanError(f"{name} baseline: even sink {sink} + window {win} alone exceeds the KV budget")
     lo, hi = 1, BETA_SCALE
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -242,7 +258,23 @@ def _selection_baseline(prof, plan: Plan, name: str, slope: float) -> Plan:
     si = [i for i, c in enumerate(prof.candidates) if c.pattern.kind == "select" and c.pattern.keep.beta <= lo / BETA_SCALE]
     best = max(si, key=lambda i: prof.candidates[i].pattern.keep.beta) if si else None
     losses = list(loss[:, best]) if best is not None else [1.0] * (L * H)  # the nearest profiled keep below
-    return _make(prof, plan, name, cands(lo), losses, {"keep_beta": lo / BETA_SCALE, "window": OBS})
+    extra = {"keep_beta": lo / BETA_SCALE, "window": win, **({"sink": sink} if sink else {}),
+             **({"share": share} if share else {})}
+    return _make(prof, plan, name, cands(lo), losses, extra)
+
+
+def _duo_near(prof, plan: Plan) -> tuple[int, int]:
+    """(sink, window) of duo's streaming heads: the profile's sink and fixed window nearest below 1/8 of the
+    shortest length (DuoAttention's recent 256 at 2K)."""
+    lengths = _budget(plan)[2]
+    fw = _fixed_windows(prof)
+    if not fw:
+        raise HeadplanError("duo-otf baseline: the profile needs a fixed sink + window candidate")
+    target = min(lengths) / 8
+    best = min(fw, key=lambda i: (prof.candidates[i].pattern.window.alpha > target,
+                                  abs(prof.candidates[i].pattern.window.alpha - target)))
+    p = prof.candidates[best].pattern
+    return int(p.sink), int(p.window.alpha)
 
 
 def build_baselines(prof, plan: Plan, names=DEFAULT_BASELINES, seed: int = 0) -> dict[str, Plan]:
@@ -257,7 +289,9 @@ def build_baselines(prof, plan: Plan, names=DEFAULT_BASELINES, seed: int = 0) ->
     makers = {"streaming": streaming_baseline, "duo": duo_baseline, "moa": moa_baseline,
               "random": lambda p, pl: random_baseline(p, pl, seed),
               "snapkv": lambda p, pl: _selection_baseline(p, pl, "snapkv", 0.0),
-              "pyramidkv": lambda p, pl: _selection_baseline(p, pl, "pyramidkv", 1.0)}
+              "pyramidkv": lambda p, pl: _selection_baseline(p, pl, "pyramidkv", 1.0),
+              "adakv": lambda p, pl: _selection_baseline(p, pl, "adakv", 0.0, "layer"),
+              "duo-otf": lambda p, pl: _selection_baseline(p, pl, "duo-otf", 0.0, "heads", _duo_near(p, pl))}
     out = {}
     for n in names:
         if n not in makers:
