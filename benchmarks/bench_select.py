@@ -3,6 +3,7 @@
     python benchmarks/bench_select.py plans --model SmolLM2.gguf --out DIR   # profile 2K/4K/8K, plan in the loop
     python benchmarks/bench_select.py eval --model SmolLM2.gguf --out DIR --settings single
     python benchmarks/bench_select.py eval --model SmolLM2.gguf --out DIR --settings after
+    python benchmarks/bench_select.py commit   # the selection's own cost in one layer at 32K, profiled
 
 ``plans``: a recall profile at 2K / 4K / 8K (so the KV budget binds up to 8K) with the default candidates (select
 heads among them), then `headplan refine` (plan in the loop, 2 rounds, validated) at KV budget 0.25 and no density
@@ -90,9 +91,51 @@ def _table(res) -> None:
             flush=True)
 
 
+def commit(N: int = 32768) -> None:
+    """The selection's own cost: one Llama-3-8B-shaped layer (32 query / 8 KV heads, D 128, bf16) committing an
+    N-token first prefill, 1 full + 7 select heads (sink 128, ring 64, keep N/7 - 192) against 1 full + 7
+    streaming heads (sink 128 + window N/7 - 128) at the same KV. Median of 20, then the profiler's top kernels."""
+    import torch
+
+    from headplan.kernels import patterns as P
+    from headplan.runtime.cache import HeadplanLayer
+
+    w = N // 7 - 128
+    rows = {"static": [{"kind": "full"}] + [{"kind": "streaming", "sink": 128, "alpha": w}] * 7,
+            "select": [{"kind": "full"}] + [{"kind": "select", "sink": 128, "alpha": 64, "keep_alpha": w - 64}] * 7}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(1, 8, N, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v, q = torch.randn_like(k), torch.randn(1, 32, N, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    obs = (q, torch.arange(N, device="cuda")[None], 128 ** -0.5)
+    for name, r in rows.items():
+        layer = HeadplanLayer(P.make_table(r), N + 8)
+
+        def run():
+            layer.clear() if layer.is_initialized else None
+            layer.update(k, v)
+            layer.commit_contiguous(k, v, obs)
+
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(20):
+            t = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        print(f"commit {name}: {sorted(ts)[10] * 1e3:.3f} ms per layer", flush=True)
+        if name == "select":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("plans", "eval"))
+    ap.add_argument("what", choices=("plans", "eval", "commit"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", type=Path, default=Path("select-out"))
     ap.add_argument("--kv", type=float, default=0.25)
@@ -102,7 +145,9 @@ def main() -> None:
     ap.add_argument("--tasks", default="perplexity,passkey,needle", help="eval: comma list, one do_eval each")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    if a.what == "plans":
+    if a.what == "commit":
+        commit()
+    elif a.what == "plans":
         plans(a.model, a.out, a.kv)
     else:
         evaluate(a.model, a.out, a.settings, a.samples, a.baselines, a.tasks)

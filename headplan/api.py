@@ -216,12 +216,14 @@ def do_search(profile_path: str | Path, out: str | Path, *, density: float | Non
               max_patterns_per_layer: int | None = None, validate_lengths=None, pareto_points: int = 0,
               tune_trials: int = 0, study: str | None = None, signals: str | dict | None = None,
               exclude_kinds: str | list | None = None, keep: str | dict | None = None,
-              full_heads: int | None = None, max_length=None) -> Plan:
+              full_heads: int | None = None, max_length=None, granularity: str = "kv_head",
+              format_windows: str | None = None) -> Plan:
     """Search a plan; with ``pareto_points`` also writes ``<out>.pareto.csv``/``.png`` beside the plan;
     with ``tune_trials`` runs Optuna over the global knobs (``study``: sqlite file to resume)."""
     from .profile import load_profile
     from .search import (SearchSettings, parse_latency, parse_memory, pareto, profile_ref, search, tune,
                          write_pareto)
+    from .search.settings import check_granularity
 
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
     for flag, v in (("--pareto", pareto_points), ("--tune", tune_trials)):  # before any work is written
@@ -229,6 +231,7 @@ def do_search(profile_path: str | Path, out: str | Path, *, density: float | Non
     lat, mem = parse_latency(latency_budget), parse_memory(memory_budget)
     if density is None and kv_budget is None and lat is None and mem is None:
         raise HeadplanError("give a budget: --density, --kv-budget, --latency-budget and/or --memory-budget")
+    granularity, format_windows = check_granularity(granularity, format_windows)
     prof = load_profile(profile_path)
     m = prof.model
     sig = _signal_weights(signals, "--signals")
@@ -241,7 +244,8 @@ def do_search(profile_path: str | Path, out: str | Path, *, density: float | Non
                               latency_budget=lat, memory_budget=mem, max_patterns_per_layer=max_patterns_per_layer,
                               validate_lengths=optional_lengths(validate_lengths) or (),
                               signals=sig, exclude_kinds=kinds, keep=keep_t, full_heads=full_heads,
-                              max_length=optional_length("--max-length", max_length))
+                              max_length=optional_length("--max-length", max_length), granularity=granularity,
+                              format_windows=format_windows)
     ref = profile_ref(profile_path, out, prof.sha256)
     if tune_trials:
         plan, trials = tune(prof, settings, tune_trials, f"sqlite:///{Path(study).resolve()}" if study else None,
@@ -264,7 +268,8 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
               kv_budget: float | None = None, lengths=None, signals: str | dict | None = None,
               tolerance: float = 0.02, data: str | None = None, samples: int | None = None,
               texts: list[str] | None = None, dtype: str = "float32", device: str = "cpu",
-              reporter: Reporter | None = None, lm=None, max_length=None) -> tuple[Plan, dict]:
+              reporter: Reporter | None = None, lm=None, max_length=None, granularity: str = "kv_head",
+              format_windows: str | None = None) -> tuple[Plan, dict]:
     """Search a family of plans at one budget, run each on validation samples, save the one the rule
     picks (``headplan.search.family`` builds the family, ``headplan.eval.validate`` measures it); its provenance records every candidate's measured losses.
     Returns (plan, {name: {lm_nll, answer_nll, ppl_vs_dense, counts}})."""
@@ -273,18 +278,21 @@ def do_select(model: str, profile_path: str | Path, out: str | Path, *, density:
     from .models import load_model
     from .profile import load_profile
     from .search import SearchSettings, build_family, choose, profile_ref
+    from .search.settings import check_granularity
 
     rep = reporter or Reporter()
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
     if density is None and kv_budget is None:
         raise HeadplanError("give a budget: --density and/or --kv-budget")
+    granularity, format_windows = check_granularity(granularity, format_windows)
     spec = load_task_file(data, "select")
     check_arguments(spec, samples, tolerance)  # everything that needs no model or profile, first
     load_texts(texts)
     base = SearchSettings(density=density, kv_budget=kv_budget,
                           lengths=optional_lengths(lengths),
                           signals=_signal_weights(signals, "--signals"),
-                          max_length=optional_length("--max-length", max_length))
+                          max_length=optional_length("--max-length", max_length), granularity=granularity,
+                          format_windows=format_windows)
     prof = load_profile(profile_path)
     plans = build_family(prof, base, profile_ref(profile_path, out, prof.sha256))
     if lm is None:
@@ -315,7 +323,8 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
               exclude_kinds: str | list | None = None, validate_lengths=None, texts: list[str] | None = None,
               dtype: str = "float32", device: str = "cpu", reporter: Reporter | None = None,
               lm=None, shrink_worths: bool = False,
-              profile_windows: bool = DEFAULT_PROFILE_WINDOWS, max_length=None) -> tuple[Plan, list[dict]]:
+              profile_windows: bool = DEFAULT_PROFILE_WINDOWS, max_length=None, granularity: str = "kv_head",
+              format_windows: str | None = None) -> tuple[Plan, list[dict]]:
     """Plan in the loop (``headplan.search.refine``): search, then ``rounds`` times measure every head's worth
     with the current plan applied and re-solve at the same budget. Calibration samples: the data spec's
     gate settings (``gates:``; default the profile's own spec); ``validate`` scores every round on
@@ -330,11 +339,13 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
     from .profile.runner import gate_options, gate_sequences
     from .search import SearchSettings, profile_ref
     from .search.refine import recall_part, refine
+    from .search.settings import check_granularity
 
     rep = reporter or Reporter()
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
     if density is None and kv_budget is None:
         raise HeadplanError("give a budget: --density and/or --kv-budget")
+    granularity, format_windows = check_granularity(granularity, format_windows)
     if rounds < 1:
         raise HeadplanError(f"--rounds must be at least 1, got {rounds}")
     vspec = load_task_file(None, "select")
@@ -354,7 +365,8 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
         opt["samples"] = samples
     settings = SearchSettings(density=density, kv_budget=kv_budget, lengths=optional_lengths(lengths),
                               exclude_kinds=pattern_kinds(exclude_kinds),
-                              max_length=optional_length("--max-length", max_length))
+                              max_length=optional_length("--max-length", max_length), granularity=granularity,
+                              format_windows=format_windows)
     feasible_or_raise(list(prof.candidates), list(settings.lengths or prof.lengths), density, kv_budget, prof.model)
     if lm is None:
         lm = load_model(model, dtype=dtype, device=device, progress=rep.log)
@@ -380,7 +392,8 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
                          lengths=None, signals: str | dict | None = None, tolerance: float = 0.02,
                          data: str | None = None, samples: int | None = None, texts: list[str] | None = None,
                          dtype: str = "float32", device: str = "cpu", reporter: Reporter | None = None,
-                         lm=None, refine: int = 0) -> tuple[Plan, dict]:
+                         lm=None, refine: int = 0, granularity: str = "kv_head",
+                         format_windows: str | None = None) -> tuple[Plan, dict]:
     """Budget at quality: the cheapest budget (``search.family.QUALITY_GRID``, by bisection; density and KV
     share both at most the grid value) at which a member of the selection family meets the constraint on
     validation samples, that member (by the selection rule among those that meet it), and the budget each
@@ -396,8 +409,10 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
     from .profile import load_profile
     from .search import QUALITY_GRID, SearchSettings, build_baselines, build_family, cheapest, choose, meets, search
     from .search import profile_ref as make_ref
+    from .search.settings import check_granularity
 
     rep = reporter or Reporter()
+    granularity, format_windows = check_granularity(granularity, format_windows)
     out = _check_out(Path(out), (".yaml", ".yml"), "plan")
     for flag, v in (("--max-ppl-increase", max_ppl_increase), ("--max-answer-nll-increase", max_answer_nll_increase)):
         if v is not None and not (v >= 0 and math.isfinite(v)):
@@ -422,14 +437,16 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
         g = QUALITY_GRID[i]
         try:
             return {"search": search(prof, SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths),
-                                                          signals=sig), ref)}
+                                                          signals=sig, granularity=granularity,
+                                                          format_windows=format_windows), ref)}
         except HeadplanError:
             return {}
 
     def family_at(i):
         if i not in seen:
             g = QUALITY_GRID[i]
-            base = SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths), signals=sig)
+            base = SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths), signals=sig,
+                                  granularity=granularity, format_windows=format_windows)
             try:
                 plans = build_family(prof, base, ref)
             except HeadplanError:
@@ -439,7 +456,8 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
                     plans["refined"], _ = do_refine(model, profile_path, Path(tmp) / "plan.yaml", density=g,
                                                     kv_budget=g, lengths=lengths, rounds=refine,
                                                     exclude_kinds=DEFAULT_RUN_EXCLUDE, texts=texts, reporter=rep,
-                                                    lm=lm, dtype=dtype, device=device)
+                                                    lm=lm, dtype=dtype, device=device, granularity=granularity,
+                                                    format_windows=format_windows)
                 plans["refined"].provenance["profile"] = ref  # refined in a scratch folder: point at the profile
             seen[i] = (plans, validate(lm, plans, spec, vlen, texts, samples, rep) if plans else {})
         return seen[i]
@@ -683,7 +701,8 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
            method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02,
            baselines: str | list | None = "moa", refine: int = DEFAULT_REFINE_ROUNDS,
            exclude_kinds: str | list | None = DEFAULT_RUN_EXCLUDE, shrink_worths: bool = False,
-           profile_windows: bool = DEFAULT_PROFILE_WINDOWS, max_length=None) -> dict:
+           profile_windows: bool = DEFAULT_PROFILE_WINDOWS, max_length=None, granularity: str = "kv_head",
+           format_windows: str | None = None) -> dict:
     """The whole pipeline: profile, search (or, with ``select``, ``headplan select``'s measured choice among a
     family of plans), eval beside dense and ``baselines`` (default: the MoA-style baseline at the same
     budget, so the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json (OUT written
@@ -699,6 +718,9 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     _baseline_names(baselines)  # a bad name fails before any work
     whole_number("--refine", refine)
     kinds = pattern_kinds(None if str(exclude_kinds).strip().lower() == "none" else exclude_kinds)
+    from .search.settings import check_granularity
+
+    granularity, format_windows = check_granularity(granularity, format_windows)
     if refine and not select:  # plan in the loop needs answered calibration samples: fail before profiling
         from .profile.runner import gate_options
 
@@ -727,18 +749,19 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
         selection = None
         if select:
             plan, table = do_select(model, prof_path, plan_path, density=density, kv_budget=kv_budget,
-                                    tolerance=tolerance, texts=texts, reporter=rep, lm=lm, max_length=max_length)
+                                    tolerance=tolerance, texts=texts, reporter=rep, lm=lm, max_length=max_length,
+                                    granularity=granularity, format_windows=format_windows)
             selection = {"chosen": plan.provenance["selection"]["chosen"], "tolerance": tolerance, "candidates": table}
         elif refine:
             plan, hist = do_refine(model, prof_path, plan_path, density=density, kv_budget=kv_budget, rounds=refine,
                                    data=data, validate=True, tolerance=tolerance, exclude_kinds=kinds, texts=texts,
                                    reporter=rep, lm=lm, shrink_worths=shrink_worths, profile_windows=profile_windows,
-                                   max_length=max_length)
+                                   max_length=max_length, granularity=granularity, format_windows=format_windows)
             selection = {"chosen": plan.provenance["search"]["refine"]["kept"], "tolerance": tolerance,
                          "candidates": {h["round"]: {**h.get("measured", {}), "counts": h["counts"]} for h in hist}}
         else:
             plan = do_search(prof_path, plan_path, density=density, kv_budget=kv_budget, exclude_kinds=kinds,
-                             max_length=max_length)
+                             max_length=max_length, granularity=granularity, format_windows=format_windows)
         res = do_eval(model, plan_path, out, data=eval_data, texts=texts, reporter=rep, lm=lm, baselines=baselines,
                       profile=prof_path, _stage=stage)
         summary = {

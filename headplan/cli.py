@@ -22,6 +22,10 @@ ModelArg = typer.Argument("smollm2-135m", help="smollm2-135m | HF directory | fi
                                                "random:<config.json>")
 TextOpt = typer.Option(None, "--text", help="Haystack text file (repeatable); default: pydoc_data/topics.py")
 ExcludeKindsOpt = typer.Option(None, "--exclude-kinds", help="Pattern kinds never to use, e.g. vslash,blocksparse")
+GranularityOpt = typer.Option("kv_head", "--granularity", help="kv_head: a pattern per KV head | layer: one pattern "
+                              "for every KV head of a layer (same budgets, solved over layers)")
+FormatWindowsOpt = typer.Option(None, "--format-windows", help="Only candidates this export format can express: "
+                                "hf-layer-types | trtllm (both with --granularity layer) | duo-tsv")
 MaxLengthOpt = typer.Option(None, "--max-length", help="Density and KV budget also hold at every length up to this "
                             "one, beyond the profiled lengths (e.g. 8k; default: the profiled lengths only)")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
@@ -170,7 +174,8 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
            full_heads: Optional[int] = typer.Option(None, "--full-heads", help="Exactly this many KV heads full "
                                                                               "(e.g. with --exclude-kinds for "
                                                                               "retrieval heads + windows)"),
-           max_length: Optional[str] = MaxLengthOpt):
+           max_length: Optional[str] = MaxLengthOpt,
+           granularity: str = GranularityOpt, format_windows: Optional[str] = FormatWindowsOpt):
     """Assign each KV head a pattern: least profiled loss within the budgets (exact)."""
     from .api import do_search
 
@@ -179,7 +184,7 @@ def search(profile_path: Path = typer.Argument(..., metavar="PROFILE", help="Pro
                      max_patterns_per_layer=max_patterns, validate_lengths=validate_lengths,
                      pareto_points=pareto_points, tune_trials=tune_trials, study=str(study) if study else None,
                      signals=signals, exclude_kinds=exclude_kinds, keep=keep, full_heads=full_heads,
-                     max_length=max_length)
+                     max_length=max_length, granularity=granularity, format_windows=format_windows)
     b = plan.budget
     msg = (f"plan -> {out}: {plan.counts()}; density {', '.join(f'{x:.3f}' for x in b.achieved_density)} "
            f"and KV {', '.join(f'{x:.3f}' for x in b.achieved_kv)} at lengths {list(b.lengths)}")
@@ -208,6 +213,7 @@ def refine(model: str = ModelArg,
                                                           "one longer than profiled"),
            shrink_worths: bool = ShrinkOpt, profile_windows: bool = WindowsOpt,
            max_length: Optional[str] = MaxLengthOpt,
+           granularity: str = GranularityOpt, format_windows: Optional[str] = FormatWindowsOpt,
            text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search, then re-measure every head with the plan applied and re-solve (plan in the loop)."""
     from .api import do_refine
@@ -216,6 +222,7 @@ def refine(model: str = ModelArg,
                            rounds=rounds, data=data, samples=samples, validate=validate, exclude_kinds=exclude_kinds,
                            validate_lengths=validate_lengths, shrink_worths=shrink_worths,
                            profile_windows=profile_windows, max_length=max_length,
+                           granularity=granularity, format_windows=format_windows,
                            texts=text, dtype=dtype,
                            device=device, reporter=_reporter())
     kept = plan.provenance["search"]["refine"]["kept"]
@@ -418,6 +425,7 @@ def select_cmd(model: str = ModelArg,
                refine: int = typer.Option(2, "--refine", help="With --max-ppl-increase: plan-in-the-loop rounds of "
                                           "the 'refined' family member at each budget (0 = the search family only)"),
                max_length: Optional[str] = MaxLengthOpt,
+               granularity: str = GranularityOpt, format_windows: Optional[str] = FormatWindowsOpt,
                text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search a family of plans at one budget (plain search, windows only, K full heads + windows), run each
     on validation samples, keep the best answerer within --tolerance of the best perplexity. With
@@ -430,7 +438,8 @@ def select_cmd(model: str = ModelArg,
         plan, budgets = do_select_at_quality(
             model, profile_path, out, max_ppl_increase=max_ppl_increase,
             max_answer_nll_increase=max_answer_nll_increase, lengths=lengths, signals=signals, tolerance=tolerance,
-            data=data, samples=samples, texts=text, dtype=dtype, device=device, reporter=_reporter(), refine=refine)
+            data=data, samples=samples, texts=text, dtype=dtype, device=device, reporter=_reporter(), refine=refine,
+            granularity=granularity, format_windows=format_windows)
         t = Table(title=f"cheapest budget with ppl <= dense +{100 * max_ppl_increase:g}%"
                   + (f", answer NLL <= dense + {max_answer_nll_increase:g}" if max_answer_nll_increase is not None
                      else ""))
@@ -449,7 +458,8 @@ def select_cmd(model: str = ModelArg,
     dens = density if (density is not None or kv_budget is not None) else DEFAULT_DENSITY
     plan, table = do_select(model, profile_path, out, density=dens, kv_budget=kv_budget, lengths=lengths,
                             signals=signals, tolerance=tolerance, data=data, samples=samples, texts=text,
-                            dtype=dtype, device=device, reporter=_reporter(), max_length=max_length)
+                            dtype=dtype, device=device, reporter=_reporter(), max_length=max_length,
+                            granularity=granularity, format_windows=format_windows)
     sel = plan.provenance["selection"]
     _console().print(_validation_table(table, sel["chosen"],
                                        f"validation at {', '.join(map(str, sel['lengths']))} tokens (* = chosen)"))
@@ -534,6 +544,7 @@ def run(model: str = ModelArg,
         shrink_worths: bool = ShrinkOpt, profile_windows: bool = WindowsOpt,
         max_length: Optional[str] = typer.Option(None, "--max-length", help="Density and KV budget hold at every "
                                                  "length up to this one (default: the longest eval length)"),
+        granularity: str = GranularityOpt, format_windows: Optional[str] = FormatWindowsOpt,
         dtype: str = DtypeOpt, device: str = DeviceOpt):
     """The whole pipeline: profile, search (or --select), eval beside dense and the MoA-style baseline at the
     same budget; writes everything into --out."""
@@ -545,6 +556,7 @@ def run(model: str = ModelArg,
                eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
                candidates=candidates, select=select, tolerance=tolerance, refine=refine, exclude_kinds=exclude_kinds,
                shrink_worths=shrink_worths, profile_windows=profile_windows, max_length=max_length,
+               granularity=granularity, format_windows=format_windows,
                baselines=None if baselines.strip().lower() in ("", "none") else baselines,
                **({"method": method} if method else {}))
     con = _console()

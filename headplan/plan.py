@@ -28,6 +28,7 @@ INT32_MAX = 2**31 - 1  # the runtime head table is int32: every pattern integer 
 MAX_BLOCK = 4096
 KINDS, DYNAMIC_KINDS = KIND_NAMES, DYNAMIC_KINDS  # one list, kernels.kinds
 BETA_GRID = 4096
+GRANULARITIES = ("kv_head", "layer")  # layer: every KV head of a layer has the same pattern
 
 
 @dataclass(frozen=True)
@@ -415,8 +416,8 @@ def plan_from_dict(d: Any, source: str = "plan") -> Plan:
         raise PlanError(f"{source}.schema_version: unsupported version {sv} (this headplan reads {SCHEMA_VERSION})")
     model = model_identity(_need(d, "model", source), f"{source}.model")
     gran = _need(d, "granularity", source)
-    if gran != "kv_head":
-        raise PlanError(f"{source}.granularity: only 'kv_head' is supported, got {gran!r}")
+    if gran not in GRANULARITIES:
+        raise PlanError(f"{source}.granularity: must be one of {', '.join(GRANULARITIES)}, got {_short(gran)}")
     block = _int(d.get("block_size", 64), f"{source}.block_size", 16, MAX_BLOCK)
     if block & (block - 1):
         raise PlanError(f"{source}.block_size: must be a power of two, got {block}")
@@ -462,8 +463,20 @@ def plan_from_dict(d: Any, source: str = "plan") -> Plan:
                 raise PlanError(f"{wh}.kv_head: expected {hi}, got {h['kv_head']}")
             entries.append(HeadEntry(hi, _pattern(h, wh), str(h.get("candidate", ""))))
         layers.append(tuple(entries))
+        if gran == "layer":
+            _same_in_layer(entries, li, wl)
     return Plan(model=model, budget=budget, layers=tuple(layers), block_size=block, granularity=gran,
                 provenance=prov, schema_version=sv)
+
+
+def _same_in_layer(entries: list[HeadEntry], li: int, where: str) -> None:
+    """``granularity: layer``: every KV head of layer ``li`` has the pattern of its KV head 0."""
+    first = entries[0]
+    for e in entries[1:]:
+        if e.pattern != first.pattern:
+            raise PlanError(f"{where}: layer {li} has different patterns in one layer (kv_head {e.kv_head}: "
+                            f"{e.candidate or e.pattern.kind}, kv_head 0: {first.candidate or first.pattern.kind}) "
+                            f"but granularity is 'layer' (use 'kv_head')")
 
 
 _TOP_KEYS = ("schema_version", "model", "granularity", "block_size", "budget", "provenance", "layers")
@@ -494,6 +507,8 @@ def _provenance(prov: dict, where: str) -> None:
     for k in ("max_patterns_per_layer", "full_heads"):
         if s.get(k) is not None:
             _int(s[k], f"{ws}.{k}", 0)
+    if s.get("granularity") is not None and s["granularity"] not in GRANULARITIES:
+        raise PlanError(f"{ws}.granularity: must be one of {', '.join(GRANULARITIES)}, got {_short(s['granularity'])}")
     if s.get("exclude_kinds") is not None:
         for i, x in enumerate(_list(s["exclude_kinds"], f"{ws}.exclude_kinds")):
             if x not in KINDS:

@@ -229,26 +229,24 @@ class HeadplanLayer(CacheLayerMixin):
         else:
             sc = P.select_scores(q[:, :, -O:], flat(pk), kp, qp[:, -O:], scale, lwin)
         sc = sc.view(B, S, M)
-        t = self.table[hs]
-        col = lambda c: t[:, c].to(dev, torch.long)  # noqa: E731  (S,) per head
-        sink, ring, share = col(P.C_SINK), torch.tensor([self.ring[h] for h in hs], device=dev), col(P.C_SHARE)
-        cap_k = torch.tensor([self.keep[h] for h in hs], device=dev)
-        own = P.select_keep(n_after[:, None], col(P.C_KEEP)[None], col(P.C_KEEPB)[None])  # (B, S) own K(n)
+        shares = self.table[hs, P.C_SHARE].tolist()  # host values: no synchronisation below
+        col = self._select_cols(tuple(hs), dev)
+        sink, ring, share, cap_k, off = col["sink"], col["ring"], col["share"], col["cap_k"], col["off"]
+        own = P.select_keep(n_after[:, None], col["keep_a"][None], col["keep_b"][None])  # (B, S) own K(n)
         near = (pp >= 0) & ((pp < sink[None, :, None]) | (pp >= (n_after[:, None] - ring[None])[..., None]))
         score = sc.masked_fill(~((pp >= 0) & ~near), -torch.inf)
         K = torch.minimum(own, cap_k[None])
-        if bool((share == 1).any()):
-            score, K = self._pool_tokens(score, K, own, cap_k, share == 1)
-        if bool((share == 2).any()):
+        if 1 in shares:
+            score, K = self._pool_tokens(score, K, own, cap_k, share == 1, [self.keep[h] for h in hs])
+        if 2 in shares:
             mass = P.observed_attention(q[:, :, -O:], flat(pk), kp, qp[:, -O:], scale, lwin).view(B, S, M)
             K = self._pool_heads(mass.masked_fill(~torch.isfinite(score), 0).sum(-1), torch.isfinite(score).sum(-1),
                                  K, own, cap_k, share == 2)
-        kk = min(int(cap_k.max()), M)
+        kk = min(max(self.keep[h] for h in hs), M)
         top = score.topk(kk, dim=2)  # (B, S, kk)
         chosen = (torch.arange(kk, device=dev)[None, None] < K[..., None]) & torch.isfinite(top.values)
         for h in hs:
             self.slot_pos[:, self.off[h]:self.off[h] + self.cap[h]] = -1
-        off = torch.tensor([self.off[h] for h in hs], device=dev)
         trash = self.total
         q0 = pp.clamp(min=0)
         ring_slot = torch.where(q0 < sink[None, :, None], q0, sink[None, :, None] + torch.remainder(
@@ -267,22 +265,36 @@ class HeadplanLayer(CacheLayerMixin):
                                torch.where(chosen, pp.gather(2, idx), -1).reshape(B, -1).to(self.slot_pos.dtype))
         self.slot_pos[:, trash] = -1
 
+    def _select_cols(self, hs: tuple, device) -> dict:
+        """Per select head of ``hs``, on ``device`` (made once per layout): sink, ring, share, keep rule, the keep
+        region's size and the region's offset, each (S,) int64."""
+        key = ("select", hs, str(device), self.layout_len)
+        cache = self.__dict__.setdefault("_dev", {})
+        if key not in cache:
+            t = self.table[list(hs)].long()
+            cols = {"sink": t[:, P.C_SINK], "share": t[:, P.C_SHARE], "keep_a": t[:, P.C_KEEP],
+                    "keep_b": t[:, P.C_KEEPB], "ring": torch.tensor([self.ring[h] for h in hs]),
+                    "cap_k": torch.tensor([self.keep[h] for h in hs]), "off": torch.tensor([self.off[h] for h in hs])}
+            cache.clear() if len(cache) > 8 else None
+            cache[key] = {k: v.to(device) for k, v in cols.items()}
+        return cache[key]
+
     @staticmethod
-    def _pool_tokens(score, K, own, cap_k, pool):
+    def _pool_tokens(score, K, own, cap_k, pool, caps):
         """AdaKV: the ``pool`` heads' budgets summed, their tokens competing by score across the heads, each head
-        first given the top SHARE_FLOOR of its own K(n). Returns the scores with every token the pool does not
+        first given the top SHARE_FLOOR of its own K(n) (``caps``: the select heads' keep region sizes). Returns the scores with every token the pool does not
         keep at -inf, and each pooled head's K (its region: what it was given is what stays finite)."""
         sp = score[:, pool]  # (B, P, M)
         B, Pn, M = sp.shape
         floor = (own[:, pool] * P.SHARE_FLOOR).long()
-        kf = int(floor.max()) if floor.numel() else 0
+        kf = int(max(caps) * P.SHARE_FLOOR)  # a bound on the floors from the host (``caps``: the regions' sizes)
         if kf:
             tf = sp.topk(min(kf, M), dim=2)
             first = torch.zeros_like(sp, dtype=torch.bool).scatter_(
                 2, tf.indices, (torch.arange(tf.indices.shape[2], device=sp.device) < floor[..., None]))
             sp = torch.where(first & torch.isfinite(sp), sp + 1e4, sp)  # the floor wins every comparison
         total = own[:, pool].sum(1)  # (B,)
-        tj = sp.reshape(B, -1).topk(min(int(total.max()), Pn * M), dim=1)
+        tj = sp.reshape(B, -1).topk(min(sum(caps), Pn * M), dim=1)
         member = torch.zeros(B, Pn * M, dtype=torch.bool, device=sp.device).scatter_(
             1, tj.indices, (torch.arange(tj.indices.shape[1], device=sp.device)[None] < total[:, None])
             & torch.isfinite(tj.values)).view(B, Pn, M)

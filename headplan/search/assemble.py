@@ -52,7 +52,12 @@ def _plan(prof, settings, choice, lengths, loss, dens, kv, profile_ref, cost) ->
     }
     budget = Budget(density=settings.density, kv_budget=settings.kv_budget, lengths=tuple(lengths),
                     achieved_density=ach_d, achieved_kv=ach_k, expected_loss=exp, max_length=settings.max_length)
-    plan = Plan(model=m, budget=budget, layers=tuple(layers), block_size=prof.block_size, provenance=prov)
+    plan = Plan(model=m, budget=budget, layers=tuple(layers), block_size=prof.block_size,
+                granularity=settings.granularity, provenance=prov)
+    if settings.format_windows is not None:
+        from .formats import check_expressible
+
+        check_expressible(plan, settings.format_windows)
     if cost is not None and settings.latency_budget is not None:
         n = settings.latency_budget[1]
         prov["search"]["predicted_prefill_ms"] = round(cost.plan_prefill_ms(plan, n), 6)

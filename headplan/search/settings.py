@@ -23,6 +23,8 @@ class SearchSettings:
     full_heads: int | None = None  # exactly this many KV heads full (DuoAttention-style retrieval heads)
     full_set: tuple[int, ...] | None = None  # exactly these KV heads (layer * KV heads + head) full, no others
     max_length: int | None = None  # density and KV budget also bind at every length up to this (bound_lengths)
+    granularity: str = "kv_head"  # "layer": one pattern for every KV head of a layer (solved over layers)
+    format_windows: str | None = None  # only candidates this export format (headplan.export) can express
 
     def to_dict(self) -> dict:
         d = {"density": self.density, "kv_budget": self.kv_budget,
@@ -48,6 +50,10 @@ class SearchSettings:
             d["full_set"] = list(self.full_set)
         if self.max_length is not None:
             d["max_length"] = self.max_length
+        if self.granularity != "kv_head":  # per-head searches keep their recorded settings byte for byte
+            d["granularity"] = self.granularity
+        if self.format_windows is not None:
+            d["format_windows"] = self.format_windows
         return d
 
     @staticmethod
@@ -66,7 +72,31 @@ class SearchSettings:
             keep=tuple((str(k), float(w)) for k, w in (s.get("keep") or {}).items()),
             full_heads=int(s["full_heads"]) if s.get("full_heads") is not None else None,
             full_set=tuple(int(h) for h in s["full_set"]) if s.get("full_set") is not None else None,
-            max_length=int(s["max_length"]) if s.get("max_length") is not None else None)
+            max_length=int(s["max_length"]) if s.get("max_length") is not None else None,
+            granularity=str(s.get("granularity") or "kv_head"),
+            format_windows=str(s["format_windows"]) if s.get("format_windows") is not None else None)
+
+
+def check_granularity(granularity: str | None, format_windows: str | None = None) -> tuple[str, str | None]:
+    """``--granularity`` (kv_head | layer; None = kv_head) and ``--format-windows`` (an export format or None),
+    checked before any work: the per-layer formats (hf-layer-types, trtllm) state one pattern per layer, so they
+    need ``--granularity layer``. Returns the pair as SearchSettings takes it."""
+    from ..export import FORMATS
+    from ..plan import GRANULARITIES
+
+    g = "kv_head" if granularity is None else str(granularity).strip()
+    if g not in GRANULARITIES:
+        raise HeadplanError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    f = None if format_windows is None or str(format_windows).strip().lower() in ("", "none") else \
+        str(format_windows).strip()
+    if f is not None and f not in FORMATS:
+        raise HeadplanError(f"--format-windows must be one of {', '.join(FORMATS)}, got {format_windows!r}")
+    if f in PER_LAYER_FORMATS and g != "layer":
+        raise HeadplanError(f"--format-windows {f} states one pattern per layer: use it with --granularity layer")
+    return g, f
+
+
+PER_LAYER_FORMATS = ("hf-layer-types", "trtllm")  # export formats with one attention rule per layer
 
 
 def bound_lengths(lengths, max_length: int | None) -> tuple[int, ...]:

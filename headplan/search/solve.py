@@ -147,12 +147,16 @@ def pattern_rows(prob: _Problem, kmax: int) -> None:
         prob.le(list(range(z0 + layer * C, z0 + (layer + 1) * C)), [1.0] * C, kmax)
 
 
-def full_head_rows(prob: _Problem, k: int, full_cols: list[int]) -> None:
-    """Exactly ``k`` heads choose one of the candidates ``full_cols`` (the allowed full patterns)."""
-    k = int(k)
-    if not 0 <= k <= prob.H or (k and not full_cols):
-        raise HeadplanError(f"--full-heads {k} is impossible: the model has {prob.H} KV heads"
+def full_head_rows(prob: _Problem, k: int, full_cols: list[int], heads_per_unit: int = 1) -> None:
+    """Exactly ``k`` heads choose one of the candidates ``full_cols`` (the allowed full patterns); each unit of
+    the program is ``heads_per_unit`` KV heads (a layer's, at layer granularity)."""
+    k, g = int(k), int(heads_per_unit)
+    if not 0 <= k <= prob.H * g or (k and not full_cols):
+        raise HeadplanError(f"--full-heads {k} is impossible: the model has {prob.H * g} KV heads"
                             + ("" if full_cols else " and the candidates allow no full pattern"))
+    if k % g:
+        raise HeadplanError(f"--full-heads {k} is impossible at layer granularity: a full layer is {g} KV heads")
+    k //= g
     idx = [h * prob.C + c for c in full_cols for h in range(prob.H)]
     prob.le(idx, [1.0] * len(idx), k)
     prob.le(idx, [-1.0] * len(idx), -k)
@@ -191,8 +195,21 @@ def _check_slack(sig: str, slack: float) -> None:
         raise HeadplanError(f"--keep: the slack of {sig!r} must be >= 1 (a factor on its optimum), got {slack}")
 
 
+def _units(x: np.ndarray, g: int, how: str = "sum") -> np.ndarray:
+    """(H, ...) per KV head -> (H // g, ...) per unit of ``g`` consecutive heads (a layer's at layer
+    granularity): losses and costs add up, shares average; ``g`` 1 returns ``x`` itself."""
+    if g == 1:
+        return x
+    y = x.reshape((x.shape[0] // g, g) + x.shape[1:])
+    return y.sum(axis=1) if how == "sum" else y.mean(axis=1) if how == "mean" else y.all(axis=1)
+
+
 def _solve(prof: Profile, settings: SearchSettings, cost=None):
+    """The program over units, then the choice per KV head: at ``kv_head`` granularity a unit is a KV head; at
+    ``layer`` granularity a layer, whose loss and costs are the sums over its KV heads and whose shares their
+    mean (so every budget row means what it means per head), its choice given to every head of the layer."""
     from ..costmodel import check_fits, kv_coefficients, prefill_coefficients
+    from .settings import check_granularity
 
     lengths = tuple(settings.lengths) if settings.lengths else prof.lengths
     for n in tuple(lengths) + tuple(settings.validate_lengths):
@@ -216,13 +233,39 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
     allowed = np.repeat(_collapsed(prof, allowed), m.num_kv_heads, axis=0)  # (H, C)
     if settings.full_set is not None:
         allowed = full_set_mask(allowed, settings.full_set, np.array([k == "full" for k in kinds]))
+    gran, fmt = check_granularity(settings.granularity, settings.format_windows)
+    g = m.num_kv_heads if gran == "layer" else 1  # KV heads per unit of the program
+    keys = None
+    if fmt is not None:
+        from .formats import format_keys
+
+        keys = format_keys(m, prof.candidates, fmt)  # (layers, C)
+        ok = np.repeat(np.array([[k is not None for k in row] for row in keys]), m.num_kv_heads, axis=0)
+        if not (allowed & ok).any():
+            raise HeadplanError(f"--format-windows {fmt}: no allowed candidate is expressible in that format")
+        allowed = allowed & ok
+    units = _units(allowed, g, "all")  # (U, C): a layer may take a candidate when every head of it may
+    bad = np.flatnonzero(~units.any(axis=1))
+    if bad.size:  # a format that states nothing allowed there, or a full set that splits a layer
+        u = int(bad[0])
+        where = f"layer {u * g // m.num_kv_heads}" + (f" kv_head {u % m.num_kv_heads}" if g == 1 else "")
+        raise HeadplanError(f"{where} has no allowed candidate" + (" shared by all its KV heads" if g > 1 else "")
+                            + (f" that {fmt} can express" if fmt is not None else ""))
     obj = loss.mean(axis=2) + TIE * tie_break(kinds, dens, kv)
     obj = np.where(allowed, obj, 1e6)  # excluded candidates are never worth it
+    obj = np.where(units, _units(obj, g), 1e6 * g)  # a layer's: the sum over its KV heads
     obj = np.round(obj, 12).reshape(-1)
-    prob = _Problem(obj, H, C, m.num_kv_heads)
+    U = H // g
+    prob = _Problem(obj, U, C, m.num_kv_heads // g)
 
-    share_rows(prob, "density", settings.density, dens, allowed, bind)
-    share_rows(prob, "kv_budget", settings.kv_budget, kv, allowed, bind)
+    share_rows(prob, "density", settings.density, _units(dens, g, "mean"), units, bind)
+    share_rows(prob, "kv_budget", settings.kv_budget, _units(kv, g, "mean"), units, bind)
+    if keys is not None:
+        from .formats import shape_rows
+
+        shape_rows(prob, lambda u: keys[u * g // m.num_kv_heads])
+        for i in np.flatnonzero(~units.reshape(-1)):  # what the format cannot state is never chosen, at any cost
+            prob.le([int(i)], [1.0], 0.0)
     if settings.latency_budget is not None or settings.memory_budget is not None:
         if cost is None:
             raise HeadplanError("latency and memory budgets need a cost table (--cost-table, or 'analytic')")
@@ -230,22 +273,24 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
     if settings.latency_budget is not None:
         ms, n = settings.latency_budget
         per_layer, dyn_ms, fixed = prefill_coefficients(cost, prof.candidates, n, prof.block_size, m)
-        latency_rows(prob, ms, n, np.repeat(per_layer, m.num_kv_heads, axis=0), dyn_ms, fixed, allowed, kinds)
+        latency_rows(prob, ms, n, _units(np.repeat(per_layer, m.num_kv_heads, axis=0), g), dyn_ms, fixed, units,
+                     kinds)
     if settings.memory_budget is not None:
         gb, b, n = settings.memory_budget
         per = np.repeat(kv_coefficients(cost, prof.candidates, n, m) * b / 1e9, m.num_kv_heads, axis=0)
-        memory_rows(prob, gb, b, n, per, allowed)
+        memory_rows(prob, gb, b, n, _units(per, g), units)
     if settings.max_patterns_per_layer is not None:
         pattern_rows(prob, settings.max_patterns_per_layer)
     if settings.full_heads is not None:
-        full_head_rows(prob, settings.full_heads, [c for c in range(C) if kinds[c] == "full" and allowed[:, c].any()])
+        full_head_rows(prob, settings.full_heads, [c for c in range(C) if kinds[c] == "full" and units[:, c].any()],
+                       g)
     for sig, slack in settings.keep:
         # first the best this signal alone can do under the same budgets, then keep the plan near it
         _check_slack(sig, slack)
         alone = dataclasses.replace(settings, signals=((sig, 1.0),), keep=())
         best, *_ = _solve(prof, alone, cost)
         part = profile_loss(prof, ((sig, 1.0),)).numpy()[..., li].reshape(H, C, len(li)).mean(axis=2)
-        keep_row(prob, sig, slack, part, best)
-    choice = prob.solve()
+        keep_row(prob, sig, slack, _units(part, g), best[::g])
+    choice = np.repeat(prob.solve(), g)  # a layer's choice for each of its KV heads
     return choice, bind, loss, dens, kv
 
