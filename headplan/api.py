@@ -13,35 +13,30 @@ import time
 from pathlib import Path
 
 from .candidates import candidate_set
-from .errors import HeadplanError, PlanError
-from .files import staged_dir
-from .plan import Plan, atomic_write, load_plan, save_plan
-from .args import (DEFAULT_LENGTHS, _baseline_names, _check_out, _signal_weights, fit_lengths,  # noqa: F401
-                   check_budget, keep_pairs, named_plans, optional_length, optional_lengths, parse_length,
-                   parse_lengths, pattern_kinds, whole_number)
+from .check import check_plan, plan_profile
+from .costmodel.table import load_cost
+from .errors import HeadplanError
+from .eval.driver import eval_max_length, named_plans
+from .eval.ruler import ruler_part
+from .files import check_out as _check_out, final_path, record_path, staged_dir
+from .lengths import DEFAULT_LENGTHS, fit_lengths, optional_length, optional_lengths, parse_lengths
+from .plan import DYNAMIC_KINDS, Plan, atomic_write, load_plan, pattern_kinds, save_plan
+from .profile.format import ProfileResult
+from .profile.signals import keep_pairs, signal_weights as _signal_weights
 from .progress import Reporter
+from .search.baselines import baseline_names as _baseline_names, save_baseline
+from .search.refine import refine_fits
+from .search.settings import feasible_or_raise, whole_number
 
 DEFAULT_DENSITY = 0.25
 DEFAULT_RUN_METHOD = "recall"  # the profiling signal(s) of `headplan run`
-DEFAULT_REFINE_ROUNDS = 2  # plan-in-the-loop rounds of `headplan run` (0 = the profile's search alone); measured:
-# a third round was never the one kept on validation (README Results, issue 15)
-DEFAULT_PROFILE_WINDOWS = True  # plan in the loop keeps each round's full heads and re-chooses the other windows
-# from the profile's costs (`--profile-windows`); measured on validation seeds at 2K-8K, the rounds' own windows
-# (tuned at the 1K calibration length) cost +29% perplexity at 8K against the MoA-style baseline (README Results)
-DEFAULT_RUN_EXCLUDE = "vslash,blocksparse"  # kinds `headplan run` leaves out of its plan: dynamic heads keep every KV
-# entry (and decode as full); measured on validation seeds, the plan without them kept the same passkeys at
-# 0.44x the KV and a better perplexity at 4K (README Results, issue 15)
-
-
-class ProfileResult(tuple):
-    """``(profile, path)`` as returned by do_profile, plus ``.heads`` (the most retrieval-like heads:
-    largest loss under the short-window candidate) and ``.plot`` (the PNG written, or None)."""
-
-    def __new__(cls, prof, path, heads, plot):
-        self = super().__new__(cls, (prof, path))
-        self.heads = heads
-        self.plot = plot
-        return self
+# `headplan run`'s defaults, each measured on validation seeds (README Results, issue 15): plan in the loop for 2
+# rounds (a third was never the one kept); each round's full heads kept and the other windows re-chosen from the
+# profile's costs (the rounds' own windows, tuned at 1K, cost +29% perplexity at 8K against moa); the dynamic kinds
+# left out (they keep every KV entry: without them the same passkeys at 0.44x the KV, better perplexity at 4K)
+DEFAULT_REFINE_ROUNDS = 2
+DEFAULT_PROFILE_WINDOWS = True
+DEFAULT_RUN_EXCLUDE = ",".join(DYNAMIC_KINDS)
 
 
 def do_profile(model: str, out: str | Path, *, lengths=None, samples: int | None = None,
@@ -109,17 +104,6 @@ def do_profile(model: str, out: str | Path, *, lengths=None, samples: int | None
     return ProfileResult(prof, out, heads, plot_path)
 
 
-def load_cost(spec: str | None, head_dim: int, group: int):
-    """A cost table from a YAML path, or 'analytic' for nominal H100 rates (no GPU needed)."""
-    from .costmodel import analytic, load_cost_table
-
-    if spec is None:
-        return None
-    if spec == "analytic":
-        return analytic(head_dim, group)
-    return load_cost_table(spec)
-
-
 def do_costmodel_measure(out: str | Path, *, head_dim: int = 128, group: int = 4, lengths="4096,16384,32768",
                          reporter: Reporter | None = None):
     """Time the kernels on this GPU over a grid of ``lengths``, fit the cost table and save it to OUT (.yaml).
@@ -139,75 +123,6 @@ def do_costmodel_validate(table: str, *, plans: int = 20, head_dim: int = 128, g
 
     rows = validate(load_cost(table, head_dim, group), plans)
     return rows, summary(rows)
-
-
-def provenance_file(plan_path: Path, rel: str, field: str, hint: str = "give the file on the command line",
-                    root: str | Path | None = None) -> Path:
-    """A file a plan's provenance names, relative to the plan's folder. It must lie inside the plan's
-    folder, or inside ``root`` when one is given (e.g. the repository a CI job checks out); an absolute
-    path or one leading out of that folder (``..``, a link) is refused: give such a file on the command
-    line instead."""
-    from .plan import _short
-
-    here = Path(plan_path).resolve().parent
-    base = Path(root).resolve() if root is not None else here
-    if not here.is_relative_to(base):
-        raise HeadplanError(f"--root {root}: the plan {plan_path} is not inside it")
-    rp = Path(rel)
-    where = "the plan's folder" if root is None else f"--root {root}"
-    if rp.is_absolute() or (root is None and ".." in rp.parts) or not (here / rp).resolve().is_relative_to(base):
-        raise PlanError(f"{Path(plan_path).name}.{field}: {_short(rel)} is outside {where}; {hint}")
-    return here / rp
-
-
-def _plan_profile(path: Path, plan: Plan, profile: str | Path | None):
-    """The profile a plan was searched from, and its path: ``profile`` if given, else its provenance path
-    (relative to the plan's folder); refused when its digest differs from the one the plan records."""
-    pref = (plan.provenance or {}).get("profile") or {}
-    if profile is not None:
-        pp = Path(profile)
-    elif "path" in pref:
-        pp = provenance_file(path, pref["path"], "provenance.profile.path", "pass --profile")
-    else:
-        raise HeadplanError(f"{path}: the plan records no profile path; pass --profile")
-    if not pp.exists():
-        raise HeadplanError(f"profile not found: {pp} (pass --profile)")
-    return _recorded_profile(pp, pref), pp
-
-
-def _recorded_profile(pp: Path, pref: dict):
-    """The profile at ``pp``, refused when its digest differs from the one the plan records (``pref``)."""
-    from .profile import load_profile
-
-    prof = load_profile(pp)
-    if pref.get("sha256") and pref["sha256"] != prof.sha256:
-        raise HeadplanError(f"profile {pp} is not the one the plan was made from "
-                            f"(sha256 {prof.sha256[:12]}…, plan records {pref['sha256'][:12]}…)")
-    return prof
-
-
-def _save_baseline(plan: Plan, out: Path, profile_path: Path, sha256: str, into: Path | None = None) -> None:
-    """Save a baseline plan as ``out`` (written at ``into``, its staged place, when given), its
-    provenance.profile.path made relative to ``out``'s folder."""
-    from .search import profile_ref
-
-    plan.provenance["profile"] = profile_ref(profile_path, out, sha256)
-    save_plan(plan, into or out)
-
-
-def _final(path: str | Path, stage: Path | None, out: str | Path) -> Path:
-    """Where ``path`` will be once ``stage`` (a staged_dir of ``out``) is swapped in."""
-    p, st = Path(path), stage and Path(stage).resolve()
-    if st is not None and p.resolve().is_relative_to(st):
-        return Path(out) / p.resolve().relative_to(st)
-    return p
-
-
-def _record_path(path: str | Path, out: str | Path) -> str:
-    """A path as an output records it: relative to ``out`` when it lies inside (links resolved; so a
-    moved or copied folder still finds it), else absolute."""
-    p, o = Path(path).resolve(), Path(out).resolve()
-    return p.relative_to(o).as_posix() if p.is_relative_to(o) else str(p)
 
 
 def do_search(profile_path: str | Path, out: str | Path, *, density: float | None = DEFAULT_DENSITY,
@@ -234,18 +149,14 @@ def do_search(profile_path: str | Path, out: str | Path, *, density: float | Non
     granularity, format_windows = check_granularity(granularity, format_windows)
     prof = load_profile(profile_path)
     m = prof.model
-    sig = _signal_weights(signals, "--signals")
-    keep_t = keep_pairs(keep)
-    kinds = pattern_kinds(exclude_kinds)
     cost = load_cost(cost_table or ("analytic" if (lat or mem) else None), m.head_dim,
                      m.num_query_heads // m.num_kv_heads)
-    settings = SearchSettings(density=density, kv_budget=kv_budget,
-                              lengths=optional_lengths(lengths),
+    settings = SearchSettings(density=density, kv_budget=kv_budget, lengths=optional_lengths(lengths),
                               latency_budget=lat, memory_budget=mem, max_patterns_per_layer=max_patterns_per_layer,
                               validate_lengths=optional_lengths(validate_lengths) or (),
-                              signals=sig, exclude_kinds=kinds, keep=keep_t, full_heads=full_heads,
-                              max_length=optional_length("--max-length", max_length), granularity=granularity,
-                              format_windows=format_windows)
+                              signals=_signal_weights(signals, "--signals"), exclude_kinds=pattern_kinds(exclude_kinds),
+                              keep=keep_pairs(keep), full_heads=full_heads, granularity=granularity,
+                              max_length=optional_length("--max-length", max_length), format_windows=format_windows)
     ref = profile_ref(profile_path, out, prof.sha256)
     if tune_trials:
         plan, trials = tune(prof, settings, tune_trials, f"sqlite:///{Path(study).resolve()}" if study else None,
@@ -394,12 +305,9 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
                          dtype: str = "float32", device: str = "cpu", reporter: Reporter | None = None,
                          lm=None, refine: int = 0, granularity: str = "kv_head",
                          format_windows: str | None = None) -> tuple[Plan, dict]:
-    """Budget at quality: the cheapest budget (``search.family.QUALITY_GRID``, by bisection; density and KV
-    share both at most the grid value) at which a member of the selection family meets the constraint on
-    validation samples, that member (by the selection rule among those that meet it), and the budget each
-    baseline needs to meet the same constraint. ``refine`` > 0 adds the ``refined`` member: plan in the loop
-    (``do_refine``, that many rounds, the default windows and kinds, the last round kept) at each budget.
-    Returns (plan, {"headplan" | baseline: {"density", "kv_share", "measured"}})."""
+    """Budget at quality (``search.family.budget_at_quality``), measured on validation samples; density and KV
+    share both at most the grid value. ``refine`` > 0 adds the ``refined`` member (``do_refine``, that many
+    rounds) at each budget. Returns (plan, {"headplan" | baseline: {"density", "kv_share", "measured"}})."""
     import math
     import tempfile
 
@@ -407,8 +315,9 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
     from .eval.validate import check_arguments, validate
     from .models import load_model
     from .profile import load_profile
-    from .search import QUALITY_GRID, SearchSettings, build_baselines, build_family, cheapest, choose, meets, search
+    from .search import QUALITY_GRID, SearchSettings
     from .search import profile_ref as make_ref
+    from .search.family import budget_at_quality
     from .search.settings import check_granularity
 
     rep = reporter or Reporter()
@@ -430,68 +339,22 @@ def do_select_at_quality(model: str, profile_path: str | Path, out: str | Path, 
     ref = make_ref(profile_path, out, prof.sha256)
     vlen = optional_lengths(lengths) or prof.lengths
     sig = _signal_weights(signals, "--signals")
-    seen: dict = {}
+    def settings_at(g):
+        return SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths), signals=sig,
+                              granularity=granularity, format_windows=format_windows)
 
-    def template_at(i):
-        """The plain search at grid budget i (what a baseline takes its budget from), without validating it."""
-        g = QUALITY_GRID[i]
-        try:
-            return {"search": search(prof, SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths),
-                                                          signals=sig, granularity=granularity,
-                                                          format_windows=format_windows), ref)}
-        except HeadplanError:
-            return {}
+    def refined_at(g):
+        with tempfile.TemporaryDirectory() as tmp:
+            p, _ = do_refine(model, profile_path, Path(tmp) / "plan.yaml", density=g, kv_budget=g, lengths=lengths,
+                             rounds=refine, exclude_kinds=DEFAULT_RUN_EXCLUDE, texts=texts, reporter=rep, lm=lm,
+                             dtype=dtype, device=device, granularity=granularity, format_windows=format_windows)
+        p.provenance["profile"] = ref  # refined in a scratch folder: point at the profile
+        return p
 
-    def family_at(i):
-        if i not in seen:
-            g = QUALITY_GRID[i]
-            base = SearchSettings(density=g, kv_budget=g, lengths=optional_lengths(lengths), signals=sig,
-                                  granularity=granularity, format_windows=format_windows)
-            try:
-                plans = build_family(prof, base, ref)
-            except HeadplanError:
-                plans = {}
-            if refine and plans and g < 1.0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    plans["refined"], _ = do_refine(model, profile_path, Path(tmp) / "plan.yaml", density=g,
-                                                    kv_budget=g, lengths=lengths, rounds=refine,
-                                                    exclude_kinds=DEFAULT_RUN_EXCLUDE, texts=texts, reporter=rep,
-                                                    lm=lm, dtype=dtype, device=device, granularity=granularity,
-                                                    format_windows=format_windows)
-                plans["refined"].provenance["profile"] = ref  # refined in a scratch folder: point at the profile
-            seen[i] = (plans, validate(lm, plans, spec, vlen, texts, samples, rep) if plans else {})
-        return seen[i]
-
-    def ok_rows(table):
-        return {m: r for m, r in table.items()
-                if m != "dense" and meets(r, table["dense"], max_ppl_increase, max_answer_nll_increase)}
-
-    i = cheapest(QUALITY_GRID, lambda j: bool(ok_rows(family_at(j)[1])))
-    if i is None:
-        raise HeadplanError(f"no plan meets the constraint even at density {QUALITY_GRID[-1]}")
-    plans, table = family_at(i)
-    ok = ok_rows(table)
-    pick = choose({"dense": table["dense"], **ok}, tolerance)
-    plan = plans[pick]
-    n = max(plan.budget.lengths)
-    budgets = {"headplan": {"density": QUALITY_GRID[i], "kv_share": plan.budget.achieved_kv[-1], "length": n,
-                            "member": pick, "measured": {k: round(v, 6) for k, v in table[pick].items()}}}
-    for name in names:  # the budget each baseline needs for the same constraint (same grid, same samples)
-        bl = {}
-
-        def passes(j, name=name, bl=bl):
-            plans_j = seen[j][0] if j in seen else template_at(j)
-            if not plans_j:
-                return False
-            b = build_baselines(prof, next(iter(plans_j.values())), [name])[name]
-            row = validate(lm, {name: b}, spec, vlen, texts, samples, rep)
-            bl[j] = (b, row[name])
-            return meets(row[name], row["dense"], max_ppl_increase, max_answer_nll_increase)
-
-        j = cheapest(QUALITY_GRID, passes)
-        budgets[name] = ({"density": None, "kv_share": None, "measured": None} if j is None else
-                         {"density": QUALITY_GRID[j], "kv_share": bl[j][0].budget.achieved_kv[-1], "length": n,
-                          "measured": {k: round(v, 6) for k, v in bl[j][1].items()}})
+    plan, budgets = budget_at_quality(prof, ref, settings_at, lambda plans: validate(lm, plans, spec, vlen, texts,
+                                                                                      samples, rep),
+                                      max_ppl_increase, max_answer_nll_increase, tolerance, names,
+                                      refined_at if refine else None)
     plan.provenance["quality"] = {"max_ppl_increase": max_ppl_increase,
                                   "max_answer_nll_increase": max_answer_nll_increase,
                                   "grid": list(QUALITY_GRID), "lengths": list(vlen), "budgets": budgets}
@@ -505,11 +368,10 @@ def do_apply(model: str, plan_path: str | Path, *, prompt: str | None = None, ma
     """Load MODEL, patch it to run the plan; with ``prompt`` generate greedily, dense and with the plan; with
     ``out`` save the patched model there (``force``: into a non-empty directory that is not a headplan
     output). Returns {"lm", "counts", "dense", "plan"} (the two continuations, or None without a prompt)."""
-    import torch
-
+    from .eval.driver import side_by_side
     from .models import load_model
     from .runtime import apply as apply_plan
-    from .runtime import check_patched_out, check_plan_fits, dense, save_patched
+    from .runtime import check_patched_out, check_plan_fits, save_patched
 
     rep = reporter or Reporter()
     p = load_plan(plan_path)
@@ -521,45 +383,10 @@ def do_apply(model: str, plan_path: str | Path, *, prompt: str | None = None, ma
     apply_plan(lm.model, p)
     res = {"lm": lm, "counts": p.counts(), "dense": None, "plan": None}
     if prompt is not None:
-        tok = lm.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-        else:
-            text = prompt
-        ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=lm.model.device)
-        eos = getattr(tok, "eos_token_id", None)
-        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
-                  pad_token_id=eos if eos is not None else 0)
-        with torch.no_grad():
-            with dense(lm.model):
-                gd = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
-            gp = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
-        res["dense"] = tok.decode(gd.tolist(), skip_special_tokens=True)
-        res["plan"] = tok.decode(gp.tolist(), skip_special_tokens=True)
+        res["dense"], res["plan"] = side_by_side(lm, prompt, max_new_tokens)
     if out is not None:
         save_patched(lm.model, p, out, lm.tokenizer, force=force)
     return res
-
-
-def _ruler_part(spec: dict, max_positions: int, tasks, lengths, samples, gen_tokens, only: bool) -> dict:
-    """The eval spec with its ``ruler`` section from the --ruler flags (over the spec's own), checked before
-    any work (lm-eval installed, offline tasks, lengths that fit); ``only``: that section alone."""
-    from .eval.ruler import ruler_spec
-
-    if tasks is None and "ruler" not in spec:
-        given = [f for f, v in (("--ruler-lengths", lengths), ("--ruler-samples", samples),
-                                ("--ruler-gen-tokens", gen_tokens), ("--ruler-only", only or None)) if v is not None]
-        if given:
-            raise HeadplanError(f"{given[0]} goes with --ruler TASKS (e.g. --ruler niah_single_1)")
-        return spec
-    base = spec.get("ruler")
-    if base is not None and not isinstance(base, dict):
-        raise HeadplanError("eval spec: ruler: expected a mapping {tasks, lengths, samples, gen_tokens}")
-    r = ruler_spec(tasks, lengths, samples, gen_tokens, max_positions, base)
-    if only:
-        return {"name": "ruler", "seed": spec.get("seed", 1000), "ruler": r}
-    return {**spec, "ruler": r}
 
 
 def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = None, *, data: str | None = None,
@@ -593,7 +420,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     plans = [load_plan(p) for p in paths]
     spec, note = spec_for(load_task_file(data, "eval"), min(p.model.max_positions for p in plans), lengths, samples,
                           given=data is not None)
-    spec = _ruler_part(spec, min(p.model.max_positions for p in plans), ruler, ruler_lengths, ruler_samples,
+    spec = ruler_part(spec, min(p.model.max_positions for p in plans), ruler, ruler_lengths, ruler_samples,
                        ruler_gen_tokens, ruler_only)
     names = _baseline_names(baselines)
     multi = len(plans) > 1
@@ -609,9 +436,9 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
         if m in methods:
             raise HeadplanError(f"--plan: two methods named {m!r}; name them with NAME=PATH")
         methods[m] = plan
-        files[m] = _final(path, _stage, out) if out is not None else path.resolve()
+        files[m] = final_path(path, _stage, out) if out is not None else path.resolve()
         if names:
-            prof, pp = _plan_profile(path, plan, profile)
+            prof, pp = plan_profile(path, plan, profile)
             for name, bp in build_baselines(prof, plan, names, seed).items():
                 methods[label(name, bp)] = bp
                 sources[label(name, bp)] = (pp, prof.sha256)
@@ -633,17 +460,17 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     t0 = time.time()
     res = evaluate(lm, methods[first], spec, texts, rep, {k: v for k, v in methods.items() if k != first}, first)
     res["seconds"] = time.time() - t0
-    res["plan"] = str(_final(paths[0], _stage, out))
+    res["plan"] = str(final_path(paths[0], _stage, out))
     res["eval_spec"] = spec
     for info in res["methods"]:
         f = files.get(info["name"])
-        info["plan_file"] = None if f is None else str(f) if out is None else _record_path(f, out)
+        info["plan_file"] = None if f is None else str(f) if out is None else record_path(f, out)
         info["base"] = info["name"].split("@")[0]
     if out is not None:
         with contextlib.nullcontext(_stage) if _stage is not None else staged_dir(out) as stage:
             for m, bp in methods.items():
                 if m in sources:
-                    _save_baseline(bp, files[m], _final(sources[m][0], _stage, out), sources[m][1],
+                    save_baseline(bp, files[m], final_path(sources[m][0], _stage, out), sources[m][1],
                                    stage / "baselines" / f"{m}.yaml")
             atomic_write(stage / "eval.json", json.dumps(res, indent=2, sort_keys=True))
     return res
@@ -659,13 +486,13 @@ def do_baselines(plan_path: str | Path, out: str | Path, *, names=None, profile:
     _check_out(Path(out), (), "baselines", directory=True)
     plan = load_plan(path)
     names = _baseline_names(names or True)
-    prof, pp = _plan_profile(path, plan, profile)
+    prof, pp = plan_profile(path, plan, profile)
     files = {}
     built = build_baselines(prof, plan, names, seed)
     with staged_dir(out) as stage:
         for name, bp in built.items():
             files[name] = Path(out) / f"{name}.yaml"
-            _save_baseline(bp, files[name], pp, prof.sha256, stage / f"{name}.yaml")
+            save_baseline(bp, files[name], pp, prof.sha256, stage / f"{name}.yaml")
     return files
 
 
@@ -679,19 +506,6 @@ def do_report(run_dir: str | Path, out: str | Path, reporter: Reporter | None = 
         r = write_report(run_dir, stage, reporter)
     moved = lambda p: Path(out) / Path(p).relative_to(stage)  # noqa: E731
     return {**r, "markdown": moved(r["markdown"]), "html": moved(r["html"]), "images": [moved(p) for p in r["images"]]}
-
-
-def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budget: float | None,
-                      model=None) -> None:
-    """Fail before any work if no assignment of these candidates can meet the budget (against the
-    model's own attention when its identity is given: sliding layers count their window as dense)."""
-    from .candidates import budget_tables
-    from .plan import ModelIdentity
-
-    ident = model or ModelIdentity("", 1, 1, 1, 1, 1, "")
-    tables = dict(zip(("density", "kv_budget"), budget_tables(cands, lengths, 64, ident)))  # (L, C, lengths)
-    for name, bound in (("density", density), ("kv_budget", kv_budget)):
-        check_budget(name, bound, lengths, lambda j, t=tables[name]: float(t[:, :, j].min(axis=1).mean()))
 
 
 def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_budget: float | None = None,
@@ -739,7 +553,7 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
         elif max_length > lm.identity.max_positions:
             raise HeadplanError(f"--max-length {max_length} exceeds the model's {lm.identity.max_positions} positions")
         if refine and not select:
-            refine = _refine_fits(lm, data, texts, parse_lengths(lengths), refine, rep)
+            refine = refine_fits(lm, data, texts, parse_lengths(lengths), refine, rep)
         t_load = time.time() - t0
         prof_path = stage / "profile.safetensors"
         plan_path = stage / "plan.yaml"
@@ -779,130 +593,7 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     return summary
 
 
-def eval_max_length(eval_data: str | None, max_positions: int) -> int:
-    """The longest length the eval spec (default: the built-in one) measures on a model of ``max_positions``:
-    `run`'s default --max-length, so the plan's budget binds at every eval length."""
-    from .data import load_task_file
-    from .eval import spec_for
-
-    spec, _ = spec_for(load_task_file(eval_data, "eval"), max_positions, given=eval_data is not None)
-    lens = [int(n) for k, v in spec.items() if isinstance(v, dict) for n in (v.get("lengths") or [])]
-    return min(max(lens), int(max_positions)) if lens else int(max_positions)
-
-
-def _refine_fits(lm, data, texts, lengths: list[int], rounds: int, rep: Reporter) -> int:
-    """``rounds``, or 0 with one line when the calibration length (the mixture's gates.length, at most the
-    longest profiled length) cannot hold the mixture's answered samples."""
-    from .data import Haystack, answer_options, load_task_file, load_texts, mixture_samples
-    from .profile.runner import gate_options
-
-    spec = load_task_file(data, "profile")
-    opt = gate_options(spec, lengths)
-    try:
-        mixture_samples(Haystack(lm.tokenizer, load_texts(texts)[0]), spec, opt["length"], opt["samples"],
-                        reserve=answer_options(spec)[1])
-    except HeadplanError as e:
-        rep.log(f"plan in the loop skipped: its calibration samples at {opt['length']} tokens do not fit ({e})")
-        return 0
-    return rounds
-
-
-def _flat(d, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def plan_diff(old: Plan, new: Plan) -> list[str]:
-    """What differs between two plans as data (formatting ignored): one line per KV head whose pattern
-    changed (``layer 3 kv_head 1: sink64+win256 -> full``), then one per other changed field
-    (``budget.achieved_density: [0.25] -> [0.24]``). [] when they are the same plan."""
-    def label(e, other):
-        name = e.candidate or e.pattern.kind
-        if other is not None and name == (other.candidate or other.pattern.kind):
-            name += " " + json.dumps(e.pattern.row(), sort_keys=True)  # same name, other parameters
-        return name
-
-    lines = []
-    if len(old.layers) == len(new.layers) and all(len(a) == len(b) for a, b in zip(old.layers, new.layers)):
-        for li, (la, lb) in enumerate(zip(old.layers, new.layers)):
-            for a, b in zip(la, lb):
-                if a != b:
-                    lines.append(f"layer {li} kv_head {a.kv_head}: {label(a, b)} -> {label(b, a)}")
-    else:
-        lines.append(f"layers: {[len(x) for x in old.layers]} KV heads -> {[len(x) for x in new.layers]}")
-    fa, fb = ({k: v for k, v in _flat(p.to_dict()).items() if k != "layers"} for p in (old, new))
-    for k in list(fa) + [k for k in fb if k not in fa]:
-        if fa.get(k, "(absent)") != fb.get(k, "(absent)"):
-            show = [json.dumps(x.get(k), sort_keys=True, default=str) if k in x else "(absent)" for x in (fa, fb)]
-            lines.append(f"{k}: {show[0]} -> {show[1]}")
-    return lines
-
-
 def do_check(plan_path: str | Path, profile_path: str | Path | None = None, *,
              root: str | Path | None = None) -> tuple[bool, str]:
-    """Regenerate a plan from its recorded provenance (a baseline plan, ``provenance.baseline``, as that
-    baseline) and compare the two as data (parsed and validated: formatting, key order and comments do
-    not count). (True, "") if they are the same plan, else (False, plan_diff's lines). Files the
-    provenance names must lie in the plan's folder, or under ``root`` when given."""
-    import yaml
-
-    from .plan import plan_from_dict
-
-    plan_path = Path(plan_path)
-    plan = load_plan(plan_path)
-    prov = plan.provenance or {}
-    pref = prov.get("profile") or {}
-    if profile_path is None:
-        if "path" not in pref:
-            raise PlanError(f"{plan_path.name}.provenance.profile.path: missing; pass --profile")
-        profile_path = provenance_file(plan_path, pref["path"], "provenance.profile.path", "pass --profile", root)
-    prof = _recorded_profile(profile_path, pref)
-    if (prov.get("search") or {}).get("refine"):
-        from .search.refine import replay
-
-        try:
-            new = replay(prof, plan, pref or None)
-        except HeadplanError as e:
-            raise PlanError(f"{plan_path.name}: {e}") from None
-    elif prov.get("baseline"):
-        from .search.baselines import regenerate
-
-        new = regenerate(prof, plan)
-    else:
-        new = _regenerate_search(plan_path, plan, prof, pref, root)
-    new = plan_from_dict(yaml.safe_load(new.to_yaml()), plan_path.name)  # the plan as save_plan would write it
-    lines = plan_diff(plan, new)
-    if not lines:
-        return True, ""
-    return False, "".join(f"{line}\n" for line in [f"{plan_path} (committed) -> regenerated:", *lines])
-
-
-def _regenerate_search(plan_path: Path, plan: Plan, prof, pref: dict, root=None) -> Plan:
-    from .search import SearchSettings, search
-
-    prov = plan.provenance or {}
-    s = prov.get("search") or {}
-    try:
-        settings = SearchSettings.from_dict(s)
-    except (TypeError, ValueError, KeyError):
-        raise PlanError(f"{plan_path.name}.provenance.search: malformed search settings") from None
-    cost = None
-    if s.get("cost_table"):
-        ct = s["cost_table"].get("path") or "analytic"
-        m = prof.model
-        cost = load_cost(ct if ct == "analytic" else
-                         str(provenance_file(plan_path, ct, "provenance.search.cost_table.path", root=root)), m.head_dim,
-                         m.num_query_heads // m.num_kv_heads)
-    new = search(prof, settings, pref or None, cost)
-    if s.get("cost_table", {}).get("path"):
-        new.provenance["search"]["cost_table"]["path"] = s["cost_table"]["path"]
-    if "selection" in prov:  # `headplan select`'s measurements need the model: kept as recorded, the plan is
-        new.provenance["selection"] = prov["selection"]  # regenerated from the chosen candidate's settings
-    return new
+    """Regenerate a plan from its recorded provenance and compare the two as data (``headplan.check``)."""
+    return check_plan(plan_path, profile_path, root=root)

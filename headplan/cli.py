@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from .errors import HeadplanError
+from .plan import DYNAMIC_KINDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-head sparse attention plans: profile -> search -> apply -> eval.")
@@ -536,7 +537,7 @@ def run(model: str = ModelArg,
         baselines: str = typer.Option("moa", "--baselines", help="Baselines evaluated beside the plan at its "
                                       "budget, from the same profile: a comma list of streaming,duo,moa,random,snapkv,pyramidkv,adakv,duo-otf, "
                                       "or none"),
-        exclude_kinds: str = typer.Option("vslash,blocksparse", "--exclude-kinds", help="Pattern kinds the plan "
+        exclude_kinds: str = typer.Option(",".join(DYNAMIC_KINDS), "--exclude-kinds", help="Pattern kinds the plan "
                                           "leaves out (default: the dynamic ones, which keep every KV entry; "
                                           "'none' allows every kind)"),
         refine: int = typer.Option(2, "--refine", help="Plan-in-the-loop rounds after the search (as `headplan "

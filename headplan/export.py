@@ -650,7 +650,7 @@ def import_duo(path: str | os.PathLike, model: ModelIdentity, *, threshold: floa
     value is ``>= threshold``; with ``keep_top`` (a fraction in [0, 1]) the ``round(keep_top x heads)`` heads
     with the largest values are full instead (ties to the earlier layer / KV head). ``lengths``: the budget
     lengths to record shares at (default: the model's max positions). Validated like every plan."""
-    from .args import fit_lengths
+    from .lengths import fit_lengths
     from .candidates import full, plan_shares, streaming
 
     tsv, _ = _duo_paths(path)

@@ -139,3 +139,42 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_out(out: Path, suffixes: tuple[str, ...], what: str, directory: bool = False) -> Path:
+    """Refuse an output path before any work: wrong suffix, a directory where a file goes (or a file
+    where a directory goes), or a place that cannot be written (a parent that is a regular file, a
+    read-only directory)."""
+    out = Path(out)
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise HeadplanError(f"{what} output must end with {' or '.join(suffixes)}: {out}")
+    if directory:
+        if out.exists() and not out.is_dir():
+            raise HeadplanError(f"--out {out}: exists and is not a directory ({what} output is a directory)")
+    elif out.exists() and out.is_dir():
+        raise HeadplanError(f"{what} output is a directory: {out}")
+    a = out if directory and out.is_dir() else out.parent
+    while not a.exists() and a != a.parent:
+        if a.is_symlink():
+            raise HeadplanError(f"--out {out}: {a} is a dangling link")
+        a = a.parent
+    if not a.is_dir():
+        raise HeadplanError(f"--out {out}: {a} is not a directory")
+    if not os.access(a, os.W_OK | os.X_OK):
+        raise HeadplanError(f"--out {out}: {a} is not writable")
+    return out
+
+
+def final_path(path: str | Path, stage: Path | None, out: str | Path) -> Path:
+    """Where ``path`` will be once ``stage`` (a staged_dir of ``out``) is swapped in."""
+    p, st = Path(path), stage and Path(stage).resolve()
+    if st is not None and p.resolve().is_relative_to(st):
+        return Path(out) / p.resolve().relative_to(st)
+    return p
+
+
+def record_path(path: str | Path, out: str | Path) -> str:
+    """A path as an output records it: relative to ``out`` when it lies inside (links resolved; so a
+    moved or copied folder still finds it), else absolute."""
+    p, o = Path(path).resolve(), Path(out).resolve()
+    return p.relative_to(o).as_posix() if p.is_relative_to(o) else str(p)

@@ -308,3 +308,16 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     model.eval()
     model.to(device)
     return LoadedModel(model=model, tokenizer=tok, spec=spec, identity=identity_of(model.config))
+
+
+def cache_kwarg(model) -> str:
+    """The keyword under which the installed transformers takes a KV cache in ``forward`` and ``generate``:
+    ``cache`` where the model's forward names it so (transformers >= 5.2x; ``past_key_values`` is then
+    deprecated there and warns), else ``past_key_values`` (5.17, 5.18)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

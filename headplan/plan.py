@@ -20,14 +20,14 @@ from typing import Any
 import yaml
 
 from .errors import PlanError
-from .kernels.kinds import DYNAMIC_KINDS, KIND_NAMES, SHARES
+from .kernels.kinds import BETA_SCALE, DYNAMIC_KINDS, KIND_NAMES, SHARES, window
 from .files import _umask, atomic_write, read_input  # noqa: F401  (re-exported: plan.atomic_write...)
 
 SCHEMA_VERSION = 1
 INT32_MAX = 2**31 - 1  # the runtime head table is int32: every pattern integer must fit
 MAX_BLOCK = 4096
 KINDS, DYNAMIC_KINDS = KIND_NAMES, DYNAMIC_KINDS  # one list, kernels.kinds
-BETA_GRID = 4096
+BETA_GRID = BETA_SCALE  # beta's grid (kernels.kinds)
 GRANULARITIES = ("kv_head", "layer")  # layer: every KV head of a layer has the same pattern
 
 
@@ -37,7 +37,7 @@ class Window:
     beta: float = 0.0
 
     def size(self, n: int) -> int:
-        return self.alpha + (int(round(self.beta * BETA_GRID)) * n) // BETA_GRID
+        return window(self.alpha, int(round(self.beta * BETA_GRID)), n)
 
 
 @dataclass(frozen=True)
@@ -601,3 +601,12 @@ def plan_from_rows(model: ModelIdentity, rows: list[list[dict]], block_size: int
     plan = Plan(model=model, budget=Budget(None, None, (model.max_positions,), (), (), 0.0), layers=layers,
                 block_size=block_size, provenance=provenance or {"source": "hand-written"})
     return plan_from_dict(yaml.safe_load(plan.to_yaml()), "plan")
+
+
+def pattern_kinds(value, flag: str = "--exclude-kinds") -> tuple[str, ...]:
+    """'streaming,skip' (or a list) -> the pattern kinds, each checked against plan.KINDS."""
+    kinds = tuple(x.strip() for x in (value.split(",") if isinstance(value, str) else (value or ())) if x.strip())
+    for k in kinds:
+        if k not in KINDS:
+            raise PlanError(f"{flag}: unknown pattern kind {k!r} (known: {', '.join(KINDS)})")
+    return kinds

@@ -5,6 +5,15 @@ The one list of pattern kinds (a head table's ``C_KIND`` is the index into ``KIN
 select head may spend its keep budget (``C_SHARE``; see ``patterns`` SELECT).
 """
 
+BETA_SCALE = 4096  # an elastic window's beta lives on this grid: beta_q = beta * BETA_SCALE, an integer
+
+
+def window(alpha, beta_q, n):
+    """The window rule: W(n) = alpha + floor(beta_q * n / BETA_SCALE), ints or int tensors alike (integer
+    arithmetic, so every implementation agrees token for token; the Triton copy is tested equal)."""
+    return alpha + (beta_q * n) // BETA_SCALE
+
+
 KIND_NAMES = ("full", "streaming", "strided", "blocksparse", "vslash", "skip", "select")
 DYNAMIC_KINDS = ("blocksparse", "vslash")
 # SELECT: how a head's keep budget K(n) is spent. "head": on its own top-K tokens. "layer" (AdaKV): the

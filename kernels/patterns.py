@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from .kinds import KIND_NAMES, SHARE_FLOOR, SHARES  # noqa: F401  (the vocabulary, torch-free)
+from .kinds import BETA_SCALE, KIND_NAMES, SHARE_FLOOR, SHARES, window  # noqa: F401  (torch-free vocabulary)
 
 FULL, STREAMING, STRIDED, BLOCKSPARSE, VSLASH, SKIP, SELECT = range(len(KIND_NAMES))
 
@@ -57,7 +57,6 @@ C_KIND, C_SINK, C_ALPHA, C_BETA, C_STRIDE, C_OFFSET, C_TOPK, C_VERT, C_SLASH, C_
 NCOLS = 13
 
 
-BETA_SCALE = 4096
 LAST_Q = 64
 OBS = 32  # SELECT: the observation window (last queries of a chunk) whose attention picks the kept tokens
 POOL = 7  # SELECT: scores are max-pooled over this many neighbouring positions (keeps a needle's context)
@@ -86,11 +85,6 @@ def make_table(rows: list[dict], device=None, layer_window: int = 0) -> torch.Te
         t[h, C_KEEPB] = int(round(float(r.get("keep_beta", 0.0)) * BETA_SCALE))
         t[h, C_SHARE] = SHARES.index(r.get("share", "head"))
     return t.to(device) if device is not None else t
-
-
-def window(alpha, beta_q, n):
-    """Elastic window size W(n) = alpha + floor(beta_q * n / BETA_SCALE); ints or int tensors."""
-    return alpha + (beta_q * n) // BETA_SCALE
 
 
 def in_layer_window(qpos, kpos, lwin):

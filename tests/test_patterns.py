@@ -78,3 +78,33 @@ def test_the_window_rule_agrees_in_plan_and_kernels():
         alpha, beta, n = rng.randint(0, 5000), rng.randint(0, 4096) / 4096, rng.randint(1, 200000)
         row = {"alpha": alpha, "beta": beta}
         assert Window(alpha, beta).size(n) == P.window(alpha, P.beta_q(row), n)
+
+
+def test_the_triton_window_rule_equals_the_one_rule():
+    """kernels._triton.window (the Triton copy of W(n)) against kernels.kinds.window, on random alpha, beta, n."""
+    from headplan.kernels.kinds import window
+
+    g = torch.Generator().manual_seed(3)
+    L = 64
+    a, b = torch.randint(0, 5000, (L,), generator=g), torch.randint(0, 4097, (L,), generator=g)
+    n = torch.randint(1, 200000, (L,), generator=g)
+    out = torch.empty(L, dtype=torch.int64)
+    _window_kernel()[(1,)](a, b, n, out, L=L)
+    assert torch.equal(out, window(a, b, n))
+    assert not torch.equal(out, a + b * n // 4000)  # a wrong grid would not pass
+
+
+import triton  # noqa: E402  (the Triton copy's test kernel; conftest set the interpreter up before)
+import triton.language as tl  # noqa: E402
+
+from headplan.kernels import _triton as _TT  # noqa: E402
+
+
+@triton.jit
+def _window_kernel_jit(A, B, N, OUT, L: tl.constexpr):
+    i = tl.arange(0, L)
+    tl.store(OUT + i, _TT.window(tl.load(A + i), tl.load(B + i), tl.load(N + i)))
+
+
+def _window_kernel():
+    return _window_kernel_jit

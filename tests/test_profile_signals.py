@@ -449,7 +449,7 @@ def test_gradient_split_by_task(full_run):
 
 
 def test_signals_accept_the_gradient_split(full_run):
-    from headplan.api import _signal_weights
+    from headplan.profile.signals import signal_weights as _signal_weights
     from headplan.search import SearchSettings, profile_loss, search
 
     assert _signal_weights("gradient.answer=1", "--signals") == (("gradient.answer", 1.0),)

@@ -14,7 +14,7 @@ def _one_line_exit_2(r, msg):
 
 # -- item 6: one parser for the 'k' suffix (k = 1024) --------------------------------------------
 def test_k_means_1024_in_every_flag():
-    from headplan.api import parse_length, parse_lengths
+    from headplan.lengths import parse_length, parse_lengths
     from headplan.search import parse_latency, parse_memory
 
     assert parse_lengths("2k,4K,1000") == [1000, 2048, 4096]

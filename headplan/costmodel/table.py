@@ -273,3 +273,11 @@ def refit(table: "CostTable") -> "CostTable":
                                dyn_ns_per_token=dyn, dyn_fixed_us=dyn_fixed, dense_launch_us=dl,
                                dense_per_pair_ns=dp, route_fixed_us=rf, route_ns_per_token=rt)
 
+
+def load_cost(spec: str | None, head_dim: int, group: int):
+    """A cost table from a YAML path, or 'analytic' for nominal H100 rates (no GPU needed)."""
+    if spec is None:
+        return None
+    if spec == "analytic":
+        return analytic(head_dim, group)
+    return load_cost_table(spec)

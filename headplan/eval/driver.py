@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from pathlib import Path
 
 import torch
 
@@ -13,6 +14,7 @@ from ..candidates import plan_shares
 from ..errors import HeadplanError
 from ..plan import Plan
 from ..progress import Reporter
+from .prompts import SETTINGS, prefilled_cache, prompt_settings  # noqa: F401
 from .scoring import hit, mean_nll, perplexity, summed_kl, summed_nll, top1_agreements
 
 
@@ -83,23 +85,6 @@ def answer_nll(model, full: torch.Tensor, tgt: torch.Tensor, split: int | None =
 _logits = logits  # every forward of the driver goes through this name (one place to hook them)
 
 
-def prefilled_cache(model, ids: torch.Tensor, split: int | None, max_length: int, scorer: str = "obs"):
-    """The cache a generation starts from: the plan's per-head cache for ``max_length`` tokens (select heads
-    scoring with ``scorer``) where a plan is applied, else the model's own (its sliding layers keep only their
-    window, as in plain generate()); with ``split``, ``ids[:, :split]`` already prefilled into it (and so
-    compressed) before anything after it is seen."""
-    from transformers import DynamicCache
-
-    from ..runtime import NAME, cache_kwarg, new_cache
-
-    cache = new_cache(model, max_length, scorer=scorer) if model.config._attn_implementation == NAME else \
-        DynamicCache(config=model.config)
-    if split is not None and 0 < split < ids.shape[1]:
-        with torch.no_grad():
-            model(ids[:, :split], logits_to_keep=1, use_cache=True, **{cache_kwarg(model): cache})
-    return cache
-
-
 def _generate(model, ids: torch.Tensor, n_new: int, eos, mem: dict | None = None, key: str | None = None,
               split: int | None = None, scorer: str = "obs") -> list[int]:
     """Greedy continuation; records the KV bytes the cache really holds in ``mem[key]`` (dense or plan).
@@ -138,7 +123,7 @@ def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None =
     from the default spec it is dropped. Returns (spec, the one line that says what was dropped, or None)."""
     import copy
 
-    from ..args import fit_lengths
+    from ..lengths import fit_lengths
 
     mp = int(max_positions)
     s = copy.deepcopy(spec)
@@ -171,19 +156,6 @@ def spec_for(spec: dict, max_positions: int, lengths=None, samples: int | None =
     return s, note
 
 
-SETTINGS = ("single", "after", "after-context")
-
-
-def _settings(task: str, g: dict) -> list[str]:
-    """A retrieval task's prompt settings (spec key ``settings``, default single): ``single``, one prompt with
-    the question at its end; ``after``, the question after compression: the context (instruction and
-    haystack) is prefilled alone, so a plan compresses it before the question is seen, as in a multi-turn
-    chat; the question follows as the next chunk (shown as ``TASK-after``); ``after-context``, the same with
-    select heads scoring query-agnostically (``new_cache(scorer="context")``, shown as ``TASK-after-context``)."""
-    st = g.get("settings", ["single"])
-    if not isinstance(st, list) or not st or any(x not in SETTINGS for x in st):
-        raise HeadplanError(f"eval spec: {task}.settings must be a list of {', '.join(SETTINGS)}")
-    return list(dict.fromkeys(st))
 
 
 def method_info(name: str, plan: Plan, lengths: list[int], base: str | None = None) -> dict:
@@ -243,7 +215,7 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
     tail = float(ppl_spec.get("tail", 0.5))
     per = len(names) + 1  # steps of the bar: one forward (or generation) of dense and of each method
     jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl  # retrieval: generation + teacher-forced answer
-                  + 2 * sum(len(g["lengths"]) * len(cells(t, g)) * len(_settings(t, g)) for t, g in grids.items())
+                  + 2 * sum(len(g["lengths"]) * len(cells(t, g)) * len(prompt_settings(t, g)) for t, g in grids.items())
                   + (int(cont_spec.get("samples", 2)) if cont_spec else 0))
     memory: dict = {}
     bar = rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) if jobs else contextlib.nullcontext(lambda n=1: None)
@@ -285,7 +257,7 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
 
         # ---- retrieval grids -------------------------------------------------------------------
         eos = getattr(lm.tokenizer, "eos_token_id", None)
-        for task, g, setting in [(t, g, st) for t, g in grids.items() for st in _settings(t, g)]:
+        for task, g, setting in [(t, g, st) for t, g in grids.items() for st in prompt_settings(t, g)]:
             stask, fixed = GRID_TASKS[task]
             variants = cells(task, g)
             name = task if setting == "single" else f"{task}-{setting}"
@@ -402,3 +374,55 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                                   "kv_bytes_plan": kvr["plan_bytes"],
                                   "kv_bytes_per_layer": [(x["dense_bytes"], x["plan_bytes"]) for x in kvr["layers"]]})
     return results
+
+
+def named_plans(plan_path) -> tuple[list[str | None], list[Path]]:
+    """``eval --plan`` values: PATH, or NAME=PATH naming the method (e.g. a baseline plan built earlier).
+    Returns (names, None where unnamed; paths)."""
+    given = [str(p) for p in (plan_path if isinstance(plan_path, (list, tuple)) else [plan_path])]
+    if not given:
+        raise HeadplanError("give a plan: --plan PLAN")
+    names, paths = [], []
+    for g in given:
+        name, sep, rest = g.partition("=")
+        if sep and name and not any(c in name for c in "/\\") and not Path(g).is_file():
+            if not all(c.isalnum() or c in "_-.@" for c in name):
+                raise HeadplanError(f"--plan {g}: a method name may use letters, digits, _ - . @ only")
+            names.append(name)
+            paths.append(Path(rest))
+        else:
+            names.append(None)
+            paths.append(Path(g))
+    return names, paths
+
+
+def eval_max_length(eval_data: str | None, max_positions: int) -> int:
+    """The longest length the eval spec (default: the built-in one) measures on a model of ``max_positions``:
+    `run`'s default --max-length, so the plan's budget binds at every eval length."""
+    from ..data import load_task_file
+
+    spec, _ = spec_for(load_task_file(eval_data, "eval"), max_positions, given=eval_data is not None)
+    lens = [int(n) for k, v in spec.items() if isinstance(v, dict) for n in (v.get("lengths") or [])]
+    return min(max(lens), int(max_positions)) if lens else int(max_positions)
+
+
+def side_by_side(lm, prompt: str, max_new_tokens: int) -> tuple[str, str]:
+    """Greedy continuations of ``prompt`` (in the model's chat template when it has one), dense and with the
+    plan applied to ``lm.model``: (dense text, plan text)."""
+    from ..runtime import dense
+
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=lm.model.device)
+    eos = getattr(tok, "eos_token_id", None)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
+              pad_token_id=eos if eos is not None else 0)
+    with torch.no_grad():
+        with dense(lm.model):
+            gd = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
+        gp = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
+    return (tok.decode(gd.tolist(), skip_special_tokens=True), tok.decode(gp.tolist(), skip_special_tokens=True))

@@ -73,7 +73,7 @@ def ruler_spec(tasks=None, lengths=None, samples=None, gen_tokens=None, max_posi
     """The eval spec's ``ruler`` section {tasks, lengths, samples, gen_tokens}, from flags over ``base`` (a
     spec's own section), checked before any work: lm-eval installed, offline tasks, lengths in
     [MIN_LENGTH, max_positions], whole numbers."""
-    from ..args import parse_lengths
+    from ..lengths import parse_lengths
 
     b = dict(base or {})
     unknown = set(b) - {"tasks", "lengths", "samples", "gen_tokens", "settings"}
@@ -94,7 +94,7 @@ def ruler_spec(tasks=None, lengths=None, samples=None, gen_tokens=None, max_posi
             raise HeadplanError(f"--ruler-lengths: {n} exceeds the model's {max_positions} positions")
     out = {"tasks": t, "lengths": lens}
     if "settings" in b:
-        from .driver import _settings
+        from .prompts import prompt_settings as _settings
 
         out["settings"] = _settings("ruler", b)
     for key, flag, v, default in (("samples", "--ruler-samples", samples, DEFAULT_SAMPLES),
@@ -212,7 +212,7 @@ def _wrapper(model, tokenizer, on_generate, state: dict | None = None):
             setting = (state or {}).get("setting", "single")
             if setting != "single":
                 from ..runtime import cache_kwarg
-                from .driver import prefilled_cache
+                from .prompts import prefilled_cache
 
                 split = question_start(context[0].tolist(), self.tokenizer)
                 kw[cache_kwarg(self.model)] = prefilled_cache(
@@ -370,3 +370,21 @@ def run_ruler(lm, methods: dict, spec: dict, reporter=None, seed: int = 1000, ke
                                  "samples": k, "score": score,
                                  "gen_tokens": cfg.get("max_gen_toks"), "lm_eval": ver, "cases": cases})
     return rows
+
+
+def ruler_part(spec: dict, max_positions: int, tasks, lengths, samples, gen_tokens, only: bool) -> dict:
+    """The eval spec with its ``ruler`` section from the --ruler flags (over the spec's own), checked before
+    any work (lm-eval installed, offline tasks, lengths that fit); ``only``: that section alone."""
+    if tasks is None and "ruler" not in spec:
+        given = [f for f, v in (("--ruler-lengths", lengths), ("--ruler-samples", samples),
+                                ("--ruler-gen-tokens", gen_tokens), ("--ruler-only", only or None)) if v is not None]
+        if given:
+            raise HeadplanError(f"{given[0]} goes with --ruler TASKS (e.g. --ruler niah_single_1)")
+        return spec
+    base = spec.get("ruler")
+    if base is not None and not isinstance(base, dict):
+        raise HeadplanError("eval spec: ruler: expected a mapping {tasks, lengths, samples, gen_tokens}")
+    r = ruler_spec(tasks, lengths, samples, gen_tokens, max_positions, base)
+    if only:
+        return {"name": "ruler", "seed": spec.get("seed", 1000), "ruler": r}
+    return {**spec, "ruler": r}

@@ -230,3 +230,14 @@ def retrieval_heads(prof: Profile, top: int = 10) -> list[dict]:
             row[s] = float(t[layer, h, ci].double().mean())
         out.append(row)
     return out
+
+
+class ProfileResult(tuple):
+    """``(profile, path)`` as returned by do_profile, plus ``.heads`` (the most retrieval-like heads:
+    largest loss under the short-window candidate) and ``.plot`` (the PNG written, or None)."""
+
+    def __new__(cls, prof, path, heads, plot):
+        self = super().__new__(cls, (prof, path))
+        self.heads = heads
+        self.plot = plot
+        return self

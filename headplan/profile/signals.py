@@ -74,3 +74,20 @@ def combine(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[
         loss += w * x / scale
         hdr[name] = {"weight": w, "scale": scale}
     return loss, hdr
+
+
+def signal_weights(text, flag: str) -> tuple[tuple[str, float], ...]:
+    """'gradient=0.3,recall=0.7' (or a dict) -> ((name, weight), ...); errors name ``flag``."""
+    if not text:
+        return ()
+    try:
+        return tuple(parse_method(text, SIGNALS + TRAINED + tuple(DERIVED)).items())
+    except HeadplanError as e:
+        raise HeadplanError(f"{flag}: {e}".replace("--method", flag).replace("profiling method", "signal")) from None
+
+
+def keep_pairs(keep) -> tuple[tuple[str, float], ...]:
+    """``--keep``: SIGNAL=SLACK pairs ('recall=1.2') or a dict -> ((name, slack), ...)."""
+    if isinstance(keep, str) and any("=" not in part for part in keep.split(",") if part.strip()):
+        raise HeadplanError(f"--keep: give SIGNAL=SLACK pairs, e.g. recall=1.2 (got {keep!r})")
+    return signal_weights(keep, "--keep")

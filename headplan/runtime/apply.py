@@ -105,7 +105,7 @@ def apply(model, plan: Plan | str | Path, check: bool = True, prefill_chunk: int
             raise PlanError(f"plan's layer windows {list(plan.model.layer_windows) or 'none'} differ from the "
                             f"model's {list(layer_windows(model.config)) or 'none'}")
     if cost_table is not None and not hasattr(cost_table, "routes_full"):
-        from ..costmodel import load_cost_table
+        from ..costmodel.table import load_cost_table
 
         cost_table = load_cost_table(cost_table)
     register()

@@ -110,7 +110,7 @@ def device_cost_table(device, head_dim: int, group: int):
     name = torch.cuda.get_device_name(device)
     key = (name, head_dim, group)
     if key not in _DEVICE_TABLES:
-        from ..costmodel import shipped_tables
+        from ..costmodel.table import shipped_tables
 
         tabs = [t for t in shipped_tables() if t.device.get("name") == name and t.dense_per_pair_ns > 0]
         tabs.sort(key=lambda t: (abs(t.head_dim - head_dim), abs(t.group - group)))

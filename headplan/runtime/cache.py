@@ -251,16 +251,20 @@ class HeadplanLayer(CacheLayerMixin):
         q0 = pp.clamp(min=0)
         ring_slot = torch.where(q0 < sink[None, :, None], q0, sink[None, :, None] + torch.remainder(
             q0 - sink[None, :, None], ring[None, :, None]))
-        slots = torch.where(near, off[None, :, None] + ring_slot, trash)  # (B, S, M)
+        # the near tokens (at most sink + ring per head) taken out first: a scatter of every pool entry would
+        # send all the others to the one trash slot, and writes to one address serialise
+        nr = min(max(int(self.table[h, P.C_SINK]) + self.ring[h] for h in hs), M)
+        ni = near.to(torch.float16).topk(nr, dim=2).indices  # (B, S, nr): the near entries first
+        slots = torch.where(near.gather(2, ni), off[None, :, None] + ring_slot.gather(2, ni), trash)
         kslots = torch.where(torch.arange(kk, device=dev)[None] < cap_k[:, None],
                              (off + sink + ring)[:, None] + torch.arange(kk, device=dev)[None], trash)
         idx = top.indices
-        gather = lambda x: x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
-        for buf, near_src, kept in ((self.k_buf, pk, gather(pk)), (self.v_buf, pv, gather(pv))):
+        take = lambda x, i: x.gather(2, i[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
+        for buf, src in ((self.k_buf, pk), (self.v_buf, pv)):
             D = buf.shape[-1]
-            buf.scatter_(1, slots.reshape(B, -1, 1).expand(-1, -1, D), near_src.reshape(B, -1, D))
-            buf.scatter_(1, kslots.reshape(1, -1, 1).expand(B, -1, D), kept.reshape(B, -1, D))
-        self.slot_pos.scatter_(1, slots.reshape(B, -1), pp.reshape(B, -1).to(self.slot_pos.dtype))
+            buf.scatter_(1, slots.reshape(B, -1, 1).expand(-1, -1, D), take(src, ni).reshape(B, -1, D))
+            buf.scatter_(1, kslots.reshape(1, -1, 1).expand(B, -1, D), take(src, idx).reshape(B, -1, D))
+        self.slot_pos.scatter_(1, slots.reshape(B, -1), pp.gather(2, ni).reshape(B, -1).to(self.slot_pos.dtype))
         self.slot_pos.scatter_(1, kslots.reshape(1, -1).expand(B, -1),
                                torch.where(chosen, pp.gather(2, idx), -1).reshape(B, -1).to(self.slot_pos.dtype))
         self.slot_pos[:, trash] = -1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models import cache_kwarg  # noqa: F401  (re-exported by runtime)
 from ..errors import HeadplanError
 from ..kernels import patterns as P
 from ..plan import Plan
@@ -31,19 +32,6 @@ def new_cache(model, max_length: int | None = None, grow: bool = True, scorer: s
     if max_length is None:
         max_length = plan.model.max_positions
     return HeadplanCache(st.tables, int(max_length), grow, scorer)
-
-
-def cache_kwarg(model) -> str:
-    """The keyword under which the installed transformers takes a KV cache in ``forward`` and ``generate``:
-    ``cache`` where the model's forward names it so (transformers >= 5.2x; ``past_key_values`` is then
-    deprecated there and warns), else ``past_key_values`` (5.17, 5.18)."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def generate(orig, model, *args, **kwargs):

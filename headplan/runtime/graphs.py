@@ -112,7 +112,7 @@ class DecodeStep:
     capture failed (the step then stays eager, with a warning)."""
 
     def __init__(self, model, cache, batch: int, max_length: int, graph: bool):
-        from .generate import cache_kwarg
+        from ..models import cache_kwarg
 
         p = _param(model)
         self.model, self.cache, self.batch, self.max_length = model, cache, int(batch), int(max_length)

@@ -14,7 +14,7 @@ def check_patched_out(out_dir: str | Path, force: bool = False) -> Path:
     """Refuse an ``--out`` that save_patched() must not touch: a path that exists and is not a directory,
     or a non-empty directory that is not an earlier ``apply --out`` (plan.yaml headplan can read beside
     a config.json) unless ``force``."""
-    from ..api import _check_out
+    from ..files import check_out as _check_out
 
     out = _check_out(Path(out_dir), (), "patched model", directory=True)
     if out.is_dir() and any(out.iterdir()) and not force and not _is_patched_dir(out):

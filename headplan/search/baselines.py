@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import random as _random
+from pathlib import Path
 
 import numpy as np
 
 from ..candidates import Candidate, budget_tables, plan_shares, select, streaming
 from ..errors import HeadplanError
-from ..plan import Budget, HeadEntry, Plan
+from ..plan import Budget, HeadEntry, Plan, save_plan
 
 BASELINES = ("streaming", "duo", "moa", "random", "snapkv", "pyramidkv", "adakv", "duo-otf")
 DEFAULT_BASELINES = ("streaming", "duo", "moa", "random")  # what `--baselines` alone (True) means
@@ -321,3 +322,26 @@ def regenerate(prof, baseline: Plan) -> Plan:
                    provenance={"profile": prov.get("profile"),
                                **({"search": {"signals": of["signals"]}} if of.get("signals") else {})})
     return build_baselines(prof, of_plan, [name], int(prov.get("seed", 0)))[name]
+
+
+def baseline_names(value) -> list[str]:
+    """True -> the window baselines (streaming, duo, moa, random); 'a,b' or a list -> those names (checked,
+    the selection ones snapkv, pyramidkv, adakv and duo-otf among them); None/False -> none."""
+    if value is True:
+        return list(DEFAULT_BASELINES)
+    if not value:
+        return []
+    names = [x.strip() for x in (value.split(",") if isinstance(value, str) else value) if x.strip()]
+    for x in names:
+        if x not in BASELINES:
+            raise HeadplanError(f"unknown baseline {x!r} (known: {', '.join(BASELINES)})")
+    return names
+
+
+def save_baseline(plan: Plan, out: Path, profile_path: Path, sha256: str, into: Path | None = None) -> None:
+    """Save a baseline plan as ``out`` (written at ``into``, its staged place, when given), its
+    provenance.profile.path made relative to ``out``'s folder."""
+    from .assemble import profile_ref
+
+    plan.provenance["profile"] = profile_ref(profile_path, out, sha256)
+    save_plan(plan, into or out)

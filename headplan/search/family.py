@@ -99,3 +99,67 @@ def cheapest(grid, passes) -> int | None:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if passes(mid) else (mid, hi)
     return hi
+
+
+def budget_at_quality(prof, ref, settings_at, measure, max_ppl_increase: float,
+                      max_answer_nll_increase: float | None, tolerance: float, baselines=(), refined_at=None):
+    """Budget at quality: the cheapest budget g of QUALITY_GRID (by bisection) at which a member of the family
+    at ``settings_at(g)`` (plus ``refined_at(g)``, plan in the loop, when given and g < 1) meets the constraint
+    as ``measure`` finds it, that member (by ``choose`` among those that meet it), and the budget each of
+    ``baselines`` needs to meet the same constraint. ``measure(plans)`` returns the validation table
+    ``{name: row, "dense": row}``: the caller's measurement, so the search needs no evaluation code.
+    Returns (plan, {"headplan" | baseline: {"density", "kv_share", "measured"}})."""
+    from .assemble import search
+    from .baselines import build_baselines
+
+    seen: dict = {}
+
+    def template_at(i):
+        """The plain search at grid budget i (what a baseline takes its budget from), not measured."""
+        try:
+            return {"search": search(prof, settings_at(QUALITY_GRID[i]), ref)}
+        except HeadplanError:
+            return {}
+
+    def family_at(i):
+        if i not in seen:
+            g = QUALITY_GRID[i]
+            try:
+                plans = build_family(prof, settings_at(g), ref)
+            except HeadplanError:
+                plans = {}
+            if refined_at is not None and plans and g < 1.0:
+                plans["refined"] = refined_at(g)
+            seen[i] = (plans, measure(plans) if plans else {})
+        return seen[i]
+
+    def ok_rows(table):
+        return {m: r for m, r in table.items()
+                if m != "dense" and meets(r, table["dense"], max_ppl_increase, max_answer_nll_increase)}
+
+    i = cheapest(QUALITY_GRID, lambda j: bool(ok_rows(family_at(j)[1])))
+    if i is None:
+        raise HeadplanError(f"no plan meets the constraint even at density {QUALITY_GRID[-1]}")
+    plans, table = family_at(i)
+    pick = choose({"dense": table["dense"], **ok_rows(table)}, tolerance)
+    plan = plans[pick]
+    n = max(plan.budget.lengths)
+    budgets = {"headplan": {"density": QUALITY_GRID[i], "kv_share": plan.budget.achieved_kv[-1], "length": n,
+                            "member": pick, "measured": {k: round(v, 6) for k, v in table[pick].items()}}}
+    for name in baselines:  # the budget each baseline needs for the same constraint (same grid, same samples)
+        bl = {}
+
+        def passes(j, name=name, bl=bl):
+            plans_j = seen[j][0] if j in seen else template_at(j)
+            if not plans_j:
+                return False
+            b = build_baselines(prof, next(iter(plans_j.values())), [name])[name]
+            row = measure({name: b})
+            bl[j] = (b, row[name])
+            return meets(row[name], row["dense"], max_ppl_increase, max_answer_nll_increase)
+
+        j = cheapest(QUALITY_GRID, passes)
+        budgets[name] = ({"density": None, "kv_share": None, "measured": None} if j is None else
+                         {"density": QUALITY_GRID[j], "kv_share": bl[j][0].budget.achieved_kv[-1], "length": n,
+                          "measured": {k: round(v, 6) for k, v in bl[j][1].items()}})
+    return plan, budgets

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import HeadplanError
 from ..plan import Plan
+from ..progress import Reporter
 from ..profile import Profile
 
 
@@ -193,3 +194,20 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
                         if "measured" in h else {})} for h in history],
         "worths": [w.tolist() for w in worths]}
     return plan, history
+
+
+def refine_fits(lm, data, texts, lengths: list[int], rounds: int, rep: Reporter) -> int:
+    """``rounds``, or 0 with one line when the calibration length (the mixture's gates.length, at most the
+    longest profiled length) cannot hold the mixture's answered samples."""
+    from ..data import Haystack, answer_options, load_task_file, load_texts, mixture_samples
+    from ..profile.runner import gate_options
+
+    spec = load_task_file(data, "profile")
+    opt = gate_options(spec, lengths)
+    try:
+        mixture_samples(Haystack(lm.tokenizer, load_texts(texts)[0]), spec, opt["length"], opt["samples"],
+                        reserve=answer_options(spec)[1])
+    except HeadplanError as e:
+        rep.log(f"plan in the loop skipped: its calibration samples at {opt['length']} tokens do not fit ({e})")
+        return 0
+    return rounds

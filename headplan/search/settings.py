@@ -118,7 +118,7 @@ def bound_lengths(lengths, max_length: int | None) -> tuple[int, ...]:
 
 def parse_latency(s: str | None) -> tuple[float, int] | None:
     """'12.5@32768' or '12.5@32k' -> (12.5, 32768)."""
-    from ..api import parse_length
+    from ..lengths import parse_length
 
     if s is None:
         return None
@@ -131,7 +131,7 @@ def parse_latency(s: str | None) -> tuple[float, int] | None:
 
 def parse_memory(s: str | None) -> tuple[float, int, int] | None:
     """'20@8x32k' -> (20.0 GB, batch 8, length 32768)."""
-    from ..api import parse_length
+    from ..lengths import parse_length
 
     if s is None:
         return None
@@ -141,3 +141,37 @@ def parse_memory(s: str | None) -> tuple[float, int, int] | None:
         return float(gb), int(b), parse_length(n)
     except (ValueError, HeadplanError):
         raise HeadplanError(f"--memory-budget takes GB@BATCHxLENGTH (e.g. 20@8x32k), got {s!r}") from None
+
+
+def check_budget(name: str, bound: float | None, lengths, lowest) -> None:
+    """A density or KV budget (``name``: density | kv_budget) must lie in (0, 1] and be reachable at every
+    length: ``lowest(j)`` is the least value the candidates can give at ``lengths[j]``."""
+    if bound is None:
+        return
+    if not 0.0 < bound <= 1.0:
+        raise HeadplanError(f"--{name.replace('_', '-')} must be in (0, 1], got {bound}")
+    for j, n in enumerate(lengths):
+        lo = lowest(j)
+        if lo > bound + 1e-12:
+            raise HeadplanError(f"{name} {bound:g} is infeasible at length {n}: the cheapest candidates give "
+                                f"{lo:.4f} (feasible range [{lo:.4f}, 1])")
+
+
+def whole_number(flag: str, v) -> int:
+    """A flag that takes a whole number >= 0 (``--pareto``, ``--tune``)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise HeadplanError(f"{flag} takes a whole number >= 0, got {v!r}")
+    return v
+
+
+def feasible_or_raise(cands, lengths: list[int], density: float | None, kv_budget: float | None,
+                      model=None) -> None:
+    """Fail before any work if no assignment of these candidates can meet the budget (against the
+    model's own attention when its identity is given: sliding layers count their window as dense)."""
+    from ..candidates import budget_tables
+    from ..plan import ModelIdentity
+
+    ident = model or ModelIdentity("", 1, 1, 1, 1, 1, "")
+    tables = dict(zip(("density", "kv_budget"), budget_tables(cands, lengths, 64, ident)))  # (L, C, lengths)
+    for name, bound in (("density", density), ("kv_budget", kv_budget)):
+        check_budget(name, bound, lengths, lambda j, t=tables[name]: float(t[:, :, j].min(axis=1).mean()))

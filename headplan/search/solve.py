@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from ..args import check_budget
+from .settings import check_budget
 from ..candidates import budget_tables, same_as_full
 from ..errors import HeadplanError
 from ..profile import Profile
@@ -208,7 +208,7 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
     """The program over units, then the choice per KV head: at ``kv_head`` granularity a unit is a KV head; at
     ``layer`` granularity a layer, whose loss and costs are the sums over its KV heads and whose shares their
     mean (so every budget row means what it means per head), its choice given to every head of the layer."""
-    from ..costmodel import check_fits, kv_coefficients, prefill_coefficients
+    from ..costmodel.table import check_fits, kv_coefficients, prefill_coefficients
     from .settings import check_granularity
 
     lengths = tuple(settings.lengths) if settings.lengths else prof.lengths
