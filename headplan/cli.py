@@ -620,15 +620,42 @@ def export_cmd(plan: Optional[Path] = typer.Argument(None, metavar="PLAN", help=
                keep_top: Optional[float] = typer.Option(None, "--keep-top", help="With --from-duo: the top "
                                                         "fraction of heads by gate value are full instead"),
                lengths: Optional[str] = typer.Option(None, "--lengths", help="With --from-duo: budget lengths "
-                                                     "(default: the model's max positions)")):
+                                                     "(default: the model's max positions)"),
+               eval_model: Optional[str] = typer.Option(None, "--eval-model", help="With --project: also evaluate "
+                                                        "the original and the projected plan on this model and "
+                                                        "print their quality side by side"),
+               eval_data: Optional[str] = typer.Option(None, "--eval-data", help="With --eval-model: the eval "
+                                                       "spec (default: headplan eval's)")):
     """Write PLAN in a serving engine's format (hf-layer-types: config.json patch; trtllm:
     kv_cache_config.json; duo-tsv: DuoAttention's pattern folder), or import a DuoAttention pattern with
     --from-duo. A plan the format cannot express is refused (exit 2) unless --project."""
     from .export import export_command
 
+    if (eval_model is not None or eval_data is not None) and not project:
+        raise HeadplanError("--eval-model and --eval-data go with --project (they measure the projection)")
     for line in export_command(plan, fmt, out, project=project, from_duo=from_duo, model=model,
                                threshold=threshold, keep_top=keep_top, lengths=lengths):
         typer.echo(line)
+    projected = Path(out) / "projected-plan.yaml"
+    if eval_model is not None and projected.is_file():
+        from .api import do_eval
+
+        res = do_eval(eval_model, [f"original={plan}", f"projected={projected}"], data=eval_data,
+                      reporter=_reporter())
+        for line in _quality_lines(res):
+            typer.echo(line)
+    elif eval_model is not None:
+        typer.echo("the format expresses the plan exactly: nothing projected to evaluate")
+
+
+def _quality_lines(res: dict) -> list[str]:
+    """One line per measured cell of an eval: dense, then each method."""
+    names = [m["name"] for m in res["methods"]]
+    out = [f"perplexity @ {r['length']}: dense {r['ppl_dense']:.3f}, "
+           + ", ".join(f"{m} {r['methods'][m]['ppl']:.3f}" for m in names) for r in res.get("perplexity", [])]
+    out += [f"{r['task']} @ {r['length']} (of {r['samples']}): dense {round(r['acc']['dense'] * r['samples'])}, "
+            + ", ".join(f"{m} {round(r['acc'][m] * r['samples'])}" for m in names) for r in res.get("retrieval", [])]
+    return out
 
 
 def main():

@@ -279,3 +279,22 @@ def test_cli_from_duo(tmp_path):
     assert r.exit_code == 2 and "--model" in r.stderr and not (tmp_path / "q.yaml").exists()
     with pytest.raises(NotExpressible):
         render(rows_plan(ident(), [[FULL, {"kind": "skip"}]] + [[FULL, FULL]] * 3), "duo-tsv")
+
+
+def test_cli_projects_and_measures_both_plans(tmp_path):
+    """--project --eval-model: the projected plan's measured quality printed beside the original's."""
+    from helpers import plan_for, tiny
+
+    lm = tiny("llama")
+    plan = plan_for(lm, lambda li, h: {"kind": "full"} if h == 0 else {"kind": "streaming", "sink": 4, "alpha": 24})
+    save_plan(plan, tmp_path / "plan.yaml")
+    out = tmp_path / "served"
+    r = invoke("export", tmp_path / "plan.yaml", "--format", "duo-tsv", "--out", tmp_path / "x", "--eval-model",
+               "random:llama")
+    assert r.exit_code == 2 and "--project" in r.stderr and not (tmp_path / "x").exists()
+    r = invoke("export", tmp_path / "plan.yaml", "--format", "trtllm", "--out", out, "--project",
+               "--eval-model", "random:llama", "--eval-data", "eval-small")
+    assert r.exit_code == 0, r.output
+    ppl = [line for line in r.stdout.splitlines() if line.startswith("perplexity @ 512")]
+    assert len(ppl) == 1 and "dense" in ppl[0] and "original" in ppl[0] and "projected" in ppl[0]
+    assert any(line.startswith("passkey @ 512") for line in r.stdout.splitlines())
