@@ -14,6 +14,7 @@ from ..candidates import plan_shares
 from ..errors import HeadplanError
 from ..plan import Plan
 from ..progress import Reporter
+from .loop import MethodLoop
 from .prompts import SETTINGS, prefilled_cache, prompt_settings  # noqa: F401
 from .scoring import hit, mean_nll, perplexity, summed_kl, summed_nll, top1_agreements
 
@@ -166,30 +167,16 @@ def method_info(name: str, plan: Plan, lengths: list[int], base: str | None = No
                        for n in lengths for d, k in [_plan_budget(plan, n)]]}
 
 
-def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporter: Reporter | None = None,
-             others: dict[str, Plan] | None = None, primary: str = "headplan") -> dict:
-    """Dense vs ``plan`` (named ``primary``) and every plan in ``others`` (name -> Plan, e.g. the
-    baselines at the same budget), on the samples the eval spec describes; dense is run once per
-    sample and every method is scored against it. Returns a JSON-ready dict.
+def _grid_cells(task, g):
+    if task == "kv_retrieval":
+        return [{} for _ in range(int(g.get("samples", 3)))]
+    return [{"depths": [float(d)]} for d in g.get("depths", [0.5]) for _ in range(int(g.get("samples", 1)))]
 
-    Spec keys (all optional): ``perplexity {lengths, samples, tail}``; retrieval grids
-    ``passkey | multikey | needle {lengths, depths, samples}`` (samples per length × depth cell) and
-    ``kv_retrieval {lengths, samples, pairs}``; ``continuations {length, samples, tokens}``.
-    """
-    from ..data import Haystack, load_texts, make_sample
-    from ..runtime import apply, check_plan_fits, dense, kv_report
 
-    rep = reporter or Reporter()
-    methods: dict[str, Plan] = {primary: plan, **(others or {})}
-    model = lm.model
-    for p in methods.values():
-        check_plan_fits(model, p)
-    text, text_desc = load_texts(texts)
-    hay = Haystack(lm.tokenizer, text)
-    seed = int(spec.get("seed", 1000))
-    dev = next(model.parameters()).device
-    ppl_spec = spec.get("perplexity") or {}
-    cont_spec = spec.get("continuations") or {}
+def _check_spec(spec: dict, plan: Plan) -> tuple[dict, dict, dict]:
+    """(perplexity, continuations, retrieval grids) of an eval spec, refused on an unknown key or a length
+    beyond the model's positions."""
+    ppl_spec, cont_spec = spec.get("perplexity") or {}, spec.get("continuations") or {}
     grids = {t: spec[t] for t in GRID_TASKS if spec.get(t) and spec[t].get("lengths")}
     for k in spec:
         if k not in (*GRID_TASKS, "perplexity", "continuations", "ruler", "name", "seed", "description"):
@@ -201,162 +188,125 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
     for n in all_lengths:
         if int(n) > plan.model.max_positions:
             raise HeadplanError(f"eval length {n} exceeds the model's {plan.model.max_positions} positions")
-    names = list(methods)
-    results: dict = {"model": lm.spec, "plan_counts": plan.counts(), "texts": text_desc, "primary": primary,
-                     "methods": [], "perplexity": [], "retrieval": [], "grid": [], "continuations": [],
-                     "budget": []}
+    return ppl_spec, cont_spec, grids
 
-    def cells(task, g):
-        if task == "kv_retrieval":
-            return [{} for _ in range(int(g.get("samples", 3)))]
-        return [{"depths": [float(d)]} for d in g.get("depths", [0.5]) for _ in range(int(g.get("samples", 1)))]
 
-    n_ppl = int(ppl_spec.get("samples", 2))
-    tail = float(ppl_spec.get("tail", 0.5))
-    per = len(names) + 1  # steps of the bar: one forward (or generation) of dense and of each method
-    jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl  # retrieval: generation + teacher-forced answer
-                  + 2 * sum(len(g["lengths"]) * len(cells(t, g)) * len(prompt_settings(t, g)) for t, g in grids.items())
-                  + (int(cont_spec.get("samples", 2)) if cont_spec else 0))
-    memory: dict = {}
-    bar = rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) if jobs else contextlib.nullcontext(lambda n=1: None)
-    with bar as advance:
-        # ---- perplexity, KL, top-1 ---------------------------------------------------------------
-        for n in ppl_spec.get("lengths", []):
-            n = int(n)
-            acc = {m: [0.0, 0.0, 0.0] for m in names}  # nll, kl, agree
-            nll_d = 0.0
-            count = 0
-            for i in range(n_ppl):
-                s = make_sample(hay, "lm", n, random.Random(f"{seed}:ppl:{n}:{i}"), {})
-                ids = torch.tensor([s.input_ids], device=dev)
-                start = int(n * (1 - tail))
-                keep = n - start
-                tgt = ids[0, start + 1:]
-                with dense(model):
-                    ld_ = _logits(model, ids, keep)[:-1].log_softmax(-1)
-                advance()
-                nll_d += summed_nll(ld_, tgt)
-                top_d = ld_.argmax(-1)
-                for m in names:
-                    apply(model, methods[m], check=False)
-                    lp_ = _logits(model, ids, keep)[:-1].log_softmax(-1)
-                    a = acc[m]
-                    a[0] += summed_nll(lp_, tgt)
-                    a[1] += summed_kl(ld_, lp_)
-                    a[2] += top1_agreements(top_d, lp_)
-                    del lp_
-                    advance()
-                count += tgt.numel()
-                del ld_
-            by = {m: {"ppl": perplexity(a[0], count), "kl": a[1] / count, "top1_agree": a[2] / count}
-                  for m, a in acc.items()}
-            results["perplexity"].append({
-                "length": n, "samples": n_ppl, "tokens_scored": count, "ppl_dense": perplexity(nll_d, count),
-                "ppl_plan": by[primary]["ppl"], "kl": by[primary]["kl"], "top1_agree": by[primary]["top1_agree"],
-                "methods": by})
+def _perplexity(loop: MethodLoop, hay, seed: int, dev, n: int, n_ppl: int, tail: float, primary: str) -> dict:
+    """Perplexity, KL(dense||method) and top-1 agreement on the last ``tail`` of ``n_ppl`` samples of n tokens."""
+    from ..data import make_sample
 
-        # ---- retrieval grids -------------------------------------------------------------------
-        eos = getattr(lm.tokenizer, "eos_token_id", None)
-        for task, g, setting in [(t, g, st) for t, g in grids.items() for st in prompt_settings(t, g)]:
-            stask, fixed = GRID_TASKS[task]
-            variants = cells(task, g)
-            name = task if setting == "single" else f"{task}-{setting}"
-            scorer = "context" if setting == "after-context" else "obs"
-            for n in g["lengths"]:
-                n = int(n)
-                ok = {m: 0 for m in ["dense", *names]}
-                nll_sum: dict = {}
-                nll_n = 0
-                cell_ok: dict = {}
-                cases = []
-                for i, var in enumerate(variants):
-                    opts = {**{k: v for k, v in g.items() if k not in ("lengths", "samples", "settings")}, **fixed, **var}
-                    s = make_sample(hay, stask, n, random.Random(f"{seed}:{task}:{n}:{i}"), opts)
-                    ids = torch.tensor([s.input_ids], device=dev)
-                    split = s.meta.get("context") if setting != "single" else None
-                    k = len(s.answer_ids) + 2
-                    mem: dict = {}
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    with dense(model):
-                        outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos, mem, "dense", split, scorer),
-                                                             skip_special_tokens=True)}
-                    advance()
-                    if dev.type == "cuda":
-                        mem["peak_dense"] = torch.cuda.max_memory_allocated()
-                    for m in names:
-                        apply(model, methods[m], check=False)
-                        if dev.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats()
-                        outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos, mem, m, split, scorer),
-                                                      skip_special_tokens=True)
-                        if dev.type == "cuda":
-                            mem[f"peak_{m}"] = torch.cuda.max_memory_allocated()
-                        advance()
-                    nll = {}  # teacher-forced NLL of the reference answer: finer than right/wrong
-                    if s.answer_ids:
-                        full = torch.tensor([list(s.input_ids) + list(s.answer_ids)], device=dev)
-                        na = len(s.answer_ids)
-                        tgt = full[0, -na:]
-                        with dense(model):
-                            nll["dense"] = answer_nll(model, full, tgt, split, scorer)
-                        advance()
-                        for m in names:
-                            apply(model, methods[m], check=False)
-                            nll[m] = answer_nll(model, full, tgt, split, scorer)
-                            advance()
-                        for m, v in nll.items():
-                            nll_sum[m] = nll_sum.get(m, 0.0) + v
-                        nll_n += 1
-                    else:
-                        advance(per)
-                    memory.setdefault(n, {})
-                    for key, val in mem.items():
-                        memory[n][key] = max(memory[n].get(key, 0), val)
-                    depth = s.meta.get("depth") if task != "kv_retrieval" else None
-                    c = cell_ok.setdefault(depth, {"n": 0, **{m: 0 for m in ok}})
-                    c["n"] += 1
-                    for m in ok:
-                        ok_m = hit(s.answer, outs[m])
-                        ok[m] += ok_m
-                        c[m] += ok_m
-                    cases.append({"depth": depth, "answer": s.answer, "dense": outs["dense"].strip(),
-                                  "plan": outs[primary].strip(),
-                                  "methods": {m: outs[m].strip() for m in names},
-                                  **({"answer_nll": nll} if nll else {})})
-                tot = len(variants)
-                results["retrieval"].append({"task": name, "length": n, "samples": tot, "acc_dense": ok["dense"] / tot,
-                                             "acc_plan": ok[primary] / tot,
-                                             "acc": {m: v / tot for m, v in ok.items()},
-                                             **({"answer_nll": {m: v / nll_n for m, v in nll_sum.items()}}
-                                                if nll_n else {}),
-                                             "cases": cases})
-                for depth, c in sorted(cell_ok.items(), key=lambda x: (x[0] is None, x[0] or 0)):
-                    results["grid"].append({"task": name, "length": n, "depth": depth, "samples": c["n"],
-                                            "acc": {m: c[m] / c["n"] for m in ok}})
+    acc = {m: [0.0, 0.0, 0.0] for m in loop.names}  # nll, kl, agree
+    nll_d, count = 0.0, 0
+    for i in range(n_ppl):
+        s = make_sample(hay, "lm", n, random.Random(f"{seed}:ppl:{n}:{i}"), {})
+        ids = torch.tensor([s.input_ids], device=dev)
+        keep = n - int(n * (1 - tail))
+        tgt = ids[0, n - keep + 1:]
+        ref = {}
 
-        # ---- continuations side by side --------------------------------------------------------
-        if cont_spec:
-            n = int(cont_spec.get("length", 512))
-            k = int(cont_spec.get("tokens", 32))
-            for i in range(int(cont_spec.get("samples", 2))):
-                s = make_sample(hay, "lm", n, random.Random(f"{seed}:cont:{n}:{i}"), {})
-                ids = torch.tensor([s.input_ids], device=dev)
-                with dense(model):
-                    outs = {"dense": lm.tokenizer.decode(_generate(model, ids, k, eos), skip_special_tokens=True)}
-                advance()
-                for m in names:
-                    apply(model, methods[m], check=False)
-                    outs[m] = lm.tokenizer.decode(_generate(model, ids, k, eos), skip_special_tokens=True)
-                    advance()
-                prompt = lm.tokenizer.decode(list(s.input_ids[-48:]), skip_special_tokens=True)
-                results["continuations"].append({"length": n, "prompt_tail": prompt, "dense": outs["dense"],
-                                                 "methods": {m: outs[m] for m in names}})
-    if spec.get("ruler"):  # lm-eval's RULER tasks (headplan.eval.ruler), its own progress bar
-        from .ruler import run_ruler
+        def score(m):
+            lp = _logits(loop.model, ids, keep)[:-1].log_softmax(-1)
+            if m == "dense":  # the reference every method is scored against
+                ref["lp"], ref["top"] = lp, lp.argmax(-1)
+                return summed_nll(lp, tgt)
+            return summed_nll(lp, tgt), summed_kl(ref["lp"], lp), top1_agreements(ref["top"], lp)
 
-        results["ruler"] = run_ruler(lm, methods, spec["ruler"], rep, seed)
-    apply(model, plan, check=False)
+        out = loop.each(score)
+        nll_d += out.pop("dense")
+        for m, v in out.items():
+            acc[m] = [x + y for x, y in zip(acc[m], v)]
+        count += tgt.numel()
+    by = {m: {"ppl": perplexity(a[0], count), "kl": a[1] / count, "top1_agree": a[2] / count} for m, a in acc.items()}
+    return {"length": n, "samples": n_ppl, "tokens_scored": count, "ppl_dense": perplexity(nll_d, count),
+            "ppl_plan": by[primary]["ppl"], "kl": by[primary]["kl"], "top1_agree": by[primary]["top1_agree"],
+            "methods": by}
+
+
+def _retrieval_sample(loop: MethodLoop, lm, s, dev, setting: str, mem: dict) -> tuple[dict, dict]:
+    """One retrieval sample: each method's greedy answer (KV bytes and CUDA peaks into ``mem``) and its
+    teacher-forced answer NLL ({} without an answer)."""
+    ids = torch.tensor([s.input_ids], device=dev)
+    split = s.meta.get("context") if setting != "single" else None
+    scorer = "context" if setting == "after-context" else "obs"
+    k, eos = len(s.answer_ids) + 2, getattr(lm.tokenizer, "eos_token_id", None)
+
+    def gen(m):
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        out = lm.tokenizer.decode(_generate(loop.model, ids, k, eos, mem, m, split, scorer), skip_special_tokens=True)
+        if dev.type == "cuda":
+            mem[f"peak_{m}"] = torch.cuda.max_memory_allocated()
+        return out
+
+    outs = loop.each(gen)
+    if not s.answer_ids:
+        loop.advance(len(loop.names) + 1)
+        return outs, {}
+    full = torch.tensor([list(s.input_ids) + list(s.answer_ids)], device=dev)
+    tgt = full[0, -len(s.answer_ids):]
+    return outs, loop.each(lambda m: answer_nll(loop.model, full, tgt, split, scorer))
+
+
+def _retrieval(loop: MethodLoop, lm, hay, seed: int, dev, task: str, g: dict, setting: str, n: int, primary: str,
+               memory: dict) -> tuple[dict, list[dict]]:
+    """One retrieval cell (task, prompt setting, length): its row and its rows per depth."""
+    from ..data import make_sample
+
+    stask, fixed = GRID_TASKS[task]
+    variants = _grid_cells(task, g)
+    ok = {m: 0 for m in ["dense", *loop.names]}
+    nll_sum, nll_n, cell_ok, cases = {}, 0, {}, []
+    for i, var in enumerate(variants):
+        opts = {**{k: v for k, v in g.items() if k not in ("lengths", "samples", "settings")}, **fixed, **var}
+        s = make_sample(hay, stask, n, random.Random(f"{seed}:{task}:{n}:{i}"), opts)
+        mem: dict = {}
+        outs, nll = _retrieval_sample(loop, lm, s, dev, setting, mem)
+        if nll:
+            for m, v in nll.items():
+                nll_sum[m] = nll_sum.get(m, 0.0) + v
+            nll_n += 1
+        for key, val in mem.items():
+            memory.setdefault(n, {})[key] = max(memory.get(n, {}).get(key, 0), val)
+        memory.setdefault(n, {})
+        depth = s.meta.get("depth") if task != "kv_retrieval" else None
+        c = cell_ok.setdefault(depth, {"n": 0, **{m: 0 for m in ok}})
+        c["n"] += 1
+        for m in ok:
+            hit_m = hit(s.answer, outs[m])
+            ok[m] += hit_m
+            c[m] += hit_m
+        cases.append({"depth": depth, "answer": s.answer, "dense": outs["dense"].strip(), "plan": outs[primary].strip(),
+                      "methods": {m: outs[m].strip() for m in loop.names}, **({"answer_nll": nll} if nll else {})})
+    name = task if setting == "single" else f"{task}-{setting}"
+    tot = len(variants)
+    row = {"task": name, "length": n, "samples": tot, "acc_dense": ok["dense"] / tot, "acc_plan": ok[primary] / tot,
+           "acc": {m: v / tot for m, v in ok.items()},
+           **({"answer_nll": {m: v / nll_n for m, v in nll_sum.items()}} if nll_n else {}), "cases": cases}
+    grid = [{"task": name, "length": n, "depth": depth, "samples": c["n"], "acc": {m: c[m] / c["n"] for m in ok}}
+            for depth, c in sorted(cell_ok.items(), key=lambda x: (x[0] is None, x[0] or 0))]
+    return row, grid
+
+
+def _continuations(loop: MethodLoop, lm, hay, seed: int, dev, cont_spec: dict) -> list[dict]:
+    from ..data import make_sample
+
+    n, k, eos = int(cont_spec.get("length", 512)), int(cont_spec.get("tokens", 32)), getattr(lm.tokenizer,
+                                                                                            "eos_token_id", None)
+    rows = []
+    for i in range(int(cont_spec.get("samples", 2))):
+        s = make_sample(hay, "lm", n, random.Random(f"{seed}:cont:{n}:{i}"), {})
+        ids = torch.tensor([s.input_ids], device=dev)
+        outs = loop.each(lambda m: lm.tokenizer.decode(_generate(loop.model, ids, k, eos), skip_special_tokens=True))
+        prompt = lm.tokenizer.decode(list(s.input_ids[-48:]), skip_special_tokens=True)
+        rows.append({"length": n, "prompt_tail": prompt, "dense": outs["dense"],
+                     "methods": {m: outs[m] for m in loop.names}})
+    return rows
+
+
+def _budgets(results: dict, methods: dict, plan: Plan, primary: str, memory: dict, model) -> None:
+    """Each method's budget info, the KV the caches held, and the plan's predicted KV per length, into
+    ``results``."""
+    from ..runtime import kv_report
 
     lengths = sorted({r["length"] for r in results["perplexity"] + results["retrieval"] + results.get("ruler", [])})
     results["methods"] = [method_info(m, p, lengths) for m, p in methods.items()]
@@ -373,6 +323,59 @@ def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporte
                                   "kv_dtype_bytes": kvr["dtype_bytes"], "kv_bytes_dense": kvr["dense_bytes"],
                                   "kv_bytes_plan": kvr["plan_bytes"],
                                   "kv_bytes_per_layer": [(x["dense_bytes"], x["plan_bytes"]) for x in kvr["layers"]]})
+
+
+def evaluate(lm, plan: Plan, spec: dict, texts: list[str] | None = None, reporter: Reporter | None = None,
+             others: dict[str, Plan] | None = None, primary: str = "headplan") -> dict:
+    """Dense vs ``plan`` (named ``primary``) and every plan in ``others`` (name -> Plan, e.g. the
+    baselines at the same budget), on the samples the eval spec describes; dense is run once per
+    sample and every method is scored against it. Returns a JSON-ready dict.
+
+    Spec keys (all optional): ``perplexity {lengths, samples, tail}``; retrieval grids
+    ``passkey | multikey | needle {lengths, depths, samples}`` (samples per length × depth cell) and
+    ``kv_retrieval {lengths, samples, pairs}``; ``continuations {length, samples, tokens}``.
+    """
+    from ..data import Haystack, load_texts
+    from ..runtime import apply, check_plan_fits
+
+    rep = reporter or Reporter()
+    methods: dict[str, Plan] = {primary: plan, **(others or {})}
+    model = lm.model
+    for p in methods.values():
+        check_plan_fits(model, p)
+    text, text_desc = load_texts(texts)
+    hay = Haystack(lm.tokenizer, text)
+    seed, dev = int(spec.get("seed", 1000)), next(model.parameters()).device
+    ppl_spec, cont_spec, grids = _check_spec(spec, plan)
+    names = list(methods)
+    results: dict = {"model": lm.spec, "plan_counts": plan.counts(), "texts": text_desc, "primary": primary,
+                     "methods": [], "perplexity": [], "retrieval": [], "grid": [], "continuations": [],
+                     "budget": []}
+    n_ppl, tail = int(ppl_spec.get("samples", 2)), float(ppl_spec.get("tail", 0.5))
+    per = len(names) + 1  # steps of the bar: one forward (or generation) of dense and of each method
+    jobs = per * (len(ppl_spec.get("lengths", [])) * n_ppl  # retrieval: generation + teacher-forced answer
+                  + 2 * sum(len(g["lengths"]) * len(_grid_cells(t, g)) * len(prompt_settings(t, g))
+                            for t, g in grids.items())
+                  + (int(cont_spec.get("samples", 2)) if cont_spec else 0))
+    memory: dict = {}
+    bar = rep.task(f"evaluating dense + {len(names)} plan(s)", jobs) if jobs else contextlib.nullcontext(lambda n=1: None)
+    with bar as advance:
+        loop = MethodLoop(model, methods, advance)
+        for n in ppl_spec.get("lengths", []):
+            results["perplexity"].append(_perplexity(loop, hay, seed, dev, int(n), n_ppl, tail, primary))
+        for task, g, setting in [(t, g, st) for t, g in grids.items() for st in prompt_settings(t, g)]:
+            for n in g["lengths"]:
+                row, grid = _retrieval(loop, lm, hay, seed, dev, task, g, setting, int(n), primary, memory)
+                results["retrieval"].append(row)
+                results["grid"].extend(grid)
+        if cont_spec:
+            results["continuations"] = _continuations(loop, lm, hay, seed, dev, cont_spec)
+    if spec.get("ruler"):  # lm-eval's RULER tasks (headplan.eval.ruler), its own progress bar
+        from .ruler import run_ruler
+
+        results["ruler"] = run_ruler(lm, methods, spec["ruler"], rep, seed)
+    apply(model, plan, check=False)
+    _budgets(results, methods, plan, primary, memory, model)
     return results
 
 

@@ -329,7 +329,7 @@ def run_ruler(lm, methods: dict, spec: dict, reporter=None, seed: int = 1000, ke
     import tempfile
 
     from ..progress import Reporter
-    from ..runtime import applied, dense
+    from .loop import MethodLoop
 
     rep = reporter or Reporter()
     tasks, lengths = list(spec["tasks"]), [int(n) for n in spec["lengths"]]
@@ -353,10 +353,7 @@ def run_ruler(lm, methods: dict, spec: dict, reporter=None, seed: int = 1000, ke
             for n, setting in [(n, st) for n in lengths for st in settings]:
                 state["setting"] = setting
                 loaded = prepared[n]
-                outs = {}
-                for m in ["dense", *names]:
-                    with dense(model) if m == "dense" else applied(model, methods[m], check=False):
-                        outs[m] = _evaluate(hflm, loaded, n_samples)
+                outs = MethodLoop(model, methods).each(lambda m: _evaluate(hflm, loaded, n_samples))
                 for t in tasks:
                     score, per = {}, {}
                     for m, samp in outs.items():

@@ -19,8 +19,9 @@ def validate(lm, plans: dict[str, Plan], spec: dict, lengths, texts=None, sample
     """Dense and every plan on the validation mixture at ``lengths``: per method the mean lm NLL (nats per
     token over the scored tail) and the mean answer NLL (nats per answer token, averaged over samples)."""
     from ..data import Haystack, answer_options, load_texts, mixture_samples
-    from ..runtime import apply, check_plan_fits, dense
+    from ..runtime import check_plan_fits
     from .driver import answer_nll
+    from .loop import MethodLoop
 
     rep = reporter or Reporter()
     model = lm.model
@@ -45,18 +46,11 @@ def validate(lm, plans: dict[str, Plan], spec: dict, lengths, texts=None, sample
                 start = int(full.shape[1] * (1 - tail))
                 tgt = full[0, start + 1:]
                 lm_tok += tgt.numel()
-            for m in names:
-                if m == "dense":
-                    with dense(model):
-                        v = answer_nll(model, full, tgt)
-                else:
-                    apply(model, plans[m], check=False)
-                    v = answer_nll(model, full, tgt)
+            for m, v in MethodLoop(model, plans, advance).each(lambda m: answer_nll(model, full, tgt)).items():
                 if s.answer_ids:
                     ans[m].append(v)
                 else:
                     lm_sum[m] += v * tgt.numel()
-                advance()
     if not lm_tok or not ans["dense"]:
         raise HeadplanError("the validation mixture needs both lm and answered samples at every length "
                             "(raise --samples)")

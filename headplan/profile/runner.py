@@ -240,23 +240,7 @@ def _gates(lm, hay, spec: dict, lengths: list[int], candidates: list[Candidate],
     return g, ref, info
 
 
-def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict, texts: list[str] | None = None,
-            samples: int | None = None, block: int = 64, reporter: Reporter | None = None,
-            method: str | dict = "recall", resume: str | Path | None = None,
-            checkpointing: bool | None = None) -> Profile:
-    """Run the model on calibration samples at each length and measure every KV head.
-
-    method: see ``parse_method``. resume: a directory for per-sample statistics (continue a killed
-    run). checkpointing: gradient checkpointing for the gradient pass (default: on for CUDA).
-    """
-    from ..data import Haystack, answer_options, load_texts, mixture_samples
-
-    rep = reporter or Reporter()
-    weights = parse_method(method)
-    gates_on = "gates" in weights  # gate optimisation scales the recall profile: recall is measured too
-    signals = tuple(s for s in SIGNALS if s in weights or (gates_on and s == "recall"))
-    grad = "gradient" in weights
-    ident: ModelIdentity = lm.identity
+def _check_lengths(lengths, ident: ModelIdentity, candidates) -> list[int]:
     lengths = sorted(set(int(x) for x in lengths))
     if not lengths:
         raise HeadplanError("no lengths to profile")
@@ -267,38 +251,11 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
             raise HeadplanError(f"length {n} is too short to profile (minimum 64)")
     if not candidates:
         raise HeadplanError("no candidate patterns")
-    answers, reserve, lm_tail = answer_options(data_spec)
-    if gates_on:
-        gate_options(data_spec, lengths)  # a bad gates: section fails before any work
-    text, text_desc = load_texts(texts)
-    hay = Haystack(lm.tokenizer, text)
-    n_samp = int(samples if samples is not None else data_spec.get("samples_per_length", 4))
-    if n_samp < 1:
-        raise HeadplanError("--samples must be at least 1")
-    # answered sequences (prompt + answer) only when a loss is needed: recall/mse-only profiles keep
-    # the exact-length samples of the first profiler
-    sets = {n: mixture_samples(hay, data_spec, n, n_samp, reserve=reserve if grad else 0) for n in lengths}
-    jobs = [(li, n, i) for li, n in enumerate(lengths) for i in range(len(sets[n]))]
-    dev = lm.model.get_input_embeddings().weight.device
-    rank, world = _dist_info(dev)
-    mine = [jb for t, jb in enumerate(jobs) if t % world == rank]
-    data = {"spec": data_spec, "texts": text_desc, "samples_per_length": n_samp}
-    if grad:
-        data["loss"] = {"answers": answers, "answer_tokens": reserve, "lm_tail": lm_tail}
-    cand_dicts = [c.to_dict() for c in candidates]
-    desc = {"model": ident.fingerprint, "model_spec": lm.spec, "method": weights, "lengths": lengths,
-            "candidates": cand_dicts, "block": block, "data": data}
-    key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
-    state = _StateDir(resume, key, desc, rank) if resume is not None else None
-    if state is not None and world > 1:
-        import torch.distributed as dist
+    return lengths
 
-        dist.barrier()
 
-    model = lm.model
-    L, H, C = ident.num_layers, ident.num_kv_heads, len(candidates)
-    per = {s: torch.zeros(len(jobs), L, H, C, dtype=torch.float64) for s in signals}
-    metas: list[dict | None] = [None] * len(jobs)
+def _resumed(state, mine, jobs, per, metas, signals, rep) -> list[int]:
+    """This rank's jobs still to run; what ``state`` (the resume directory) holds goes into ``per``/``metas``."""
     todo = []
     for jb in mine:
         t = jobs.index(jb)
@@ -311,11 +268,11 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
             todo.append(t)
     if state is not None and len(todo) < len(mine):
         rep.log(f"resuming from {state.dir}: {len(mine) - len(todo)} of {len(mine)} samples already done")
+    return todo
 
-    _register()
-    prev = model.config._attn_implementation
-    ckpt = (dev.type == "cuda") if checkpointing is None else bool(checkpointing)
-    # the sequences; model answers are written by the dense (SDPA) model before profiling starts
+
+def _sequences(lm, todo, jobs, sets, grad: bool, answers, reserve, lm_tail, dev, rep) -> dict[int, _Seq]:
+    """The sequences to profile; model answers are written by the dense (SDPA) model before profiling starts."""
     seqs: dict[int, _Seq] = {}
     n_gen = sum(1 for t in todo if answers == "model" and grad and sets[jobs[t][1]][jobs[t][2]].answer_ids)
     with rep.task("model answers", n_gen) if n_gen else _nullctx() as adv_gen:
@@ -328,9 +285,19 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
                     adv_gen()
             else:
                 seqs[t] = _Seq(list(smp.input_ids), len(smp.input_ids), dict(smp.meta))
+    return seqs
+
+
+def _measure(lm, todo, jobs, seqs, candidates, block, signals, grad, ckpt, state, per, metas, weights, dev, rep):
+    """Every sample still to run through the profiling attention; its statistics into ``per``/``metas`` (and
+    the resume directory)."""
+    model = lm.model
+    ident = lm.identity
+    _register()
+    prev = model.config._attn_implementation
     try:
         model.set_attn_implementation(_ATTN_NAME)
-        stats = Stats(candidates, L, H, block, signals)
+        stats = Stats(candidates, ident.num_layers, ident.num_kv_heads, block, signals)
         with _grad_mode(model, grad and bool(todo), ckpt), \
                 rep.task(f"profiling ({method_name(weights)})", len(todo)) as advance:
             for t in todo:
@@ -350,19 +317,30 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
         _STATE.grad = False
         model.set_attn_implementation(prev)
 
-    if world > 1:  # each sample's statistics come from exactly one rank: the sum is exact
-        import torch.distributed as dist
 
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, metas)
-        metas = [next((g[t] for g in gathered if g[t] is not None), None) for t in range(len(jobs))]
-        for s in signals:
-            buf = per[s].to(dev) if dist.get_backend() == "nccl" else per[s]
-            dist.all_reduce(buf)
-            per[s] = buf.cpu()
+def _gathered(per, metas, signals, jobs, world, dev):
+    """Across ranks: each sample's statistics come from exactly one rank, so the sum is exact."""
+    if world <= 1:
+        return per, metas
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, metas)
+    metas = [next((g[t] for g in gathered if g[t] is not None), None) for t in range(len(jobs))]
+    for s in signals:
+        buf = per[s].to(dev) if dist.get_backend() == "nccl" else per[s]
+        dist.all_reduce(buf)
+        per[s] = buf.cpu()
+    return per, metas
+
+
+def _parts(per, metas, signals, jobs, lengths, candidates, ident) -> dict:
+    """Each signal's profile (layers, KV heads, candidates, lengths): per length the mean of its samples, in
+    sample order (full candidates 0); the gradient split by task where every length has such samples."""
+    L, H, C = ident.num_layers, ident.num_kv_heads, len(candidates)
     full = [ci for ci, c in enumerate(candidates) if c.pattern.kind == "full"]
 
-    def reduce(stats, chosen) -> torch.Tensor:  # per length: the mean of the chosen samples, in sample order
+    def reduce(stats, chosen) -> torch.Tensor:
         out = torch.zeros(L, H, C, len(lengths), dtype=torch.float64)
         for li, ts in enumerate(chosen):
             acc = torch.zeros(L, H, C, dtype=torch.float64)
@@ -380,17 +358,77 @@ def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict
         sel = [[t for t in ts if (metas[t].get("task") == "lm") == lm_only] for ts in by_len]
         if all(sel):  # a length without such samples: no split (the mixture or --samples is too small)
             parts[name] = reduce(per[s], sel)
+    return parts
+
+
+def profile(lm, lengths: list[int], candidates: list[Candidate], data_spec: dict, texts: list[str] | None = None,
+            samples: int | None = None, block: int = 64, reporter: Reporter | None = None,
+            method: str | dict = "recall", resume: str | Path | None = None,
+            checkpointing: bool | None = None) -> Profile:
+    """Run the model on calibration samples at each length and measure every KV head.
+
+    method: see ``parse_method``. resume: a directory for per-sample statistics (continue a killed
+    run). checkpointing: gradient checkpointing for the gradient pass (default: on for CUDA).
+    """
+    from ..data import Haystack, answer_options, load_texts, mixture_samples
+
+    rep = reporter or Reporter()
+    weights = parse_method(method)
+    gates_on = "gates" in weights  # gate optimisation scales the recall profile: recall is measured too
+    signals = tuple(s for s in SIGNALS if s in weights or (gates_on and s == "recall"))
+    grad = "gradient" in weights
+    ident: ModelIdentity = lm.identity
+    lengths = _check_lengths(lengths, ident, candidates)
+    answers, reserve, lm_tail = answer_options(data_spec)
+    if gates_on:
+        gate_options(data_spec, lengths)  # a bad gates: section fails before any work
+    text, text_desc = load_texts(texts)
+    hay = Haystack(lm.tokenizer, text)
+    n_samp = int(samples if samples is not None else data_spec.get("samples_per_length", 4))
+    if n_samp < 1:
+        raise HeadplanError("--samples must be at least 1")
+    # answered sequences (prompt + answer) only when a loss is needed: recall/mse-only profiles keep
+    # the exact-length samples of the first profiler
+    sets = {n: mixture_samples(hay, data_spec, n, n_samp, reserve=reserve if grad else 0) for n in lengths}
+    jobs = [(li, n, i) for li, n in enumerate(lengths) for i in range(len(sets[n]))]
+    dev = lm.model.get_input_embeddings().weight.device
+    rank, world = _dist_info(dev)
+    mine = [jb for t, jb in enumerate(jobs) if t % world == rank]
+    data = {"spec": data_spec, "texts": text_desc, "samples_per_length": n_samp}
+    if grad:
+        data["loss"] = {"answers": answers, "answer_tokens": reserve, "lm_tail": lm_tail}
+    desc = {"model": ident.fingerprint, "model_spec": lm.spec, "method": weights, "lengths": lengths,
+            "candidates": [c.to_dict() for c in candidates], "block": block, "data": data}
+    key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+    state = _StateDir(resume, key, desc, rank) if resume is not None else None
+    if state is not None and world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    L, H, C = ident.num_layers, ident.num_kv_heads, len(candidates)
+    per = {s: torch.zeros(len(jobs), L, H, C, dtype=torch.float64) for s in signals}
+    metas: list[dict | None] = [None] * len(jobs)
+    todo = _resumed(state, mine, jobs, per, metas, signals, rep)
+    ckpt = (dev.type == "cuda") if checkpointing is None else bool(checkpointing)
+    seqs = _sequences(lm, todo, jobs, sets, grad, answers, reserve, lm_tail, dev, rep)
+    _measure(lm, todo, jobs, seqs, candidates, block, signals, grad, ckpt, state, per, metas, weights, dev, rep)
+    per, metas = _gathered(per, metas, signals, jobs, world, dev)
+    parts = _parts(per, metas, signals, jobs, lengths, candidates, ident)
     if gates_on:
         g, ref, ginfo = _gates(lm, hay, data_spec, lengths, candidates, rep, dev)
         parts["gates"] = head_scaled_loss(g, parts["recall"], torch.full(g.shape, ref)).float()
         data["gates"] = ginfo
+    return _assembled(lm, lengths, candidates, block, data, n_samp, metas, parts, weights, signals, gates_on)
+
+
+def _assembled(lm, lengths, candidates, block, data, n_samp, metas, parts, weights, signals, gates_on) -> Profile:
     loss, sig_hdr = combine({s: parts[s].double() for s in weights}, weights)
     dens = torch.tensor([[density(c.pattern, n, block) for n in lengths] for c in candidates], dtype=torch.float64)
     kv = torch.tensor([[kv_share(c.pattern, n) for n in lengths] for c in candidates], dtype=torch.float64)
     if all(m is not None for m in metas):
         data["samples"] = metas  # how each sample was made (task, options, seed, answer source, loss span)
     plain = signals == ("recall",) and not gates_on  # a recall-only profile stores just its loss (the first format)
-    return Profile(model=ident, model_spec=lm.spec, method=method_name(weights), lengths=tuple(lengths),
+    return Profile(model=lm.identity, model_spec=lm.spec, method=method_name(weights), lengths=tuple(lengths),
                    candidates=tuple(candidates), block_size=block, data=data, samples=n_samp,
                    loss=loss.float(), density=dens, kv=kv, versions=versions(),
                    signals={} if plain else sig_hdr, parts={} if plain else parts)
