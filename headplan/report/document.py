@@ -149,64 +149,87 @@ def write_report(run_dir: str | Path, out: str | Path, reporter: Reporter | None
     for k, (path, res) in enumerate(evals):
         lab = _label(res, path, run_dir)
         groups.append((lab, method_points(res)))
-        doc.h(2, f"Evaluation `{lab}`" if lab != "." else "Evaluation")
-        lens = sorted({r["length"] for r in res["perplexity"] + res["retrieval"] + res.get("ruler", [])})
-        secs = f"; eval wall time {res['seconds']:.0f} s" if isinstance(res.get("seconds"), (int, float)) else ""
-        doc.p(f"Methods: {', '.join(m['name'] for m in res['methods'])}; lengths {', '.join(map(str, lens))}{secs}.")
-        head, rows = results_table(res)
-        doc.table(head, rows)
-        if res.get("ruler"):
-            rr = res["ruler"]
-            doc.p(f"RULER: lm-eval {rr[0].get('lm_eval') or ''} tasks {', '.join(sorted({r['task'] for r in rr}))}, "
-                  f"its own synthetic samples ({', '.join(sorted({str(r['samples']) for r in rr}))} per task and "
-                  "length, the same for every method); score = lm-eval's string match (share of the reference "
-                  "answers found in the greedy output), in %.")
-        for task in sorted({c["task"] for c in res["grid"]}):
-            img = plot_heatmaps(res, task, out / f"heatmap_{k}_{task}.png",
-                                f"{task} accuracy (length x depth){'' if lab == '.' else ' — ' + lab}")
-            if img:
-                images.append(img)
-                doc.img(img.name, f"{task} heat map")
-        refused: list[str] = []
-        plans = [(m["name"], _plan_for(m.get("plan_file"), path, run_dir, refused)) for m in res["methods"]]
-        if not plans[0][1] and res["methods"][0].get("plan_file") not in refused:
-            plans[0] = (plans[0][0], _plan_for("plan.yaml", path, run_dir, refused))
-        if refused:
-            note = f"{path}: plan file(s) outside {run_dir} not read (no head map): {', '.join(map(_short, refused))}"
-            rep.log(note)
-            doc.p(note)
-        img = plot_head_maps(plans, out / f"headmap_{k}.png")
+        _evaluation_section(doc, k, path, res, lab, out, run_dir, rep, images)
+    _summary_sections(doc, groups, run_dir, out, images)
+    md = out / "report.md"
+    ht = out / "report.html"
+    atomic_write(md, doc.markdown())
+    atomic_write(ht, doc.html(title))
+    return {"markdown": md, "html": ht, "images": images, "evals": [str(p) for p, _ in evals]}
+
+
+def _evaluation_section(doc, k, path, res, lab, out, run_dir, rep, images) -> None:
+    """One evaluation's part of the report: its tables, heat maps, head maps, continuations and answers."""
+    doc.h(2, f"Evaluation `{lab}`" if lab != "." else "Evaluation")
+    lens = sorted({r["length"] for r in res["perplexity"] + res["retrieval"] + res.get("ruler", [])})
+    secs = f"; eval wall time {res['seconds']:.0f} s" if isinstance(res.get("seconds"), (int, float)) else ""
+    doc.p(f"Methods: {', '.join(m['name'] for m in res['methods'])}; lengths {', '.join(map(str, lens))}{secs}.")
+    head, rows = results_table(res)
+    doc.table(head, rows)
+    if res.get("ruler"):
+        rr = res["ruler"]
+        doc.p(f"RULER: lm-eval {rr[0].get('lm_eval') or ''} tasks {', '.join(sorted({r['task'] for r in rr}))}, "
+              f"its own synthetic samples ({', '.join(sorted({str(r['samples']) for r in rr}))} per task and "
+              "length, the same for every method); score = lm-eval's string match (share of the reference "
+              "answers found in the greedy output), in %.")
+    for task in sorted({c["task"] for c in res["grid"]}):
+        img = plot_heatmaps(res, task, out / f"heatmap_{k}_{task}.png",
+                            f"{task} accuracy (length x depth){'' if lab == '.' else ' — ' + lab}")
         if img:
             images.append(img)
-            doc.h(3, "Head maps")
-            doc.p("Layers × KV heads coloured by pattern kind; the number is the window α (+: elastic), k the "
-                  "top-k blocks, or the vertical count.")
-            doc.img(img.name, "head map")
-        conts = res.get("continuations") or []
-        if conts:
-            doc.h(3, "Continuations (greedy, side by side)")
-            for c in conts:
-                doc.p(f"Prompt ({c['length']} tokens) ends: …{c['prompt_tail'][-160:]!r}")
-                doc.table(["method", "continuation"], [["dense", repr(c["dense"])]]
-                          + [[m["name"], repr(c["methods"].get(m["name"], ""))] for m in res["methods"]])
-        cases = [(r["task"], r["length"], c) for r in res["retrieval"] for c in r.get("cases", [])][:6]
-        if cases:
-            doc.h(3, "Retrieval answers (first cases)")
-            names = [m["name"] for m in res["methods"]]
-            doc.table(["task", "length", "depth", "answer", "dense", *names],
-                      [[t, n, "–" if c.get("depth") is None else f"{c['depth']:g}", c["answer"], c["dense"],
-                        *[(c.get("methods") or {res['primary']: c.get('plan', '')}).get(m, "–") for m in names]]
-                       for t, n, c in cases])
+            doc.img(img.name, f"{task} heat map")
+    _head_maps(doc, k, path, res, out, run_dir, rep, images)
+    conts = res.get("continuations") or []
+    if conts:
+        doc.h(3, "Continuations (greedy, side by side)")
+        for c in conts:
+            doc.p(f"Prompt ({c['length']} tokens) ends: …{c['prompt_tail'][-160:]!r}")
+            doc.table(["method", "continuation"], [["dense", repr(c["dense"])]]
+                      + [[m["name"], repr(c["methods"].get(m["name"], ""))] for m in res["methods"]])
+    _answer_tables(doc, res)
 
-        rcases = [(r["task"], r["length"], c) for r in res.get("ruler", []) for c in r.get("cases", [])[:2]][:6]
-        if rcases:
-            doc.h(3, "RULER answers (first cases)")
-            names = [m["name"] for m in res["methods"]]
-            doc.table(["task", "length", "answer", "dense", *names],
-                      [[t, n, ", ".join(map(str, c["answer"])) if isinstance(c["answer"], list) else str(c["answer"]),
-                        c["dense"].strip()[:80], *[c["methods"].get(m, "–").strip()[:80] for m in names]]
-                       for t, n, c in rcases])
 
+def _head_maps(doc, k, path, res, out, run_dir, rep, images) -> None:
+    refused: list[str] = []
+    plans = [(m["name"], _plan_for(m.get("plan_file"), path, run_dir, refused)) for m in res["methods"]]
+    if not plans[0][1] and res["methods"][0].get("plan_file") not in refused:
+        plans[0] = (plans[0][0], _plan_for("plan.yaml", path, run_dir, refused))
+    if refused:
+        note = f"{path}: plan file(s) outside {run_dir} not read (no head map): {', '.join(map(_short, refused))}"
+        rep.log(note)
+        doc.p(note)
+    img = plot_head_maps(plans, out / f"headmap_{k}.png")
+    if img:
+        images.append(img)
+        doc.h(3, "Head maps")
+        doc.p("Layers × KV heads coloured by pattern kind; the number is the window α (+: elastic), k the "
+              "top-k blocks, or the vertical count.")
+        doc.img(img.name, "head map")
+
+
+def _answer_tables(doc, res) -> None:
+    """The first retrieval and RULER answers, each method beside dense."""
+    cases = [(r["task"], r["length"], c) for r in res["retrieval"] for c in r.get("cases", [])][:6]
+    if cases:
+        doc.h(3, "Retrieval answers (first cases)")
+        names = [m["name"] for m in res["methods"]]
+        doc.table(["task", "length", "depth", "answer", "dense", *names],
+                  [[t, n, "–" if c.get("depth") is None else f"{c['depth']:g}", c["answer"], c["dense"],
+                    *[(c.get("methods") or {res['primary']: c.get('plan', '')}).get(m, "–") for m in names]]
+                   for t, n, c in cases])
+
+    rcases = [(r["task"], r["length"], c) for r in res.get("ruler", []) for c in r.get("cases", [])[:2]][:6]
+    if rcases:
+        doc.h(3, "RULER answers (first cases)")
+        names = [m["name"] for m in res["methods"]]
+        doc.table(["task", "length", "answer", "dense", *names],
+                  [[t, n, ", ".join(map(str, c["answer"])) if isinstance(c["answer"], list) else str(c["answer"]),
+                    c["dense"].strip()[:80], *[c["methods"].get(m, "–").strip()[:80] for m in names]]
+                   for t, n, c in rcases])
+
+
+def _summary_sections(doc, groups, run_dir, out, images) -> None:
+    """Quality against density over every evaluation, and the Pareto fronts the run folder holds."""
     doc.h(2, "Quality vs density")
     img = plot_quality_vs_density(groups, out / "quality_vs_density.png")
     images.append(img)
@@ -227,8 +250,3 @@ def write_report(run_dir: str | Path, out: str | Path, reporter: Reporter | None
             images.append(img)
             doc.h(2, f"Pareto front: {pc.relative_to(run_dir)}")
             doc.img(img.name, "pareto front")
-    md = out / "report.md"
-    ht = out / "report.html"
-    atomic_write(md, doc.markdown())
-    atomic_write(ht, doc.html(title))
-    return {"markdown": md, "html": ht, "images": images, "evals": [str(p) for p, _ in evals]}

@@ -204,29 +204,12 @@ def _units(x: np.ndarray, g: int, how: str = "sum") -> np.ndarray:
     return y.sum(axis=1) if how == "sum" else y.mean(axis=1) if how == "mean" else y.all(axis=1)
 
 
-def _solve(prof: Profile, settings: SearchSettings, cost=None):
-    """The program over units, then the choice per KV head: at ``kv_head`` granularity a unit is a KV head; at
-    ``layer`` granularity a layer, whose loss and costs are the sums over its KV heads and whose shares their
-    mean (so every budget row means what it means per head), its choice given to every head of the layer."""
-    from ..costmodel.table import check_fits, kv_coefficients, prefill_coefficients
+def _allowed(prof: Profile, settings: SearchSettings, kinds):
+    """What the program may choose: (allowed (H, C) per KV head, units (U, C) per unit of the program, KV heads per
+    unit g, the export format's keys per layer or None), refused where a unit has no allowed candidate."""
     from .settings import check_granularity
 
-    lengths = tuple(settings.lengths) if settings.lengths else prof.lengths
-    for n in tuple(lengths) + tuple(settings.validate_lengths):
-        if n not in prof.lengths:
-            raise HeadplanError(f"profile has no length {n} (profiled: {', '.join(map(str, prof.lengths))})")
-    li = [prof.lengths.index(n) for n in lengths]
     m = prof.model
-    H = m.num_layers * m.num_kv_heads
-    C = len(prof.candidates)
-    kinds = [c.pattern.kind for c in prof.candidates]
-    loss = profile_loss(prof, settings.signals).numpy()[..., li].reshape(H, C, len(li))
-    # (H, C, lengths): each head's shares against the model's own attention and cache (its layer's window)
-    if settings.max_length is not None and not 1 <= settings.max_length <= m.max_positions:
-        raise HeadplanError(f"--max-length {settings.max_length} is outside the model's 1..{m.max_positions} positions")
-    bind = bound_lengths(lengths, settings.max_length)
-    dens, kv = (np.repeat(t, m.num_kv_heads, axis=0) for t in budget_tables(prof.candidates, bind,
-                                                                              prof.block_size, m))
     allowed = np.array([k not in settings.exclude_kinds for k in kinds])
     if not allowed.any():
         raise HeadplanError("every candidate kind is excluded")
@@ -251,21 +234,14 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
         where = f"layer {u * g // m.num_kv_heads}" + (f" kv_head {u % m.num_kv_heads}" if g == 1 else "")
         raise HeadplanError(f"{where} has no allowed candidate" + (" shared by all its KV heads" if g > 1 else "")
                             + (f" that {fmt} can express" if fmt is not None else ""))
-    obj = loss.mean(axis=2) + TIE * tie_break(kinds, dens, kv)
-    obj = np.where(allowed, obj, 1e6)  # excluded candidates are never worth it
-    obj = np.where(units, _units(obj, g), 1e6 * g)  # a layer's: the sum over its KV heads
-    obj = np.round(obj, 12).reshape(-1)
-    U = H // g
-    prob = _Problem(obj, U, C, m.num_kv_heads // g)
+    return allowed, units, g, keys
 
-    share_rows(prob, "density", settings.density, _units(dens, g, "mean"), units, bind)
-    share_rows(prob, "kv_budget", settings.kv_budget, _units(kv, g, "mean"), units, bind)
-    if keys is not None:
-        from .formats import shape_rows
 
-        shape_rows(prob, lambda u: keys[u * g // m.num_kv_heads])
-        for i in np.flatnonzero(~units.reshape(-1)):  # what the format cannot state is never chosen, at any cost
-            prob.le([int(i)], [1.0], 0.0)
+def _resource_rows(prob, settings: SearchSettings, cost, prof: Profile, g: int, units, kinds) -> None:
+    """The rows of the latency, memory, patterns-per-layer and full-heads constraints."""
+    from ..costmodel.table import check_fits, kv_coefficients, prefill_coefficients
+
+    m, C = prof.model, len(prof.candidates)
     if settings.latency_budget is not None or settings.memory_budget is not None:
         if cost is None:
             raise HeadplanError("latency and memory budgets need a cost table (--cost-table, or 'analytic')")
@@ -284,6 +260,45 @@ def _solve(prof: Profile, settings: SearchSettings, cost=None):
     if settings.full_heads is not None:
         full_head_rows(prob, settings.full_heads, [c for c in range(C) if kinds[c] == "full" and units[:, c].any()],
                        g)
+
+
+def _solve(prof: Profile, settings: SearchSettings, cost=None):
+    """The program over units, then the choice per KV head: at ``kv_head`` granularity a unit is a KV head; at
+    ``layer`` granularity a layer, whose loss and costs are the sums over its KV heads and whose shares their
+    mean (so every budget row means what it means per head), its choice given to every head of the layer."""
+    lengths = tuple(settings.lengths) if settings.lengths else prof.lengths
+    for n in tuple(lengths) + tuple(settings.validate_lengths):
+        if n not in prof.lengths:
+            raise HeadplanError(f"profile has no length {n} (profiled: {', '.join(map(str, prof.lengths))})")
+    li = [prof.lengths.index(n) for n in lengths]
+    m = prof.model
+    H = m.num_layers * m.num_kv_heads
+    C = len(prof.candidates)
+    kinds = [c.pattern.kind for c in prof.candidates]
+    loss = profile_loss(prof, settings.signals).numpy()[..., li].reshape(H, C, len(li))
+    # (H, C, lengths): each head's shares against the model's own attention and cache (its layer's window)
+    if settings.max_length is not None and not 1 <= settings.max_length <= m.max_positions:
+        raise HeadplanError(f"--max-length {settings.max_length} is outside the model's 1..{m.max_positions} positions")
+    bind = bound_lengths(lengths, settings.max_length)
+    dens, kv = (np.repeat(t, m.num_kv_heads, axis=0) for t in budget_tables(prof.candidates, bind,
+                                                                              prof.block_size, m))
+    allowed, units, g, keys = _allowed(prof, settings, kinds)
+    obj = loss.mean(axis=2) + TIE * tie_break(kinds, dens, kv)
+    obj = np.where(allowed, obj, 1e6)  # excluded candidates are never worth it
+    obj = np.where(units, _units(obj, g), 1e6 * g)  # a layer's: the sum over its KV heads
+    obj = np.round(obj, 12).reshape(-1)
+    U = H // g
+    prob = _Problem(obj, U, C, m.num_kv_heads // g)
+
+    share_rows(prob, "density", settings.density, _units(dens, g, "mean"), units, bind)
+    share_rows(prob, "kv_budget", settings.kv_budget, _units(kv, g, "mean"), units, bind)
+    if keys is not None:
+        from .formats import shape_rows
+
+        shape_rows(prob, lambda u: keys[u * g // m.num_kv_heads])
+        for i in np.flatnonzero(~units.reshape(-1)):  # what the format cannot state is never chosen, at any cost
+            prob.le([int(i)], [1.0], 0.0)
+    _resource_rows(prob, settings, cost, prof, g, units, kinds)
     for sig, slack in settings.keep:
         # first the best this signal alone can do under the same budgets, then keep the plan near it
         _check_slack(sig, slack)
