@@ -7,6 +7,7 @@ writes outputs atomically (temporary file + rename; an output directory staged b
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -16,8 +17,8 @@ from .candidates import candidate_set
 from .check import check_plan, plan_profile
 from .costmodel.table import load_cost
 from .errors import HeadplanError
-from .eval.driver import eval_max_length, named_plans
-from .eval.ruler import ruler_part
+from .eval.driver import eval_max_length, method_label, named_plans, plan_summary
+from .eval.ruler import ruler_fits, ruler_part
 from .files import check_out as _check_out, final_path, record_path, staged_dir
 from .lengths import DEFAULT_LENGTHS, fit_lengths, optional_length, optional_lengths, parse_lengths
 from .plan import DYNAMIC_KINDS, Plan, atomic_write, load_plan, pattern_kinds, save_plan
@@ -423,13 +424,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     spec = ruler_part(spec, min(p.model.max_positions for p in plans), ruler, ruler_lengths, ruler_samples,
                        ruler_gen_tokens, ruler_only)
     names = _baseline_names(baselines)
-    multi = len(plans) > 1
-
-    def label(name, plan):
-        b = plan.budget
-        tag = f"{b.density:g}" if b.density is not None else f"kv{b.kv_budget:g}" if b.kv_budget is not None else "?"
-        return f"{name}@{tag}" if multi else name
-
+    label = functools.partial(method_label, multi=len(plans) > 1)
     methods, files, sources = {}, {}, {}
     for given_name, path, plan in zip(names_given, paths, plans):
         m = given_name or label("headplan", plan)
@@ -451,11 +446,7 @@ def do_eval(model: str, plan_path: str | Path | list, out: str | Path | None = N
     if note:  # said once the inputs are known good
         rep.log(note)
     if spec.get("ruler"):  # RULER prompts that lm-eval cannot make with this tokenizer: refused before any work
-        from .eval.ruler import check_fits, hf_tokenizer
-
-        tok = hf_tokenizer(lm.tokenizer)
-        for n in spec["ruler"]["lengths"]:
-            check_fits(spec["ruler"]["tasks"], n, tok)
+        ruler_fits(spec["ruler"], lm.tokenizer)
     first = next(iter(methods))
     t0 = time.time()
     res = evaluate(lm, methods[first], spec, texts, rep, {k: v for k, v in methods.items() if k != first}, first)
@@ -524,16 +515,15 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
     from .data import load_task_file
     from .models import load_model
 
-    rep = reporter or Reporter()
-    t0 = time.time()
+    from .search.settings import check_granularity
+
+    rep, t0 = reporter or Reporter(), time.time()
     out = _check_out(Path(out), (), "run", directory=True)
     load_task_file(data, "profile")
     load_task_file(eval_data, "eval")
     _baseline_names(baselines)  # a bad name fails before any work
     whole_number("--refine", refine)
     kinds = pattern_kinds(None if str(exclude_kinds).strip().lower() == "none" else exclude_kinds)
-    from .search.settings import check_granularity
-
     granularity, format_windows = check_granularity(granularity, format_windows)
     if refine and not select:  # plan in the loop needs answered calibration samples: fail before profiling
         from .profile.runner import gate_options
@@ -580,14 +570,12 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
                       profile=prof_path, _stage=stage)
         summary = {
             "model": model, "method": prof.method, "density_budget": density, "kv_budget": kv_budget,
-            "profiled_lengths": list(prof.lengths), "plan_counts": plan.counts(), "max_length": max_length,
-            "achieved_density": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_density)),
-            "achieved_kv": dict(zip(map(str, plan.budget.lengths), plan.budget.achieved_kv)),
-            "eval": res, "seconds": {"load": t_load, "profile": t_prof, "total": time.time() - t0},
+            "profiled_lengths": list(prof.lengths), "max_length": max_length, **plan_summary(plan), "eval": res,
+            "seconds": {"load": t_load, "profile": t_prof, "total": time.time() - t0},
             **({"selection": selection} if selection else {}),
             **({"refine_rounds": refine} if refine and not select else {}),
-            "files": {"profile": str(out / "profile.safetensors"), "plan": str(out / "plan.yaml"),
-                      "eval": str(out / "eval.json"), "summary": str(out / "summary.json")},
+            "files": {k: str(out / f) for k, f in (("profile", "profile.safetensors"), ("plan", "plan.yaml"),
+                                                  ("eval", "eval.json"), ("summary", "summary.json"))},
         }
         atomic_write(stage / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     return summary

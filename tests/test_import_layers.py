@@ -109,3 +109,11 @@ def test_the_list_of_kinds_is_written_once():
     hits = [f.relative_to(ROOT).as_posix() for f in modules().values()
             if '"full", "streaming", "strided"' in f.read_text()]
     assert hits == ["kernels/kinds.py"], hits
+
+
+def test_no_function_over_80_lines_outside_kernels():
+    long = [f"{f.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for name, f in modules().items() if not name.startswith("headplan.kernels")
+            for n in ast.walk(ast.parse(f.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
+    assert not long, "\n".join(long)

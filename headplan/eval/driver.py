@@ -429,3 +429,17 @@ def side_by_side(lm, prompt: str, max_new_tokens: int) -> tuple[str, str]:
             gd = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
         gp = lm.model.generate(ids, **kw)[0, ids.shape[1]:]
     return (tok.decode(gd.tolist(), skip_special_tokens=True), tok.decode(gp.tolist(), skip_special_tokens=True))
+
+
+def method_label(name: str, plan: Plan, multi: bool) -> str:
+    """A method's name in an eval of several plans: ``name@density`` (or ``@kvK``), else ``name``."""
+    b = plan.budget
+    tag = f"{b.density:g}" if b.density is not None else f"kv{b.kv_budget:g}" if b.kv_budget is not None else "?"
+    return f"{name}@{tag}" if multi else name
+
+
+def plan_summary(plan: Plan) -> dict:
+    """A plan's head counts and the density and KV share it reaches at each budget length (run's summary)."""
+    b = plan.budget
+    return {"plan_counts": plan.counts(), "achieved_density": dict(zip(map(str, b.lengths), b.achieved_density)),
+            "achieved_kv": dict(zip(map(str, b.lengths), b.achieved_kv))}

@@ -385,3 +385,10 @@ def ruler_part(spec: dict, max_positions: int, tasks, lengths, samples, gen_toke
     if only:
         return {"name": "ruler", "seed": spec.get("seed", 1000), "ruler": r}
     return {**spec, "ruler": r}
+
+
+def ruler_fits(ruler: dict, tokenizer) -> None:
+    """Refuse, before any work, RULER prompts lm-eval cannot make with this tokenizer at the section's lengths."""
+    tok = hf_tokenizer(tokenizer)
+    for n in ruler["lengths"]:
+        check_fits(ruler["tasks"], n, tok)
