@@ -25,6 +25,7 @@ from .plan import DYNAMIC_KINDS, Plan, atomic_write, load_plan, pattern_kinds, s
 from .profile.format import ProfileResult
 from .profile.signals import keep_pairs, signal_weights as _signal_weights
 from .progress import Reporter
+from .pipeline import DEFAULT_RUN_BASELINES, DEFAULT_RUN_KV, run_baselines, run_inputs
 from .search.baselines import baseline_names as _baseline_names, save_baseline
 from .search.refine import refine_fits
 from .search.settings import feasible_or_raise, whole_number
@@ -37,6 +38,9 @@ DEFAULT_RUN_METHOD = "recall"  # the profiling signal(s) of `headplan run`
 # left out (they keep every KV entry: without them the same passkeys at 0.44x the KV, better perplexity at 4K)
 DEFAULT_REFINE_ROUNDS = 2
 DEFAULT_PROFILE_WINDOWS = True
+# plan in the loop also scores each round's full heads with every other head a select head (``round{r}s``), where
+# the density budget can pay the select heads' full prefill
+DEFAULT_SELECT_REST = True
 DEFAULT_RUN_EXCLUDE = ",".join(DYNAMIC_KINDS)
 
 
@@ -44,14 +48,16 @@ def do_profile(model: str, out: str | Path, *, lengths=None, samples: int | None
                data: str | None = None, texts: list[str] | None = None, candidates: str = "default",
                dtype: str = "float32", device: str = "cpu", block: int = 64, reporter: Reporter | None = None,
                lm=None, method: str = "recall", resume: str | Path | None = None, plot: str | Path | bool | None = None,
-               device_map: str | None = None, checkpointing: bool | None = None, top_heads: int = 10):
+               device_map: str | None = None, checkpointing: bool | None = None, top_heads: int = 10,
+               exclude_kinds=()):
     """Profile MODEL; returns ProfileResult (unpacks as ``prof, path``).
 
     method: recall | gradient | mse, or a combination ('gradient,recall', 'gradient=0.7,recall=0.3').
     Calibration data defaults to calibration_data/gradient.yaml when the method includes gradient,
     else profile.yaml. resume: directory of per-sample statistics (a killed run continues). plot:
     True (PNG beside --out) or a .png path. device_map: 'auto' dispatches the model with accelerate.
-    Under torchrun (WORLD_SIZE > 1) samples are split over ranks; only rank 0 writes files.
+    Under torchrun (WORLD_SIZE > 1) samples are split over ranks; only rank 0 writes files. ``exclude_kinds``:
+    candidates of these kinds are not profiled.
     """
     from .data import load_task_file, load_texts
     from .models import load_model
@@ -61,7 +67,9 @@ def do_profile(model: str, out: str | Path, *, lengths=None, samples: int | None
     out = _check_out(Path(out), (".safetensors",), "profile")
     weights = parse_method(method)
     spec = load_task_file(data, "gradient" if "gradient" in weights else "profile")
-    cands = candidate_set(candidates)
+    cands = [c for c in candidate_set(candidates) if c.pattern.kind not in set(exclude_kinds or ())]
+    if not cands:
+        raise HeadplanError(f"every candidate of the {candidates!r} set is excluded")
     if lengths is not None:
         parse_lengths(lengths)  # bad syntax fails before the model loads
     load_texts(texts)  # a missing or empty text file too
@@ -236,7 +244,7 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
               dtype: str = "float32", device: str = "cpu", reporter: Reporter | None = None,
               lm=None, shrink_worths: bool = False,
               profile_windows: bool = DEFAULT_PROFILE_WINDOWS, max_length=None, granularity: str = "kv_head",
-              format_windows: str | None = None) -> tuple[Plan, list[dict]]:
+              format_windows: str | None = None, select_rest: bool = DEFAULT_SELECT_REST) -> tuple[Plan, list[dict]]:
     """Plan in the loop (``headplan.search.refine``): search, then ``rounds`` times measure every head's worth
     with the current plan applied and re-solve at the same budget. Calibration samples: the data spec's
     gate settings (``gates:``; default the profile's own spec); ``validate`` scores every round on
@@ -294,7 +302,7 @@ def do_refine(model: str, profile_path: str | Path, out: str | Path, *, density:
     if validate:  # held-out samples of `headplan select`'s mixture (its own seed) at the calibration length
         score = lambda plans: measure(lm, plans, vspec, list(vlens or [opt["length"]]), texts, None, rep)  # noqa: E731
     plan, hist = refine(lm, prof, settings, seqs, rounds, ref, score, rep, profile_ref(profile_path, out, prof.sha256),
-                        tolerance, shrink_worths, profile_windows)
+                        tolerance, shrink_worths, profile_windows, select_rest)
     save_plan(plan, out)
     return plan, hist
 
@@ -499,39 +507,29 @@ def do_report(run_dir: str | Path, out: str | Path, reporter: Reporter | None = 
     return {**r, "markdown": moved(r["markdown"]), "html": moved(r["html"]), "images": [moved(p) for p in r["images"]]}
 
 
-def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_budget: float | None = None,
+def do_run(model: str, out: str | Path, *, density: float | None = None, kv_budget: float | None = None,
            lengths=None, samples: int | None = None, data: str | None = None,
            eval_data: str | None = None, texts: list[str] | None = None, dtype: str = "float32",
            device: str = "cpu", reporter: Reporter | None = None, candidates: str = "default",
            method: str = DEFAULT_RUN_METHOD, select: bool = False, tolerance: float = 0.02,
-           baselines: str | list | None = "moa", refine: int = DEFAULT_REFINE_ROUNDS,
+           baselines: str | list | None = DEFAULT_RUN_BASELINES, refine: int = DEFAULT_REFINE_ROUNDS,
            exclude_kinds: str | list | None = DEFAULT_RUN_EXCLUDE, shrink_worths: bool = False,
            profile_windows: bool = DEFAULT_PROFILE_WINDOWS, max_length=None, granularity: str = "kv_head",
-           format_windows: str | None = None) -> dict:
+           format_windows: str | None = None, select_rest: bool = DEFAULT_SELECT_REST) -> dict:
     """The whole pipeline: profile, search (or, with ``select``, ``headplan select``'s measured choice among a
-    family of plans), eval beside dense and ``baselines`` (default: the MoA-style baseline at the same
-    budget, so the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json (OUT written
-    whole: ``files.staged_dir``)."""
-    from .data import load_task_file
+    family of plans), eval beside dense and ``baselines`` (default: ``run_baselines``, at the same budget, so
+    the first run shows the margin); writes profile, plan.yaml, eval.json, summary.json (OUT
+    written whole: ``files.staged_dir``). With neither budget given: KV budget ``DEFAULT_RUN_KV``, no density
+    bound."""
     from .models import load_model
 
-    from .search.settings import check_granularity
-
+    if density is None and kv_budget is None:
+        kv_budget = DEFAULT_RUN_KV
+    baselines = run_baselines(baselines, density)
     rep, t0 = reporter or Reporter(), time.time()
     out = _check_out(Path(out), (), "run", directory=True)
-    load_task_file(data, "profile")
-    load_task_file(eval_data, "eval")
-    _baseline_names(baselines)  # a bad name fails before any work
-    whole_number("--refine", refine)
-    kinds = pattern_kinds(None if str(exclude_kinds).strip().lower() == "none" else exclude_kinds)
-    granularity, format_windows = check_granularity(granularity, format_windows)
-    if refine and not select:  # plan in the loop needs answered calibration samples: fail before profiling
-        from .profile.runner import gate_options
-
-        gate_options(load_task_file(data, "profile"), parse_lengths(lengths or DEFAULT_LENGTHS))
-    allowed = [c for c in candidate_set(candidates) if c.pattern.kind not in kinds]
-    if not allowed:
-        raise HeadplanError(f"--exclude-kinds leaves no candidate of the {candidates!r} set")
+    kinds, allowed, granularity, format_windows = run_inputs(
+        data, eval_data, baselines, refine, select, exclude_kinds, granularity, format_windows, candidates, lengths)
     feasible_or_raise(allowed, parse_lengths(lengths or DEFAULT_LENGTHS), density, kv_budget)
     max_length = optional_length("--max-length", max_length)
     with staged_dir(out) as stage:  # written whole: a failure leaves an existing OUT as it was
@@ -548,7 +546,8 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
         prof_path = stage / "profile.safetensors"
         plan_path = stage / "plan.yaml"
         prof, _ = do_profile(model, prof_path, lengths=lengths, samples=samples, data=data, texts=texts,
-                             candidates=candidates, dtype=dtype, device=device, reporter=rep, lm=lm, method=method)
+                             candidates=candidates, dtype=dtype, device=device, reporter=rep, lm=lm, method=method,
+                             exclude_kinds=[k for k in kinds if k in DYNAMIC_KINDS])  # no baseline needs those
         t_prof = time.time() - t0 - t_load
         selection = None
         if select:
@@ -560,7 +559,8 @@ def do_run(model: str, out: str | Path, *, density: float = DEFAULT_DENSITY, kv_
             plan, hist = do_refine(model, prof_path, plan_path, density=density, kv_budget=kv_budget, rounds=refine,
                                    data=data, validate=True, tolerance=tolerance, exclude_kinds=kinds, texts=texts,
                                    reporter=rep, lm=lm, shrink_worths=shrink_worths, profile_windows=profile_windows,
-                                   max_length=max_length, granularity=granularity, format_windows=format_windows)
+                                   max_length=max_length, granularity=granularity, format_windows=format_windows,
+                                   select_rest=select_rest)
             selection = {"chosen": plan.provenance["search"]["refine"]["kept"], "tolerance": tolerance,
                          "candidates": {h["round"]: {**h.get("measured", {}), "counts": h["counts"]} for h in hist}}
         else:

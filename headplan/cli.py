@@ -43,6 +43,9 @@ ShrinkOpt = Flag(False, "--shrink-worths/--no-shrink-worths", "Plan in the loop:
 WindowsOpt = Flag(True, "--profile-windows/--no-profile-windows", "Plan in the loop: keep each round's full heads "
                   "and re-choose the other heads' windows from the profile's own costs, which see length (default on; "
                   "off: the rounds' own windows, tuned at the calibration length)")
+SelectRestOpt = Flag(True, "--select-rest/--no-select-rest", "Plan in the loop: also score each round's full heads "
+                     "with every other head a select head (round<r>s), kept if validation prefers it; only where the "
+                     "density budget pays the select heads' full prefill (default on)")
 
 
 def _version(value: bool):
@@ -213,7 +216,7 @@ def refine(model: str = ModelArg,
                                                           "these lengths (default: the calibration length), e.g. "
                                                           "one longer than profiled"),
            shrink_worths: bool = ShrinkOpt, profile_windows: bool = WindowsOpt,
-           max_length: Optional[str] = MaxLengthOpt,
+           select_rest: bool = SelectRestOpt, max_length: Optional[str] = MaxLengthOpt,
            granularity: str = GranularityOpt, format_windows: Optional[str] = FormatWindowsOpt,
            text: Optional[list[str]] = TextOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Search, then re-measure every head with the plan applied and re-solve (plan in the loop)."""
@@ -222,7 +225,7 @@ def refine(model: str = ModelArg,
     plan, hist = do_refine(model, profile_path, out, density=density, kv_budget=kv_budget, lengths=lengths,
                            rounds=rounds, data=data, samples=samples, validate=validate, exclude_kinds=exclude_kinds,
                            validate_lengths=validate_lengths, shrink_worths=shrink_worths,
-                           profile_windows=profile_windows, max_length=max_length,
+                           profile_windows=profile_windows, select_rest=select_rest, max_length=max_length,
                            granularity=granularity, format_windows=format_windows,
                            texts=text, dtype=dtype,
                            device=device, reporter=_reporter())
@@ -520,8 +523,10 @@ def report_cmd(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A ru
 @handles_errors
 def run(model: str = ModelArg,
         out: Path = typer.Option(Path("headplan-run"), "--out", "-o", help="Output directory"),
-        density: float = typer.Option(0.25, help="Attention density budget"),
-        kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="KV share budget"),
+        density: Optional[float] = typer.Option(None, help="Attention density budget (default: none; with "
+                                                "neither budget given, --kv-budget 0.25)"),
+        kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="KV share budget (default 0.25 when "
+                                                  "--density is not given either)"),
         lengths: Optional[str] = typer.Option(None, help="Profiled lengths, e.g. 2k,4k (k = 1024; default "
                                               "2048,4096, those that fit the model)"),
         samples: Optional[int] = typer.Option(None, help="Calibration samples per length"),
@@ -534,15 +539,15 @@ def run(model: str = ModelArg,
         select: bool = Flag(False, "--select/--no-select", "Choose the plan as `headplan select` does: a family "
                             "of plans measured on validation samples"),
         tolerance: float = typer.Option(0.02, "--tolerance", help="With --select: relative perplexity slack"),
-        baselines: str = typer.Option("moa", "--baselines", help="Baselines evaluated beside the plan at its "
+        baselines: str = typer.Option("default", "--baselines", help="Baselines evaluated beside the plan at its "
                                       "budget, from the same profile: a comma list of streaming,duo,moa,random,snapkv,pyramidkv,adakv,duo-otf, "
-                                      "or none"),
+                                      "none, or default (moa and snapkv; moa alone under a --density below 1)"),
         exclude_kinds: str = typer.Option(",".join(DYNAMIC_KINDS), "--exclude-kinds", help="Pattern kinds the plan "
                                           "leaves out (default: the dynamic ones, which keep every KV entry; "
                                           "'none' allows every kind)"),
         refine: int = typer.Option(2, "--refine", help="Plan-in-the-loop rounds after the search (as `headplan "
                                    "refine`, keeping the best round on validation samples); 0 = search only"),
-        shrink_worths: bool = ShrinkOpt, profile_windows: bool = WindowsOpt,
+        shrink_worths: bool = ShrinkOpt, profile_windows: bool = WindowsOpt, select_rest: bool = SelectRestOpt,
         max_length: Optional[str] = typer.Option(None, "--max-length", help="Density and KV budget hold at every "
                                                  "length up to this one (default: the longest eval length)"),
         granularity: str = GranularityOpt, format_windows: Optional[str] = FormatWindowsOpt,
@@ -556,8 +561,8 @@ def run(model: str = ModelArg,
     s = do_run(model, out, density=density, kv_budget=kv_budget, lengths=lengths, samples=samples, data=data,
                eval_data=eval_data, texts=text, dtype=dtype, device=device, reporter=_reporter(),
                candidates=candidates, select=select, tolerance=tolerance, refine=refine, exclude_kinds=exclude_kinds,
-               shrink_worths=shrink_worths, profile_windows=profile_windows, max_length=max_length,
-               granularity=granularity, format_windows=format_windows,
+               shrink_worths=shrink_worths, profile_windows=profile_windows, select_rest=select_rest,
+               max_length=max_length, granularity=granularity, format_windows=format_windows,
                baselines=None if baselines.strip().lower() in ("", "none") else baselines,
                **({"method": method} if method else {}))
     con = _console()
@@ -575,7 +580,8 @@ def run(model: str = ModelArg,
         t.add_row("chosen by validation", s["selection"]["chosen"])
         if s.get("refine_rounds"):
             t.add_row("plan in the loop", f"{s['refine_rounds']} rounds")
-    t.add_row("density (budget)", f"{density:g}")
+    t.add_row("budget", ", ".join(f"{k} {v:g}" for k, v in (("density", s["density_budget"]),
+                                                            ("KV", s["kv_budget"])) if v is not None))
     for n, d in s["achieved_density"].items():
         t.add_row(f"density / KV kept @ {n}", f"{d:.3f} / {s['achieved_kv'][n]:.3f}")
     t.add_row("wall time", f"{s['seconds']['total']:.0f} s (load {s['seconds']['load']:.0f} s, "

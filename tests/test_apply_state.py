@@ -4,6 +4,7 @@ import torch
 
 import headplan.runtime as RT
 from headplan.models import load_model
+from cases import stream
 from helpers import ids, mixed_plan, plan_for
 
 
@@ -67,7 +68,7 @@ def test_applied_inside_an_applied_plan_gives_the_earlier_plan_back():
     lm = fresh()
     m = lm.model
     x = ids(30, 1, seed=6)
-    outer = plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 2, "alpha": 4, "beta": 0.25})
+    outer = plan_for(lm, lambda li, h: stream(2, 4, 0.25))
     RT.apply(m, outer)
     want = logits(m, x)
     gen = m.generate
@@ -86,7 +87,7 @@ def test_reapply_twice_then_unapply():
     before, attn = logits(m, x), m.config._attn_implementation
     RT.apply(m, mixed_plan(lm, with_skip=True))
     gen = m.generate
-    last = plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 2, "alpha": 4, "beta": 0.25})
+    last = plan_for(lm, lambda li, h: stream(2, 4, 0.25))
     RT.apply(m, mixed_plan(lm))
     RT.apply(m, last, prefill_chunk=8)
     assert m.generate is gen  # generate is wrapped once, whatever the number of applies

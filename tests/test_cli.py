@@ -169,3 +169,23 @@ def test_the_validation_table_marks_the_kept_round():
     con.print(_validation_table(rows, "round0", "t"))
     out = con.export_text()
     assert "* round0" in out and "kept" not in out
+
+
+def test_run_with_no_budget_keeps_a_quarter_of_the_kv_beside_moa_and_snapkv(tmp_path):
+    """No --density and no --kv-budget: KV budget 0.25 with prefill unbounded, baselines moa and snapkv, and the
+    dynamic kinds (left out of the plan) not profiled."""
+    import json
+
+    from headplan.pipeline import run_baselines
+    from headplan.profile import load_profile
+
+    r = invoke("run", "random:llama", "--out", tmp_path / "r", *SMALL_RUN)
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["kv_budget"] == 0.25 and s["density_budget"] is None and "KV 0.25" in r.output
+    res = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert [m["name"] for m in res["methods"]] == ["headplan", "moa", "snapkv"]
+    kinds = {c.pattern.kind for c in load_profile(tmp_path / "r" / "profile.safetensors").candidates}
+    assert "select" in kinds and not kinds & {"vslash", "blocksparse"}
+    assert run_baselines("default", 0.4) == "moa" and run_baselines("default", None) == "moa,snapkv"
+    assert run_baselines("duo", None) == "duo"

@@ -9,6 +9,7 @@ import torch
 from headplan import runtime as RT
 from headplan.errors import HeadplanError
 from headplan.kernels import patterns as P
+from cases import full
 from helpers import ids, mixed_plan, plan_for, tiny
 
 NEW = 40
@@ -92,7 +93,7 @@ def test_decode_step_is_kept_and_its_cache_emptied_between_calls():
 
 def test_requests_the_step_cannot_run_fall_back_and_bad_modes_are_refused():
     lm = tiny("llama")
-    RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "full"}), decode="static")
+    RT.apply(lm.model, plan_for(lm, lambda li, h: full()), decode="static")
     x, mask = _batch(n=12, pad=3)
     beams = _gen(lm.model, x, mask, "static", new=3, num_beams=2, do_sample=False)
     assert RT.state_of(lm.model).last_decode == ("eager", "beam search")
@@ -102,9 +103,9 @@ def test_requests_the_step_cannot_run_fall_back_and_bad_modes_are_refused():
     with pytest.raises(HeadplanError, match="decode='graph' needs a model on CUDA"):
         _gen(lm.model, x, mask, "graph", new=3)
     with pytest.raises(HeadplanError, match="decode must be one of"):
-        RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "full"}), decode="fast")
+        RT.apply(lm.model, plan_for(lm, lambda li, h: full()), decode="fast")
     # the default on the CPU is today's path
-    RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "full"}))
+    RT.apply(lm.model, plan_for(lm, lambda li, h: full()))
     with torch.no_grad():
         lm.model.generate(x, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
     assert RT.state_of(lm.model).last_decode == ("eager", "decode='eager'")

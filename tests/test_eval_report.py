@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from cases import full
 from headplan.candidates import density, kv_share
 from helpers import SMALL_RUN, invoke, tiny_run
 from headplan.search.baselines import BASELINES, DEFAULT_BASELINES, build_baselines
@@ -202,10 +203,10 @@ def test_answer_nll_is_the_teacher_forced_answer_loss(run_dir):
 
     lm = headplan.load_model("random:llama")
     plan = load_plan(run_dir / "plan.yaml")
-    full = plan_from_rows(plan.model, [[{"kind": "full"}] * plan.model.num_kv_heads] * plan.model.num_layers,
-                          block_size=plan.block_size)
+    full_plan = plan_from_rows(plan.model, [[full()] * plan.model.num_kv_heads] * plan.model.num_layers,
+                               block_size=plan.block_size)
     spec = {"seed": 7, "passkey": {"lengths": [256], "depths": [0.3]}}
-    res = evaluate(lm, plan, spec, others={"full": full})
+    res = evaluate(lm, plan, spec, others={"full": full_plan})
     nll = res["retrieval"][0]["answer_nll"]
     assert abs(nll["full"] - nll["dense"]) < 1e-4
     text, _ = load_texts(None)

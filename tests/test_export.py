@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import headplan
+from cases import bsp, full, skip, stream
 from headplan.errors import HeadplanError
 from headplan.export import (NotExpressible, export_plan, import_duo, kv_shares, project_plan, read_duo,
                              refusal, render)
@@ -12,11 +13,11 @@ from headplan.models import identity_of
 from headplan.plan import ModelIdentity, load_plan, plan_from_rows, save_plan
 from helpers import ids, invoke
 
-FULL = {"kind": "full"}
+FULL = full()
 
 
 def win(alpha, sink=0, beta=0.0):
-    return {"kind": "streaming", "sink": sink, "alpha": alpha, "beta": beta}
+    return stream(sink, alpha, beta)
 
 
 def ident(layers=4, kv=2, arch="Qwen2ForCausalLM", windows=(), max_positions=512):
@@ -126,9 +127,9 @@ def test_projection_for_hf_layer_types():
     q = ident(layers=5)
     rows = [[FULL, win(24)],  # tie: the pattern keeping more KV (full) wins
             [win(24), win(24, sink=4)],  # tie: sink4+win24 keeps more; then sinks dropped: window 24
-            [{"kind": "skip"}, win(40)],  # skip takes the layer's window; 40 -> the plan's common window 24
+            [skip(), win(40)],  # skip takes the layer's window; 40 -> the plan's common window 24
             [win(24)] * 2,
-            [{"kind": "blocksparse", "topk": 1}, {"kind": "blocksparse", "topk": 2}]]  # keep every entry: full
+            [bsp(1), bsp(2)]]  # keep every entry: full
     plan = rows_plan(q, rows)
     assert refusal(plan, "hf-layer-types") is not None
     proj = project_plan(plan, "hf-layer-types")
@@ -278,7 +279,7 @@ def test_cli_from_duo(tmp_path):
     r = invoke("export", "--from-duo", tmp_path / "duo", "--out", tmp_path / "q.yaml")
     assert r.exit_code == 2 and "--model" in r.stderr and not (tmp_path / "q.yaml").exists()
     with pytest.raises(NotExpressible):
-        render(rows_plan(ident(), [[FULL, {"kind": "skip"}]] + [[FULL, FULL]] * 3), "duo-tsv")
+        render(rows_plan(ident(), [[FULL, skip()]] + [[FULL, FULL]] * 3), "duo-tsv")
 
 
 def test_cli_projects_and_measures_both_plans(tmp_path):
@@ -286,7 +287,7 @@ def test_cli_projects_and_measures_both_plans(tmp_path):
     from helpers import plan_for, tiny
 
     lm = tiny("llama")
-    plan = plan_for(lm, lambda li, h: {"kind": "full"} if h == 0 else {"kind": "streaming", "sink": 4, "alpha": 24})
+    plan = plan_for(lm, lambda li, h: full() if h == 0 else stream(4, 24))
     save_plan(plan, tmp_path / "plan.yaml")
     out = tmp_path / "served"
     r = invoke("export", tmp_path / "plan.yaml", "--format", "duo-tsv", "--out", tmp_path / "x", "--eval-model",

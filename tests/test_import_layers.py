@@ -16,7 +16,7 @@ LAYERS = [
     ("headplan.export",),
     ("headplan.search",),
     ("headplan.eval",),
-    ("headplan.report", "headplan.check"),
+    ("headplan.report", "headplan.check", "headplan.pipeline"),
     ("headplan.api",),
     ("headplan.cli", "headplan.__main__"),
 ]

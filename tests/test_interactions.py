@@ -299,3 +299,44 @@ def test_calibration_length_may_reach_the_longest_profiled_length():
     assert gate_options({**SPEC, "gates": {"length": 4096}}, [2048, 4096])["length"] == 4096
     assert gate_options({**SPEC, "gates": {"length": 8000}}, [1024, 2048])["length"] == 2048
     assert gate_options({**SPEC, "gates": {}}, [2048, 4096])["length"] == 1024
+
+
+def test_select_rest_members_keep_a_rounds_full_heads_and_select_the_rest(setup, tmp_path):
+    """--select-rest: round r's full heads exactly, every other head a select head within the KV budget, scored
+    beside the rounds; absent where the density budget cannot pay the select heads' full prefill or select is
+    excluded; recorded and replayed by check, a malformed record refused with the field's name."""
+    import yaml
+    from headplan.api import do_check, do_refine
+    from headplan.profile import save_profile
+    from headplan.search.refine import full_heads_of
+
+    lm, _ = setup
+    cands = candidate_set("small")
+    p = profile(lm, [384], cands, SPEC, samples=2, block=16)
+    L, H = p.model.num_layers, p.model.num_kv_heads
+    worth = torch.zeros((L, H), dtype=torch.float64)
+    worth[0, 0], worth[1, 1] = 5.0, 3.0
+    ref = reference_candidate(cands, 384)
+    st = SearchSettings(density=1.0, kv_budget=0.5)
+    plans, _ = _rounds(p, st, None, ref, 1, lambda r, at, rows: worth, select_rest=True)
+    assert set(plans) == {"round0", "round1", "round1s"}
+    f1 = full_heads_of(plans["round1"])
+    assert f1 and full_heads_of(plans["round1s"]) == f1
+    kinds = {e.pattern.kind for layer in plans["round1s"].layers for e in layer}
+    assert kinds == {"full", "select"}
+    assert max(plans["round1s"].budget.achieved_kv) <= 0.5 + 1e-9
+    for other in (SearchSettings(density=0.5), dataclasses.replace(st, exclude_kinds=("select",))):
+        plans, _ = _rounds(p, other, None, ref, 1, lambda r, at, rows: worth, select_rest=True)
+        assert "round1s" not in plans
+    save_profile(p, tmp_path / "p.safetensors")
+    plan, hist = do_refine("random:llama", tmp_path / "p.safetensors", tmp_path / "s.yaml", density=1.0,
+                           kv_budget=0.5, rounds=1, lm=lm, profile_windows=False, validate=True, samples=2)
+    info = plan.provenance["search"]["refine"]
+    assert info["select_rest"] is True and [h["round"] for h in hist] == ["round0", "round1", "round1s"]
+    assert all("measured" in h for h in hist)  # the member is scored beside the rounds
+    assert do_check(tmp_path / "s.yaml") == (True, "")
+    d = yaml.safe_load((tmp_path / "s.yaml").read_text())
+    d["provenance"]["search"]["refine"]["select_rest"] = "yes"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(HeadplanError, match="refine.select_rest"):
+        do_check(tmp_path / "bad.yaml", tmp_path / "p.safetensors")

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from cases import full, skip, stream, strided, vslash
 from headplan.kernels import patterns as P
 from headplan.kernels.reference import decode_ref
 
@@ -125,10 +126,10 @@ def mixed_heads(n_full=160, sink=4, ring=40):
     heads = []
     for kind, row in ONE_OF_EACH.items():
         if kind == "streaming":
-            heads.append(dict(kind="streaming", sink=sink, alpha=20, beta=0.05, cap=sink + ring))
+            heads.append(stream(sink, 20, 0.05, cap=sink + ring))
         else:
             heads.append(dict(row, cap=0 if kind == "skip" else n_full))
-    return heads + [dict(kind="streaming", sink=0, alpha=9, beta=0.0, cap=16)]
+    return heads + [stream(0, 9, 0.0, cap=16)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def test_decode_layer_window_bounds_every_head(lwin):
     c = build_case(mixed_heads(), [159, 97, 5], 2, 64, torch.float16, seed=5, layer_window=lwin)
     check(run_kernel(c, num_splits=3), c)
     qp = 159
-    c1 = build_case([dict(kind="full", cap=160)], [qp], 1, 64, torch.float32, seed=6, holes=0.0, layer_window=lwin)
+    c1 = build_case([full(cap=160)], [qp], 1, 64, torch.float32, seed=6, holes=0.0, layer_window=lwin)
     ref = run_ref(c1).cpu().double()
     idx = [s for s in range(c1["offs"][0], c1["offs"][0] + 160) if 0 <= int(c1["slot"][0, s]) <= qp
            and qp - int(c1["slot"][0, s]) < lwin]
@@ -218,7 +219,7 @@ def test_decode_layer_window_bounds_every_head(lwin):
 
 
 def test_decode_head_dim_256():
-    heads = [dict(kind="full", cap=70), dict(kind="streaming", sink=3, alpha=10, beta=0.1, cap=25)]
+    heads = [full(cap=70), stream(3, 10, 0.1, cap=25)]
     c = build_case(heads, [69, 30], G=4, D=256, dtype=torch.float16, seed=3)
     check(run_kernel(c, num_splits=2), c)
 
@@ -243,8 +244,7 @@ def test_decode_device_args_hint_and_splits_agree():
 
 def test_decode_valid_len_skips_tail():
     """Slots past valid_len are not read: they hold NaN data (the oracle sees finite copies)."""
-    heads = [dict(kind="full", cap=120), dict(kind="streaming", sink=2, alpha=30, beta=0.0, cap=34),
-             dict(kind="vslash", vertical=2, slash=2, cap=120)]
+    heads = [full(cap=120), stream(2, 30, 0.0, cap=34), vslash(2, 2, cap=120)]
     qpos = [80, 33]
     c = build_case(heads, qpos, G=4, D=64, dtype=torch.float16, seed=5, holes=0.0)
     vlen = torch.tensor([[81, 34, 81], [34, 34, 34]], dtype=torch.int32, device=DEV)
@@ -262,18 +262,18 @@ def test_decode_valid_len_skips_tail():
 
 
 def test_decode_padding_row_and_all_skip():
-    heads = [dict(kind="skip", cap=0), dict(kind="full", cap=40)]
+    heads = [skip(cap=0), full(cap=40)]
     c = build_case(heads, [39, -1], G=2, D=64, dtype=torch.float32, seed=2)
     out = run_kernel(c)
     check(out, c)
     assert bool((out[1] == 0).all()) and bool((out[:, :2] == 0).all())
-    heads = [dict(kind="skip", cap=0)] * 2
+    heads = [skip(cap=0)] * 2
     c = build_case(heads, [10], G=3, D=64, dtype=torch.float16, seed=2)
     assert bool((run_kernel(c) == 0).all())
 
 
 def test_decode_errors(monkeypatch):
-    heads = [dict(kind="full", cap=8)]
+    heads = [full(cap=8)]
     c = build_case(heads, [7], G=2, D=64, dtype=torch.float16, seed=0)
     args = lambda cc: (cc["q"], cc["k"], cc["v"], cc["slot"], cc["offs"], cc["caps"], cc["qpos"],  # noqa: E731
                        cc["table"], cc["scale"])
@@ -300,9 +300,8 @@ def test_decode_errors(monkeypatch):
 @pytest.mark.parametrize("G,D", [(4, 128), (8, 64), (3, 256)])
 def test_decode_cuda_large(dtype, G, D):
     n = 3000
-    heads = [dict(kind="full", cap=n), dict(kind="streaming", sink=64, alpha=300, beta=0.1, cap=64 + 700),
-             dict(kind="strided", sink=16, alpha=64, beta=0.0, stride=4, offset=2, cap=n),
-             dict(kind="skip", cap=0), dict(kind="streaming", sink=128, alpha=1000, beta=0.0, cap=128 + 1000)]
+    heads = [full(cap=n), stream(64, 300, 0.1, cap=64 + 700), strided(16, 64, stride=4, offset=2, beta=0.0, cap=n),
+             skip(cap=0), stream(128, 1000, 0.0, cap=128 + 1000)]
     c = build_case(heads, [2999, 1700, 400, 10], G, D, dtype, seed=G + D)
     for ns in (None, 1, 7):
         check(run_kernel(c, num_splits=ns), c)

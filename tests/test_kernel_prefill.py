@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from headplan.kernels import patterns as P  # noqa: E402
 from headplan.kernels import reference as R  # noqa: E402
-from cases import ONE_OF_EACH, STREAM, STRIDED  # noqa: E402
+from cases import ONE_OF_EACH, STREAM, STRIDED, bsp, full, skip, stream, strided, vslash  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -128,33 +128,32 @@ def test_layer_window_bounds_every_kind(lwin):
 
 
 def test_mqa_padding_batch():
-    check([{"kind": "streaming", "sink": 1, "alpha": 5, "beta": 0.5}], B=3, G=4, L=150, pad=[0, 17, 149], block=32)
+    check([stream(1, 5, 0.5)], B=3, G=4, L=150, pad=[0, 17, 149], block=32)
 
 
 def test_padding_dynamic_and_static():
-    rows = [{"kind": "full"}, {"kind": "blocksparse", "topk": 2}, {"kind": "vslash", "vertical": 20, "slash": 4}, STREAM]
+    rows = [full(), bsp(2), vslash(20, 4), STREAM]
     check(rows, B=2, G=2, L=200, pad=[5, 71], block=32)
 
 
 def test_head_dim_128_transposed_fp32():
-    check([{"kind": "full"}, STREAM], G=2, L=100, D=128, dtype=WIDE, transposed=True, pad=None)
+    check([full(), STREAM], G=2, L=100, D=128, dtype=WIDE, transposed=True, pad=None)
 
 
 def test_head_dim_256():
-    check([STRIDED, {"kind": "full"}], G=1, L=70, D=256, block=16)
+    check([STRIDED, full()], G=1, L=70, D=256, block=16)
 
 
 def test_block_not_aligned_with_tiles():
     # pattern block 48 does not divide the tiles: the kernel gathers the block selection per element
-    check([{"kind": "blocksparse", "topk": 2}, {"kind": "strided", "sink": 0, "alpha": 3, "stride": 2, "offset": 0}],
-          G=2, L=250, block=48, pad=[0], dtype=WIDE)
+    check([bsp(2), strided(0, 3, stride=2, offset=0)], G=2, L=250, block=48, pad=[0], dtype=WIDE)
 
 
 def test_degenerate_windows():
-    rows = [{"kind": "streaming", "sink": 0, "alpha": 0, "beta": 0.0},  # sees nothing -> zeros
-            {"kind": "streaming", "sink": 300, "alpha": 0},  # sink covers everything
-            {"kind": "streaming", "sink": 0, "alpha": 1, "beta": 1.5},  # window grows faster than n
-            {"kind": "strided", "sink": 0, "alpha": 0, "stride": 1, "offset": 0}]  # shard = everything
+    rows = [stream(0, 0, 0.0),  # sees nothing -> zeros
+            stream(300, 0),  # sink covers everything
+            stream(0, 1, 1.5),  # window grows faster than n
+            strided(0, 0, stride=1, offset=0)]  # shard = everything
     check(rows, B=2, G=1, L=90, pad=[0, 33], block=16)
 
 
@@ -193,10 +192,8 @@ def test_dynamic_indices_match_reference():
 def test_static_tile_flags_exact(QT, BN, lwin):
     """Tile lists visit exactly the tiles with a visible pair, and skip the mask only where all are."""
     L, block = 300, 16
-    rows = [{"kind": "full"}, {"kind": "streaming", "sink": 5, "alpha": 20, "beta": 0.3},
-            {"kind": "streaming", "sink": 0, "alpha": 2, "beta": 1.7}, {"kind": "skip"},
-            {"kind": "strided", "sink": 3, "alpha": 10, "beta": 0.1, "stride": 4, "offset": 2},
-            {"kind": "streaming", "sink": 100, "alpha": 0}]
+    rows = [full(), stream(5, 20, 0.3), stream(0, 2, 1.7), skip(), strided(3, 10, stride=4, offset=2, beta=0.1),
+            stream(100, 0)]
     table = P.make_table(rows, layer_window=lwin)
     pad = torch.tensor([0, 45])
     lr = L - pad
@@ -228,17 +225,17 @@ def test_static_tile_flags_exact(QT, BN, lwin):
 def test_errors():
     q = torch.randn(1, 2, 8, 48)
     with pytest.raises(ValueError, match="head_dim"):
-        K.sparse_prefill(q, q, q, P.make_table([{"kind": "full"}] * 2), 0.1)
+        K.sparse_prefill(q, q, q, P.make_table([full()] * 2), 0.1)
     q = torch.randn(1, 2, 8, 64, dtype=torch.float64)
     with pytest.raises(ValueError, match="dtypes"):
-        K.sparse_prefill(q, q, q, P.make_table([{"kind": "full"}] * 2), 0.1)
+        K.sparse_prefill(q, q, q, P.make_table([full()] * 2), 0.1)
 
 
 def test_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.randn(1, 2, 8, 64)
     with pytest.raises(ValueError, match="CUDA"):
-        K.sparse_prefill(q, q, q, P.make_table([{"kind": "full"}] * 2), 0.1)
+        K.sparse_prefill(q, q, q, P.make_table([full()] * 2), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,9 +245,7 @@ def test_cpu_without_interpreter_raises(monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="bf16 needs the GPU (the interpreter's bf16 dot is wrong)")
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_cuda_bf16(D):
-    rows = [{"kind": "full"}, {"kind": "streaming", "sink": 64, "alpha": 300, "beta": 0.05}, STRIDED,
-            {"kind": "skip"}, {"kind": "blocksparse", "topk": 3}, {"kind": "vslash", "vertical": 100, "slash": 40},
-            {"kind": "full"}, {"kind": "streaming", "sink": 4, "alpha": 64}]
+    rows = [full(), stream(64, 300, 0.05), STRIDED, skip(), bsp(3), vslash(100, 40), full(), stream(4, 64)]
     check(rows, B=2, G=4, L=1500, D=D, dtype=torch.bfloat16, pad=[0, 333])
     check(rows[:4], B=1, G=3, L=777, D=D, dtype=torch.float16)
     check(rows, B=2, G=4, L=1500, D=D, dtype=torch.bfloat16, pad=[0, 333], layer_window=511)  # a sliding layer
@@ -258,6 +253,6 @@ def test_cuda_bf16(D):
 
 @pytest.mark.skipif(not CUDA, reason="needs the GPU")
 def test_cuda_static_plan_cached():
-    rows = [{"kind": "full"}, STREAM]
+    rows = [full(), STREAM]
     check(rows, B=1, G=8, L=4097, D=128, dtype=torch.bfloat16)
     check(rows, B=1, G=8, L=4097, D=128, dtype=torch.bfloat16, seed=1)

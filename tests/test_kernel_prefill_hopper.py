@@ -16,14 +16,12 @@ pytest.importorskip("triton")
 
 from headplan.kernels import patterns as P  # noqa: E402
 from headplan.kernels import prefill_hopper as H  # noqa: E402
-from cases import STREAM, STRIDED  # noqa: E402
+from cases import STREAM, STRIDED, bsp, full, skip, stream, strided, vslash  # noqa: E402
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
-ELASTIC = {"kind": "streaming", "sink": 64, "alpha": 300, "beta": 0.05}
-STATIC = [{"kind": "full"}, ELASTIC, STRIDED, {"kind": "skip"}, STREAM,
-          {"kind": "strided", "sink": 0, "alpha": 100, "stride": 4, "offset": 3}, {"kind": "full"},
-          {"kind": "streaming", "sink": 4, "alpha": 64}]
+ELASTIC = stream(64, 300, 0.05)
+STATIC = [full(), ELASTIC, STRIDED, skip(), STREAM, strided(0, 100, stride=4, offset=3), full(), stream(4, 64)]
 
 
 def test_never_selected_without_sm90():
@@ -65,7 +63,7 @@ def test_layer_window_and_transposed():
 @needs_sm90
 def test_blocksparse_on_hopper():
     """Block selections aligned with the tiles stay on the Hopper path (exact tile lists, no gather)."""
-    rows = [{"kind": "blocksparse", "topk": 3}, {"kind": "full"}, STREAM, {"kind": "blocksparse", "topk": 1}]
+    rows = [bsp(3), full(), STREAM, bsp(1)]
     assert path_of(rows, 4, 300, 128) == "hopper"
     TK.check(rows, B=2, G=4, L=1100, D=128, dtype=torch.bfloat16, pad=[0, 77])
 
@@ -73,9 +71,9 @@ def test_blocksparse_on_hopper():
 @needs_sm90
 def test_routed_to_portable():
     """VSLASH heads and pattern blocks that straddle tiles go to the portable kernel (still correct)."""
-    rows = [{"kind": "vslash", "vertical": 100, "slash": 40}, STREAM]
+    rows = [vslash(100, 40), STREAM]
     assert path_of(rows, 2, 300, 128) == "portable"
-    assert path_of([{"kind": "blocksparse", "topk": 2}, STREAM], 2, 300, 128, block=48) == "portable"
+    assert path_of([bsp(2), STREAM], 2, 300, 128, block=48) == "portable"
     assert path_of(STATIC, 2, 300, 128, dtype=torch.float32) == "portable"
 
 

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from cases import full, stream, strided
 from headplan import runtime as RT
 from headplan.candidates import budget_tables, candidate_set, plan_shares, same_as_full
 from headplan.errors import HeadplanError
@@ -46,7 +47,7 @@ def test_all_full_plan_is_the_model_itself(family):
     x[1, :37] = 0
     kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "full"}))
+        RT.apply(lm.model, plan_for(lm, lambda li, h: full()))
         with RT.dense(lm.model):
             d = lm.model(x, attention_mask=mask).logits
             gd = lm.model.generate(x[:1], attention_mask=mask[:1], **kw)
@@ -63,7 +64,7 @@ def test_a_narrower_plan_differs_so_the_test_above_can_fail(family):
     lm = tiny(family)
     x = ids(N, 1, seed=12)
     with torch.no_grad():
-        RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 4, "alpha": 32}))
+        RT.apply(lm.model, plan_for(lm, lambda li, h: stream(4, 32)))
         with RT.dense(lm.model):
             d = lm.model(x).logits
         p = lm.model(x).logits
@@ -75,9 +76,7 @@ def test_mixed_plan_decode_in_sliding_layers_equals_its_masked_forward(family):
     """Prefill + 40 decode steps through the per-head cache (full heads of sliding layers keep a ring of
     the window) equal one forward of the same plan."""
     lm = tiny(family)
-    rows = [{"kind": "full"}, {"kind": "streaming", "sink": 8, "alpha": 24},
-            {"kind": "strided", "sink": 4, "alpha": 16, "stride": 2, "offset": 1},
-            {"kind": "streaming", "sink": 4, "alpha": 200, "beta": 0.125}]
+    rows = [full(), stream(8, 24), strided(4, 16, stride=2, offset=1), stream(4, 200, 0.125)]
     RT.apply(lm.model, plan_for(lm, lambda li, h: rows[(li + h) % len(rows)]))
     x = ids(N, 1, seed=13)
     with torch.no_grad():
@@ -180,7 +179,7 @@ def test_features_the_runtime_cannot_reproduce_are_refused(tmp_path, cfg, featur
 
 def test_apply_refuses_a_plan_whose_layer_windows_differ(tmp_path):
     lm = tiny("mistral")
-    plan = plan_for(lm, lambda li, h: {"kind": "full"})
+    plan = plan_for(lm, lambda li, h: full())
     other = load_model("random:llama")
     with pytest.raises(HeadplanError):
         RT.apply(other.model, plan)
@@ -201,7 +200,7 @@ def test_layer_windows_follow_the_models_own_code():
 
 
 def test_kernel_tables_carry_the_layer_window():
-    t = P.make_table([{"kind": "full"}, {"kind": "streaming", "sink": 2, "alpha": 4}], layer_window=16)
+    t = P.make_table([full(), stream(2, 4)], layer_window=16)
     assert t[:, P.C_LWIN].tolist() == [16, 16]
     vis = P.static_visible(torch.arange(40)[:, None], torch.arange(40)[None, :], t)
     i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]

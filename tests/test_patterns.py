@@ -2,17 +2,18 @@
 import pytest
 import torch
 
+from cases import bsp, full, skip, stream, strided, vslash
 from headplan.kernels import patterns as P
 
 
 @pytest.mark.parametrize("row", [
-    {"kind": "streaming", "sink": 5, "alpha": 17, "beta": 0.25},
-    {"kind": "streaming", "sink": 0, "alpha": 1},
-    {"kind": "streaming", "sink": 64, "alpha": 300},
-    {"kind": "strided", "sink": 7, "alpha": 20, "stride": 3, "offset": 1},
-    {"kind": "strided", "sink": 70, "alpha": 5, "beta": 0.125, "stride": 2, "offset": 0},
-    {"kind": "full"},
-    {"kind": "skip"},
+    stream(5, 17, 0.25),
+    stream(0, 1),
+    stream(64, 300),
+    strided(7, 20, stride=3, offset=1),
+    strided(70, 5, stride=2, offset=0, beta=0.125),
+    full(),
+    skip(),
 ])
 @pytest.mark.parametrize("n", [1, 50, 333])
 @pytest.mark.parametrize("block", [16, 64])
@@ -28,16 +29,16 @@ def test_visible_count_equals_brute_force(row, n, block, lwin):
 
 @pytest.mark.parametrize("lwin", [0, 7, 100])
 def test_blocksparse_and_vslash_counts_stay_inside_the_layer(lwin):
-    for row in ({"kind": "blocksparse", "topk": 2}, {"kind": "vslash", "vertical": 8, "slash": 4}):
+    for row in (bsp(2), vslash(8, 4)):
         n = 300
-        assert P.visible_count(row, n, 16, lwin) <= P.visible_count({"kind": "full"}, n, 16, lwin)
+        assert P.visible_count(row, n, 16, lwin) <= P.visible_count(full(), n, 16, lwin)
         if lwin == 0:
             assert P.visible_count(row, n, 16) == P.visible_count(row, n, 16, 0)
 
 
 @pytest.mark.parametrize("lwin", [0, 30, 120])
 def test_kv_count_is_what_the_last_query_needs(lwin):
-    row = {"kind": "streaming", "sink": 4, "alpha": 10, "beta": 0.25}
+    row = stream(4, 10, 0.25)
     n = 200
     vis = P.static_visible(torch.tensor([[n - 1]]), torch.arange(n)[None, :], P.make_table([row], layer_window=lwin))[0]
     # the cache keeps what the last query sees, except sink tokens a sliding layer has already left behind
@@ -46,7 +47,7 @@ def test_kv_count_is_what_the_last_query_needs(lwin):
         assert int(vis.sum()) == P.kv_count(row, n)
     else:
         assert P.kv_count(row, n, lwin) <= lwin
-        assert P.kv_count({"kind": "full"}, n, lwin) == min(n, lwin)
+        assert P.kv_count(full(), n, lwin) == min(n, lwin)
 
 
 def test_one_vocabulary_kernels_and_plan_agree():

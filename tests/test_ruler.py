@@ -5,20 +5,21 @@ import json
 
 import pytest
 
+from cases import full, stream
 from headplan.errors import HeadplanError
 from headplan.eval import ruler
 from headplan.plan import save_plan
 from helpers import invoke, plan_for, tiny
 
 HAS_LM_EVAL = all(importlib.util.find_spec(m) is not None for m in ruler.NEEDS)
-STREAM = {"kind": "streaming", "sink": 4, "alpha": 64, "beta": 0.0}
+STREAM = stream(4, 64, 0.0)
 
 
 @pytest.fixture(scope="module")
 def plan_path(tmp_path_factory):
     """A hand-made plan for random:llama: one streaming KV head per layer, the other full."""
     lm = tiny("llama")
-    p = plan_for(lm, lambda li, h: STREAM if h == 0 else {"kind": "full"})
+    p = plan_for(lm, lambda li, h: STREAM if h == 0 else full())
     path = tmp_path_factory.mktemp("ruler") / "plan.yaml"
     save_plan(p, path)
     return path

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from cases import bsp, full, skip, stream, strided, vslash
 from headplan import runtime as RT
 from headplan.kernels import patterns as P
 from headplan.kernels import reference as R
@@ -15,7 +16,7 @@ def test_all_full_plan_reproduces_dense(family):
     lm = tiny(family)
     x = ids(77, 2, seed=1)
     with torch.no_grad():
-        RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "full"}))
+        RT.apply(lm.model, plan_for(lm, lambda li, h: full()))
         with RT.dense(lm.model):
             d = lm.model(x).logits
         p = lm.model(x).logits
@@ -50,7 +51,7 @@ def test_prefill_then_decode_with_eviction_matches_masked_forward(family):
 
 def test_ring_buffer_regrows_past_max_length():
     lm = tiny("llama")
-    RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 2, "alpha": 4, "beta": 0.25}))
+    RT.apply(lm.model, plan_for(lm, lambda li, h: stream(2, 4, 0.25)))
     x = ids(90, 1, seed=3)
     with torch.no_grad():
         ref = lm.model(x, use_cache=False).logits
@@ -113,7 +114,7 @@ def test_streaming_head_matches_explicit_mask():
     B, H, L, D = 2, 3, 131, 32
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
     sink, alpha, beta = 5, 17, 0.25
-    table = P.make_table([{"kind": "streaming", "sink": sink, "alpha": alpha, "beta": beta}] * H)
+    table = P.make_table([stream(sink, alpha, beta)] * H)
     out = R.prefill_ref(q, k, v, table, D ** -0.5)
     i = torch.arange(L)[:, None]
     j = torch.arange(L)[None, :]
@@ -129,7 +130,7 @@ def test_streaming_head_matches_explicit_mask():
 def test_skip_head_outputs_zero():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
-    table = P.make_table([{"kind": "skip"}, {"kind": "full"}])
+    table = P.make_table([skip(), full()])
     out = R.prefill_ref(q, k, v, table, 0.25)
     assert out[:, :2].abs().max() == 0
     assert out[:, 2:].abs().max() > 0.1
@@ -145,7 +146,7 @@ def test_wrong_model_plan_is_refused():
 
 def test_kv_bytes_follow_the_plan():
     lm = tiny("llama")
-    RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 4, "alpha": 28}))
+    RT.apply(lm.model, plan_for(lm, lambda li, h: stream(4, 28)))
     cache = RT.new_cache(lm.model, 1024)
     with torch.no_grad():
         lm.model(ids(300), past_key_values=cache)
@@ -239,10 +240,10 @@ def test_beam_search_with_streaming_heads_is_refused():
 
 
 @pytest.mark.parametrize("rows,G,L,pad", [
-    ([{"kind": "streaming", "sink": 4, "alpha": 9, "beta": 0.125}, {"kind": "full"}], 3, 131, False),
-    ([{"kind": "strided", "sink": 2, "alpha": 4, "stride": 3, "offset": 1}, {"kind": "vslash", "vertical": 9, "slash": 6}], 2, 97, False),
-    ([{"kind": "blocksparse", "topk": 2}, {"kind": "streaming", "sink": 3, "alpha": 5}], 1, 200, True),
-    ([{"kind": "skip"}, {"kind": "full"}], 2, 77, False),  # an empty row: the explicit path
+    ([stream(4, 9, 0.125), full()], 3, 131, False),
+    ([strided(2, 4, stride=3, offset=1), vslash(9, 6)], 2, 97, False),
+    ([bsp(2), stream(3, 5)], 1, 200, True),
+    ([skip(), full()], 2, 77, False),  # an empty row: the explicit path
 ])
 def test_fused_reference_equals_explicit(rows, G, L, pad):
     """The CPU runtime path (visibility of the reference, attention by SDPA) == the explicit oracle."""

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+from cases import full, stream
 from headplan.candidates import candidate_set
 from headplan.data import Haystack, answer_options, load_task_file, mixture_samples, pydoc_text
 from headplan.errors import HeadplanError
@@ -59,10 +60,10 @@ def test_choose_rule():
 def test_validate_all_full_equals_dense(prof_file):
     prof, _ = prof_file
     lm = tiny("phi3")
-    full = plan_for(lm, lambda li, h: {"kind": "full"})
-    narrow = plan_for(lm, lambda li, h: {"kind": "streaming", "sink": 4, "alpha": 16})
+    full_plan = plan_for(lm, lambda li, h: full())
+    narrow = plan_for(lm, lambda li, h: stream(4, 16))
     spec = load_task_file("select", "")
-    t = validate(lm, {"full": full, "narrow": narrow}, spec, [512], samples=4)
+    t = validate(lm, {"full": full_plan, "narrow": narrow}, spec, [512], samples=4)
     assert t["full"]["lm_nll"] == pytest.approx(t["dense"]["lm_nll"], rel=1e-5)
     assert t["full"]["answer_nll"] == pytest.approx(t["dense"]["answer_nll"], rel=1e-5)
     assert t["full"]["ppl_vs_dense"] == pytest.approx(1.0, abs=1e-5)

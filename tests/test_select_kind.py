@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
+from cases import full, sel
 from headplan import runtime as RT
 from headplan.kernels import patterns as P
 from headplan.runtime.cache import HeadplanLayer
 from helpers import ids, plan_for, tiny
 
-SEL = {"kind": "select", "sink": 3, "alpha": 6, "keep_alpha": 1, "keep_beta": 0.125}
+SEL = sel(3, 6, keep_alpha=1, keep_beta=0.125)
 
 
 def brute_scores(q, k, qpos):
@@ -43,7 +44,7 @@ def held(layer, h, b=0):
 @pytest.mark.parametrize("G,n", [(1, 70), (3, 133)])
 def test_a_chunk_keeps_sink_window_and_the_top_scored_tokens(G, n):
     torch.manual_seed(0)
-    rows = [SEL, {"kind": "full"}]
+    rows = [SEL, full()]
     table = P.make_table(rows)
     layer = HeadplanLayer(table, 512)
     B, Hkv, D = 2, 2, 16
@@ -103,14 +104,14 @@ def test_a_select_plan_prefills_as_full_and_decodes_from_its_selection():
     lm = tiny("llama")
     x = ids(120, 1, seed=5)
     with torch.no_grad():
-        RT.apply(lm.model, plan_for(lm, lambda li, h: {"kind": "full"}))
-        full = lm.model(x, use_cache=False).logits
-        RT.apply(lm.model, plan_for(lm, lambda li, h: SEL if h == 0 else {"kind": "full"}))
+        RT.apply(lm.model, plan_for(lm, lambda li, h: full()))
+        full_logits = lm.model(x, use_cache=False).logits
+        RT.apply(lm.model, plan_for(lm, lambda li, h: SEL if h == 0 else full()))
         cache = RT.new_cache(lm.model, 256)
         pre = lm.model(x[:, :100], past_key_values=cache).logits
-        torch.testing.assert_close(pre, full[:, :100], rtol=0, atol=1e-5)  # prefill: every key
+        torch.testing.assert_close(pre, full_logits[:, :100], rtol=0, atol=1e-5)  # prefill: every key
         steps = torch.cat([lm.model(x[:, t:t + 1], past_key_values=cache).logits for t in range(100, 120)], 1)
-        assert (steps - full[:, 100:]).abs().max() > 1e-4  # decode: only what the select heads kept
+        assert (steps - full_logits[:, 100:]).abs().max() > 1e-4  # decode: only what the select heads kept
 
 
 def test_select_heads_hold_their_budget_through_generate():
@@ -176,7 +177,7 @@ def test_the_context_scorer_keeps_the_tokens_any_query_reads(G, n, lwin):
     if lwin:
         return  # a sliding layer's cache keeps its window (test_runtime); the scores alone are checked here
     # through the cache: a select head with the context scorer keeps a top-K of those scores
-    table = P.make_table([SEL, {"kind": "full"}])
+    table = P.make_table([SEL, full()])
     layer = HeadplanLayer(table, 512, scorer="context")
     kk = torch.stack([k, torch.randn_like(k)], 1)
     qq = torch.cat([q, torch.randn_like(q)], 1)
@@ -198,7 +199,7 @@ def test_the_context_scorer_finds_a_token_the_last_queries_ignore():
     q[0, 0, 120, 0] = 3.0  # the one query that reads it, far before the end
     k[0, 0, 20:28, 1] = 3.0  # what the last queries read
     q[0, 0, -P.OBS:, 1] = 3.0
-    table = P.make_table([{"kind": "select", "sink": 4, "alpha": 16, "keep_alpha": 8, "keep_beta": 0.0}])
+    table = P.make_table([sel(4, 16, keep_alpha=8, keep_beta=0.0)])
     pos = torch.arange(n).expand(1, n)
     kept = {}
     for scorer in ("obs", "context"):
@@ -226,15 +227,15 @@ def test_the_question_after_compression_settings(tmp_path):
     x = ids(160, seed=3)
     with dense(lm.model):
         dense_lg = driver.logits(lm.model, x, keep=20)
-    full = plan_for(lm, lambda li, h: {"kind": "full"})
-    sel = plan_for(lm, lambda li, h: {"kind": "select", "sink": 4, "alpha": 16, "keep_alpha": 8, "keep_beta": 0.0})
-    with applied(lm.model, full, check=False):
+    full_plan = plan_for(lm, lambda li, h: full())
+    sel_plan = plan_for(lm, lambda li, h: sel(4, 16, keep_alpha=8, keep_beta=0.0))
+    with applied(lm.model, full_plan, check=False):
         torch.testing.assert_close(driver.logits(lm.model, x, keep=20, split=140), dense_lg, rtol=1e-4, atol=1e-4)
-    with applied(lm.model, sel, check=False):
+    with applied(lm.model, sel_plan, check=False):
         a = driver.logits(lm.model, x, keep=20, split=140, scorer="obs")
         b = driver.logits(lm.model, x, keep=20, split=140, scorer="context")
     assert (a - dense_lg).abs().max() > 1e-3 and (a - b).abs().max() > 1e-4
-    save_plan(sel, tmp_path / "sel.yaml")
+    save_plan(sel_plan, tmp_path / "sel.yaml")
     spec = {"name": "after", "seed": 5, "passkey": {"lengths": [256], "depths": [0.5], "samples": 1, "digits": 3,
                                                     "settings": ["single", "after", "after-context"]}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -246,8 +247,7 @@ def test_the_select_heads_of_a_layer_are_chosen_together_each_on_its_own_budget(
     """Several select heads (different sink, ring and keep) selected in one batched call: each head's kept set is
     its own brute-force top-K, in a first prefill and in a later chunk."""
     torch.manual_seed(3)
-    rows = [SEL, {"kind": "select", "sink": 0, "alpha": 4, "keep_alpha": 5, "keep_beta": 0.0},
-            {"kind": "full"}, {"kind": "select", "sink": 2, "alpha": 9, "keep_alpha": 0, "keep_beta": 0.25}]
+    rows = [SEL, sel(0, 4, keep_alpha=5, keep_beta=0.0), full(), sel(2, 9, keep_alpha=0, keep_beta=0.25)]
     layer = HeadplanLayer(P.make_table(rows), 512)
     B, Hkv, G, D, n = 2, 4, 2, 16, 90
     q, k, v = torch.randn(B, Hkv * G, n, D), torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
@@ -264,7 +264,7 @@ def test_the_select_heads_of_a_layer_are_chosen_together_each_on_its_own_budget(
 
 def _pooled_layer(share, n=120, seed=4, Hkv=3, G=2, D=16):
     torch.manual_seed(seed)
-    row = {"kind": "select", "sink": 8, "alpha": 5, "keep_alpha": 0, "keep_beta": 0.125, "share": share}
+    row = sel(8, 5, keep_alpha=0, keep_beta=0.125, share=share)
     layer = HeadplanLayer(P.make_table([row] * Hkv), 256)
     q, k, v = torch.randn(1, Hkv * G, n, D), torch.randn(1, Hkv, n, D), torch.randn(1, Hkv, n, D)
     u = torch.nn.functional.normalize(torch.randn(D), dim=0) * 6
@@ -303,7 +303,7 @@ def test_adakv_heads_pool_their_budgets_and_tokens_compete_across_heads():
 def test_duo_heads_scored_on_the_fly_buy_whole_heads_with_the_pooled_budget():
     n, Hkv, G, D = 120, 3, 2, 16
     torch.manual_seed(4)
-    row = {"kind": "select", "sink": 2, "alpha": 5, "keep_alpha": 0, "keep_beta": 0.375, "share": "heads"}
+    row = sel(2, 5, keep_alpha=0, keep_beta=0.375, share="heads")
     layer = HeadplanLayer(P.make_table([row] * Hkv), 256)
     q, k, v = torch.randn(1, Hkv * G, n, D), torch.randn(1, Hkv, n, D), torch.randn(1, Hkv, n, D)
     u = torch.nn.functional.normalize(torch.randn(D), dim=0) * 6

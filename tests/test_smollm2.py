@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import headplan
+from cases import full
 from headplan.candidates import candidate_set
 from headplan.data import load_task_file
 from headplan.profile import profile
@@ -52,7 +53,7 @@ def test_profile_search_apply_generate(smol):
 def test_all_full_plan_is_dense_on_long_input(smol):
     from headplan.plan import plan_from_rows
 
-    plan = plan_from_rows(smol.identity, [[{"kind": "full"}] * 3] * 30)
+    plan = plan_from_rows(smol.identity, [[full()] * 3] * 30)
     headplan.apply(smol.model, plan)
     ids = torch.randint(0, 49152, (1, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -293,18 +293,19 @@ def test_kv_report_uses_the_model_dtype_and_matches_a_full_cache():
     import torch
 
     import headplan
+    from cases import full
     from helpers import ids, plan_for
 
     lm = headplan.load_model("random:llama")
-    full = plan_for(lm, lambda li, h: {"kind": "full"})
-    headplan.apply(lm.model, full)
+    full_plan = plan_for(lm, lambda li, h: full())
+    headplan.apply(lm.model, full_plan)
     cache = headplan.new_cache(lm.model, 64)
     with torch.no_grad():
         lm.model(ids(64), use_cache=True, **{headplan.runtime.cache_kwarg(lm.model): cache})
-    rep = headplan.kv_report(full, 64, model=lm.model)
+    rep = headplan.kv_report(full_plan, 64, model=lm.model)
     assert rep["dtype_bytes"] == 4 and rep["dense_bytes"] == rep["plan_bytes"]
     assert rep["dense_bytes"] <= cache.kv_bytes() < 1.1 * rep["dense_bytes"]  # the cache pads a little
-    assert headplan.kv_report(full, 64)["dtype_bytes"] == 2  # no model: the bf16 default, said in the result
+    assert headplan.kv_report(full_plan, 64)["dtype_bytes"] == 2  # no model: the bf16 default, said in the result
 
 
 def test_report_figures_legends_titles_and_quality_axis(run_dir, monkeypatch, tmp_path):

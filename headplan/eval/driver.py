@@ -15,7 +15,7 @@ from ..errors import HeadplanError
 from ..plan import Plan
 from ..progress import Reporter
 from .loop import MethodLoop
-from .prompts import SETTINGS, prefilled_cache, prompt_settings  # noqa: F401
+from .prompts import SETTINGS, prefilled_cache, prompt_settings, setting_parts  # noqa: F401
 from .scoring import hit, mean_nll, perplexity, summed_kl, summed_nll, top1_agreements
 
 
@@ -226,8 +226,8 @@ def _retrieval_sample(loop: MethodLoop, lm, s, dev, setting: str, mem: dict) -> 
     """One retrieval sample: each method's greedy answer (KV bytes and CUDA peaks into ``mem``) and its
     teacher-forced answer NLL ({} without an answer)."""
     ids = torch.tensor([s.input_ids], device=dev)
-    split = s.meta.get("context") if setting != "single" else None
-    scorer = "context" if setting == "after-context" else "obs"
+    first, scorer = setting_parts(setting)
+    split = s.meta.get("context") if first else None
     k, eos = len(s.answer_ids) + 2, getattr(lm.tokenizer, "eos_token_id", None)
 
     def gen(m):

@@ -7,7 +7,12 @@ import torch
 
 from ..errors import HeadplanError
 
-SETTINGS = ("single", "after", "after-context")
+SETTINGS = ("single", "after", "after-context", "single-context")
+
+
+def setting_parts(setting: str) -> tuple[bool, str]:
+    """(the context is compressed before the question, the select heads' scorer) of a prompt setting."""
+    return setting.split("-")[0] == "after", "context" if setting.endswith("-context") else "obs"
 
 
 def prompt_settings(task: str, g: dict) -> list[str]:
@@ -15,7 +20,8 @@ def prompt_settings(task: str, g: dict) -> list[str]:
     the question at its end; ``after``, the question after compression: the context (instruction and
     haystack) is prefilled alone, so a plan compresses it before the question is seen, as in a multi-turn
     chat; the question follows as the next chunk (shown as ``TASK-after``); ``after-context``, the same with
-    select heads scoring query-agnostically (``new_cache(scorer="context")``, shown as ``TASK-after-context``)."""
+    select heads scoring query-agnostically (``new_cache(scorer="context")``, shown as ``TASK-after-context``);
+    ``single-context``, one prompt with the select heads scoring query-agnostically."""
     st = g.get("settings", ["single"])
     if not isinstance(st, list) or not st or any(x not in SETTINGS for x in st):
         raise HeadplanError(f"eval spec: {task}.settings must be a list of {', '.join(SETTINGS)}")

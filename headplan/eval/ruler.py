@@ -212,11 +212,11 @@ def _wrapper(model, tokenizer, on_generate, state: dict | None = None):
             setting = (state or {}).get("setting", "single")
             if setting != "single":
                 from ..runtime import cache_kwarg
-                from .prompts import prefilled_cache
+                from .prompts import prefilled_cache, setting_parts
 
-                split = question_start(context[0].tolist(), self.tokenizer)
-                kw[cache_kwarg(self.model)] = prefilled_cache(
-                    self.model, context, split, int(max_length) + 1, "context" if setting == "after-context" else "obs")
+                first, scorer = setting_parts(setting)
+                split = question_start(context[0].tolist(), self.tokenizer) if first else None
+                kw[cache_kwarg(self.model)] = prefilled_cache(self.model, context, split, int(max_length) + 1, scorer)
             out = self.model.generate(input_ids=context, max_new_tokens=int(max_length) - context.shape[1],
                                       stopping_criteria=crit, pad_token_id=self.tokenizer.pad_token_id,
                                       use_cache=True, do_sample=do_sample, **kw)

@@ -88,12 +88,12 @@ def full_heads_of(plan: Plan) -> tuple[int, ...]:
 
 
 def _rounds(prof: Profile, settings, profile_ref, ref: int, rounds: int, worth_of,
-            shrink: bool = False, windows: bool = False) -> tuple[dict, list]:
+            shrink: bool = False, windows: bool = False, select_rest: bool = False) -> tuple[dict, list]:
     """Round 0 = the search; round r = the search on the mean of rounds 1..r's costs, each round's worths
     from ``worth_of(r, gates at the previous plan, its sparse sides' rows)``. ``windows``: beside each round r
     also ``round{r}w``, round r's full heads with every other head's window re-chosen by the plain search on
     the profile's own costs (which keep how each head's loss grows with length; a round's worths were
-    measured at one calibration length)."""
+    measured at one calibration length). ``select_rest``: also ``round{r}s`` (``select_rest_member``)."""
     from ..profile import head_scaled_loss
     from .assemble import search
 
@@ -114,7 +114,32 @@ def _rounds(prof: Profile, settings, profile_ref, ref: int, rounds: int, worth_o
                     settings, full_set=full_heads_of(plans[f"round{r}"]), full_heads=None), profile_ref)
             except HeadplanError:  # the round's full heads leave no room for the windows the budget needs
                 pass
+        if select_rest:
+            member = select_rest_member(prof, settings, plans[f"round{r}"], profile_ref)
+            if member is not None:
+                plans[f"round{r}s"] = member
     return plans, worths
+
+
+def select_rest_member(prof: Profile, settings, plan: Plan, profile_ref=None) -> Plan | None:
+    """``round{r}s``: the round's full heads (those the loop measured as vital, the retrieval heads) and every
+    other head a ``select`` head, their keep budgets chosen by the plain search on the profile's costs at the
+    same budget: DuoAttention's split of heads with SnapKV-style selection in place of its streaming heads.
+    The recall profile prices a select head by the attention mass it drops on text, where it is little better
+    than a window at the same KV; what it adds is retrieval (what the question asks for stays), which only the
+    validation samples see, so this member is scored there beside the rounds. None where it cannot be built:
+    no select candidate is allowed, or the budget cannot pay every select head's full prefill (density)."""
+    from ..plan import KINDS
+    from .assemble import search
+
+    if "select" in settings.exclude_kinds or not any(c.pattern.kind == "select" for c in prof.candidates):
+        return None
+    only = tuple(k for k in KINDS if k not in ("full", "select"))
+    try:
+        return search(prof, dataclasses.replace(settings, full_set=full_heads_of(plan), full_heads=None,
+                                                exclude_kinds=only), profile_ref)
+    except HeadplanError:
+        return None
 
 
 def with_windows(pick: str, plans: dict, windows: bool) -> str:
@@ -143,12 +168,12 @@ def replay(prof: Profile, plan: Plan, profile_ref: dict | None = None) -> Plan:
     m = prof.model
     if any(tuple(w.shape) != (m.num_layers, m.num_kv_heads) for w in worths):
         raise HeadplanError("provenance.search.refine.worths: not one value per layer and KV head")
-    shrink, windows = info.get("shrink", False), info.get("windows", False)
-    for key, v in (("shrink", shrink), ("windows", windows)):
+    shrink, windows, rest = info.get("shrink", False), info.get("windows", False), info.get("select_rest", False)
+    for key, v in (("shrink", shrink), ("windows", windows), ("select_rest", rest)):
         if not isinstance(v, bool):
             raise HeadplanError(f"provenance.search.refine.{key}: expected true or false")
     plans, _ = _rounds(prof, settings, profile_ref, ref, len(worths), lambda r, at, rows: worths[r - 1], shrink,
-                       windows)
+                       windows, rest)
     if kept not in plans:
         raise HeadplanError(f"provenance.search.refine.kept: no round {kept!r}")
     new = plans[kept]
@@ -158,14 +183,15 @@ def replay(prof: Profile, plan: Plan, profile_ref: dict | None = None) -> Plan:
 
 def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score=None, reporter=None,
            profile_ref: dict | None = None, tolerance: float = 0.02, shrink: bool = False,
-           windows: bool = False) -> tuple[Plan, list[dict]]:
+           windows: bool = False, select_rest: bool = False) -> tuple[Plan, list[dict]]:
     """Plan in the loop (module doc). ``seqs``: calibration sequences (``profile.runner.gate_sequences``);
     ``score(plans: dict[str, Plan]) -> {name: row}`` measures plans on validation samples (rows as
     ``eval.validate``'s, for ``choose`` with ``tolerance``); without it the last round is kept. Returns (the
     kept plan, one record per round: name, plan, counts and the measured row). The plan's
     ``provenance.search.refine`` records each round's measured worths, so ``replay`` regenerates it.
     ``shrink``: the rounds cost heads by ``shrunk`` worths. ``windows``: the chosen round's ``round{r}w`` member
-    is kept (``with_windows``)."""
+    is kept (``with_windows``). ``select_rest``: each round's ``round{r}s`` (``select_rest_member``) is scored
+    beside the rounds and may be kept."""
     from ..profile.gates import dense_targets, gate_gradients
     from ..progress import Reporter
     from .family import choose
@@ -178,7 +204,7 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
     with rep.task(f"plan in the loop ({rounds} rounds x {len(seqs)} samples)", rounds * len(seqs)) as advance:
         plans, worths = _rounds(prof, settings, profile_ref, ref, rounds,
                                 lambda r, at, rows: gate_gradients(lm, seqs, rows, at, advance, targets), shrink,
-                                windows)
+                                windows, select_rest)
     rounds_only = {m: p for m, p in plans.items() if not m.endswith("w")}
     table = score(rounds_only) if score is not None else None
     pick = with_windows(choose(table, tolerance) if table is not None else f"round{rounds}", plans, windows)
@@ -188,7 +214,7 @@ def refine(lm, prof: Profile, settings, seqs: list, rounds: int, ref: int, score
     plan.provenance["search"]["refine"] = {
         "method": "plan in the loop", "rounds": rounds, "kept": pick, "samples": len(seqs),
         "reference": prof.candidates[ref].name, "settings": settings.to_dict(), **({"shrink": True} if shrink else {}),
-        **({"windows": True} if windows else {}),
+        **({"windows": True} if windows else {}), **({"select_rest": True} if select_rest else {}),
         "history": [{"round": h["round"], "counts": h["counts"],
                      **({k: round(v, 6) for k, v in h["measured"].items() if isinstance(v, float)}
                         if "measured" in h else {})} for h in history],
